@@ -1,0 +1,76 @@
+"""The event contract, described once as data.
+
+Every other representation of an fdpass event derives from FIELDS: the JSON
+keys written by `fdpass collect --jsonl`, the Avro schema in schemas/, the
+ClickHouse columns. Names and meanings are those of ../DESIGN.md ("The
+event"); fields after `probe` are additions of fdpass's own, each with a
+default so older readers and writers keep working.
+
+Each entry: (name, kind, nullable, doc). `kind` is one of the logical kinds
+below; the Avro and ClickHouse types are chosen from it in one place each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DIRECTIONS = ("SEND", "RECV")
+SYSCALLS = ("SENDMSG", "SENDMMSG", "RECVMSG", "RECVMMSG", "KERNEL")
+FILE_TYPES = ("REGULAR", "DIRECTORY", "CHAR", "BLOCK", "FIFO", "SOCKET", "SYMLINK", "ANON", "UNKNOWN")
+
+ENUMS = {"direction": DIRECTIONS, "syscall": SYSCALLS, "file_type": FILE_TYPES}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # string | long | int | bool | enum
+    nullable: bool
+    doc: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("event_id", "string", False, "unique, deterministic id: host_id:boot_id:ktime_ns:tid:direction:msg_index:fd_index"),
+    Field("time_ns", "long", False, "wall-clock UTC nanoseconds since the epoch"),
+    Field("host", "string", False, "hostname"),
+    Field("host_id", "string", False, "/etc/machine-id"),
+    Field("boot_id", "string", False, "/proc/sys/kernel/random/boot_id"),
+    Field("kernel", "string", False, "kernel release (uname -r)"),
+    Field("direction", "enum", False, "SEND: sender side; RECV: receiver side"),
+    Field("syscall", "enum", False, "SENDMSG, SENDMMSG, RECVMSG, RECVMMSG or KERNEL"),
+    Field("pid", "int", False, "acting process (thread group id)"),
+    Field("tid", "int", False, "acting thread"),
+    Field("ppid", "int", False, "parent of the acting process"),
+    Field("uid", "long", False, "acting real uid"),
+    Field("gid", "long", False, "acting real gid"),
+    Field("comm", "string", False, "acting task name"),
+    Field("parent_comm", "string", False, "parent task name"),
+    Field("exe", "string", True, "executable path, if known"),
+    Field("mntns_id", "long", False, "mount namespace inode"),
+    Field("pidns_id", "long", False, "pid namespace inode"),
+    Field("netns_id", "long", False, "network namespace inode"),
+    Field("cgroup_id", "long", False, "cgroup v2 id"),
+    Field("container_id", "string", True, "container id derived from the cgroup path, if any"),
+    Field("sock_fd", "int", False, "the unix socket's descriptor in the acting process"),
+    Field("sock_ino", "long", False, "inode of that socket"),
+    Field("peer_sock_ino", "long", True, "inode of the connected peer socket (joins a SEND to its RECV)"),
+    Field("fd", "int", False, "passed descriptor: sender's fd (SEND) or newly installed fd (RECV)"),
+    Field("fd_index", "int", False, "position in the message's SCM_RIGHTS list"),
+    Field("fd_count", "int", False, "length of the message's SCM_RIGHTS list"),
+    Field("file_path", "string", False, "path as the kernel prints it in /proc/PID/fd"),
+    Field("file_ino", "long", False, "inode of the passed file"),
+    Field("file_dev", "long", False, "device of the passed file, as stat(2) st_dev"),
+    Field("file_type", "enum", False, "REGULAR, DIRECTORY, CHAR, BLOCK, FIFO, SOCKET, SYMLINK, ANON or UNKNOWN"),
+    Field("file_flags", "int", False, "open flags of the passed file (O_ACCMODE, O_APPEND, ...)"),
+    Field("ret", "long", False, "the syscall's return value"),
+    Field("probe", "string", False, "which probe produced it (tracepoint, kprobe)"),
+    # fdpass additions (not in the original contract table; all defaulted).
+    Field("msg_index", "int", False, "index of the message in a sendmmsg/recvmmsg vector (0 otherwise)"),
+    Field("seq", "long", False, "per-boot kernel sequence number of the record; gaps mean lost records"),
+    Field("path_truncated", "bool", False, "the path walk hit its depth or size bound: file_path is incomplete"),
+    Field("fds_truncated", "bool", False, "the message carried more fds than the probe reads: some are not reported"),
+    Field("msg_ctrunc", "bool", False, "RECV: the kernel set MSG_CTRUNC (receiver's control buffer too small; fds dropped)"),
+)
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+BY_NAME = {f.name: f for f in FIELDS}
