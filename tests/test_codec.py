@@ -1,0 +1,241 @@
+"""The Avro contract and the single-object codec (no services needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import pytest
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fdpass.schemas import avro, codec
+from fdpass.schemas.fields import ENUMS, FIELDS, FIELD_NAMES
+from fdpass.schemas.synthetic import make_event
+
+V1_NAMES = [f.name for f in avro.v1_fields()]
+ADDED = [f for f in FIELDS if f.name not in V1_NAMES]
+
+
+# --- the schema files ----------------------------------------------------------
+def test_current_schema_file_is_generated_from_fields():
+    # If this fails, FIELDS changed: ship a new fdpass_event.vN.avsc instead of
+    # editing a published one (see schemas/avro.py).
+    path = avro.SCHEMA_DIR / avro.SCHEMA_FILES[avro.CURRENT_VERSION]
+    assert path.read_text() == avro.render(avro.event_schema())
+
+
+def test_v1_schema_file_is_the_design_contract():
+    assert (avro.SCHEMA_DIR / avro.SCHEMA_FILES[1]).read_text() == avro.render(avro.event_schema(avro.v1_fields()))
+    assert V1_NAMES[0] == "event_id" and V1_NAMES[-1] == "probe" and len(V1_NAMES) == 34
+
+
+def test_schema_shape():
+    schema = avro.current_schema()
+    assert [f["name"] for f in schema["fields"]] == list(FIELD_NAMES)
+    by_name = {f["name"]: f for f in schema["fields"]}
+    for name, symbols in ENUMS.items():
+        assert by_name[name]["type"]["type"] == "enum"
+        assert by_name[name]["type"]["symbols"] == list(symbols)
+    for f in FIELDS:
+        if f.nullable:
+            assert by_name[f.name]["type"][0] == "null" and by_name[f.name]["default"] is None
+    for f in ADDED:  # every addition must be optional, or v1 messages become unreadable
+        assert "default" in by_name[f.name]
+    for f in avro.v1_fields():
+        if not f.nullable:
+            assert "default" not in by_name[f.name], f.name  # contract fields are required
+
+
+def test_fingerprint_matches_avro_spec_vectors():
+    # From Apache Avro's share/test/data/schema-tests.txt (signed Java longs).
+    for canonical, java_long in [('"null"', 7195948357588979594), ('"boolean"', -6970731678124411036),
+                                 ('"int"', 8247732601305521295), ('"long"', -3434872931120570953)]:
+        assert codec.crc64_avro(canonical.encode()) == java_long & 0xFFFFFFFFFFFFFFFF
+    # A message header carries those 8 bytes little-endian.
+    assert codec.fingerprint("null") == struct.pack("<q", 7195948357588979594)
+
+
+def test_shipped_fingerprints_are_distinct_and_stable():
+    assert codec.FINGERPRINTS[1] != codec.FINGERPRINTS[2]
+    msg = codec.encode(make_event(1))
+    assert msg[:2] == b"\xc3\x01" and msg[2:10] == codec.FINGERPRINTS[avro.CURRENT_VERSION]
+
+
+# --- round trips -----------------------------------------------------------------
+@pytest.mark.parametrize("seq", range(12))
+def test_synthetic_events_round_trip(seq):
+    event = make_event(seq)
+    assert codec.decode(codec.encode(event)) == event
+
+
+def test_every_enum_symbol_round_trips():
+    for name, symbols in ENUMS.items():
+        for sym in symbols:
+            event = make_event(3) | {name: sym}
+            assert codec.decode(codec.encode(event))[name] == sym
+
+
+def test_nullable_fields_round_trip_both_ways():
+    for f in FIELDS:
+        if f.nullable:
+            base = make_event(0)
+            for value in (None, "x" if f.kind == "string" else 7):
+                event = base | {f.name: value}
+                assert codec.decode(codec.encode(event))[f.name] == value
+
+
+def test_extremes_round_trip():
+    event = make_event(2) | {
+        "time_ns": 2**63 - 1, "uid": 2**32 - 1, "ret": -(2**63), "pid": 2**31 - 1, "fd": -(2**31),
+        "file_path": "/tmp/ünïcødé \U0001f600 (deleted)", "comm": "", "path_truncated": True, "msg_ctrunc": True,
+    }
+    assert codec.decode(codec.encode(event)) == event
+
+
+def test_added_fields_are_optional_on_encode():
+    event = {k: v for k, v in make_event(5).items() if k in V1_NAMES}
+    out = codec.decode(codec.encode(event))
+    assert {f.name: out[f.name] for f in ADDED} == {"msg_index": 0, "seq": 0, "path_truncated": False,
+                                                     "fds_truncated": False, "msg_ctrunc": False}
+
+
+def test_v1_writer_v2_reader_gets_defaults():
+    event_v1 = {k: v for k, v in make_event(7).items() if k in V1_NAMES}
+    msg = codec.Encoder(version=1).encode(event_v1)
+    assert msg[2:10] == codec.FINGERPRINTS[1]
+    out = codec.decode(msg)
+    assert list(out) == list(FIELD_NAMES)
+    assert {k: out[k] for k in V1_NAMES} == event_v1
+    assert all(out[f.name] in (0, False) for f in ADDED)
+
+
+def test_v2_writer_v1_reader_drops_new_fields():
+    event = make_event(8) | {"seq": 99, "msg_ctrunc": True}
+    out = codec.Decoder(reader_version=1).decode(codec.encode(event))
+    assert list(out) == V1_NAMES
+    assert out == {k: event[k] for k in V1_NAMES}
+
+
+def test_fastavro_reads_the_body_and_writes_the_same_bytes():
+    # The fast writer is an independent implementation: fastavro is the oracle.
+    event = make_event(11)
+    msg = codec.encode(event)
+    parsed = parse_schema(avro.current_schema())
+    assert schemaless_reader(io.BytesIO(msg[10:]), parsed, None) == event
+    buf = io.BytesIO()
+    schemaless_writer(buf, parsed, event)
+    assert msg[10:] == buf.getvalue()
+
+
+# --- bad events and bad messages -------------------------------------------------
+@pytest.mark.parametrize("change", [
+    {"direction": "SIDEWAYS"}, {"pid": "12"}, {"pid": 2**31}, {"time_ns": 2**64}, {"comm": None},
+    {"file_path": b"/etc/passwd"}, {"exe": 5},
+])
+def test_encode_rejects_events_that_do_not_fit(change):
+    with pytest.raises(codec.EncodeError) as err:
+        codec.encode(make_event(1) | change)
+    assert err.value.reason == "encode" and isinstance(err.value, ValueError)
+
+
+def test_encode_rejects_missing_required_field():
+    event = make_event(1)
+    del event["host_id"]
+    with pytest.raises(codec.EncodeError, match="host_id"):
+        codec.encode(event)
+
+
+GOOD = codec.encode(make_event(4))
+
+
+@pytest.mark.parametrize("data,error,reason", [
+    (b"", codec.TruncatedMessage, "truncated"),
+    (b"\xc3", codec.TruncatedMessage, "truncated"),
+    (b"\xc3\x01\x00\x00", codec.TruncatedMessage, "truncated"),
+    (b"{\"event_id\": 1}", codec.BadMagic, "bad_magic"),
+    (b"\x00\x00\x00\x00\x01" + GOOD[5:], codec.BadMagic, "bad_magic"),  # Confluent wire format
+    (b"\xc3\x01" + b"\xff" * 8 + GOOD[10:], codec.UnknownFingerprint, "unknown_fingerprint"),
+    (GOOD[:10], codec.TruncatedMessage, "truncated"),
+    (GOOD[:-1], codec.TruncatedMessage, "truncated"),
+    (GOOD[: len(GOOD) // 2], codec.TruncatedMessage, "truncated"),
+    (GOOD + b"\x00", codec.CorruptBody, "corrupt_body"),
+])
+def test_bad_messages_give_typed_errors(data, error, reason):
+    with pytest.raises(error) as err:
+        codec.decode(data)
+    assert err.value.reason == reason
+    assert isinstance(err.value, codec.CodecError) and str(err.value)
+
+
+def test_corrupt_enum_index_is_corrupt_body():
+    # Find the direction byte by encoding two events that differ only there.
+    a = codec.encode(make_event(0) | {"direction": "SEND"})
+    b = codec.encode(make_event(0) | {"direction": "RECV"})
+    (pos,) = [i for i in range(len(a)) if a[i] != b[i]]
+    bad = a[:pos] + bytes([0x7E]) + a[pos + 1:]  # enum index 63: no such symbol
+    with pytest.raises(codec.CorruptBody):
+        codec.decode(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_bytes_never_crash_the_decoder(noise):
+    for data in (noise, GOOD[:10] + noise, GOOD[:40] + noise):
+        try:
+            codec.decode(data)
+        except codec.CodecError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_random_corruption_of_a_good_message(data):
+    pos = data.draw(st.integers(10, len(GOOD) - 1))
+    byte = data.draw(st.integers(0, 255))
+    try:
+        codec.decode(GOOD[:pos] + bytes([byte]) + GOOD[pos + 1:])
+    except codec.CodecError:
+        pass
+
+
+# --- property test over random events --------------------------------------------
+_INT = st.integers(-(2**31), 2**31 - 1)
+_LONG = st.integers(-(2**63), 2**63 - 1)
+_TEXT = st.text(max_size=40)
+
+
+def _strategy(field):
+    base = {"string": _TEXT, "long": _LONG, "int": _INT, "bool": st.booleans()}.get(field.kind)
+    if field.kind == "enum":
+        base = st.sampled_from(ENUMS[field.name])
+    return st.none() | base if field.nullable else base
+
+
+EVENTS = st.fixed_dictionaries({f.name: _strategy(f) for f in FIELDS})
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENTS)
+def test_random_events_round_trip_and_match_fastavro(event):
+    msg = codec.encode(event)
+    assert codec.decode(msg) == event
+    assert msg == codec._ENCODER.encode_with_fastavro(event)
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS)
+def test_random_events_cross_versions(event):
+    v1_event = {k: event[k] for k in V1_NAMES}
+    assert codec.Decoder(reader_version=1).decode(codec.encode(event)) == v1_event
+    up = codec.decode(codec.Encoder(version=1).encode(v1_event))
+    assert up == v1_event | {f.name: (False if f.kind == "bool" else 0) for f in ADDED}
+
+
+def test_schema_files_are_valid_json_with_doc():
+    for version, name in avro.SCHEMA_FILES.items():
+        schema = json.loads((avro.SCHEMA_DIR / name).read_text())
+        assert schema["namespace"] == "io.fdpass" and schema["name"] == "Event"
+        parse_schema(schema)
