@@ -1,0 +1,93 @@
+/* fdpass: the one record the kernel side hands to user space.
+ *
+ * This header is the kernel/user boundary. bpf/fdpass.bpf.c fills
+ * struct fdp_event; collector/records.py decodes exactly this layout (a unit
+ * test compiles this header with the host C compiler and checks every
+ * offset against the Python decoder). Change both together.
+ *
+ * Types are fixed-width and every field is naturally aligned with explicit
+ * padding, so the layout is the same for BPF and x86_64 user space.
+ */
+#ifndef FDPASS_H
+#define FDPASS_H
+
+#include <linux/types.h>
+
+#define FDP_COMM_LEN 16
+#define FDP_PATH_MAX 4096             /* bytes of path components kept */
+#define FDP_NAME_MAX 256              /* one component incl. its NUL */
+#define FDP_PATH_BUF (FDP_PATH_MAX + FDP_NAME_MAX)
+
+/* kind: what the record is */
+#define FDP_KIND_FD 1   /* one passed descriptor */
+#define FDP_KIND_LOSS 2 /* descriptors a bound kept us from reporting; fd_count says how many
+                           (0: unknown, e.g. sendmmsg messages past the walk budget) */
+
+/* direction */
+#define FDP_DIR_SEND 1
+#define FDP_DIR_RECV 2
+
+/* syscall */
+#define FDP_SYS_SENDMSG 1
+#define FDP_SYS_SENDMMSG 2
+#define FDP_SYS_RECVMSG 3
+#define FDP_SYS_RECVMMSG 4
+
+/* flags */
+#define FDP_F_PATH_TRUNC 0x01 /* the path walk hit a bound: path is incomplete */
+#define FDP_F_FDS_TRUNC 0x02  /* the message held more fds/cmsgs than the probe reads */
+#define FDP_F_CTRUNC 0x04     /* RECV: kernel set MSG_CTRUNC (fds dropped) */
+#define FDP_F_DNAME 0x08      /* pseudo file (socket, pipe, anon inode, memfd...): path holds
+                                 the dentry name only; user space renders it by sb_magic */
+#define FDP_F_DELETED 0x10    /* the file is unlinked: the kernel would append " (deleted)" */
+#define FDP_F_NO_FILE 0x20    /* the fd did not resolve to an open file (raced with close) */
+#define FDP_F_PEER 0x40       /* peer_sock_ino is known */
+
+struct fdp_event {
+    __u64 ktime_ns;      /* CLOCK_MONOTONIC at syscall exit */
+    __u64 seq;           /* per-load sequence; every emission attempt takes one */
+    __u64 cgroup_id;
+    __u64 sock_ino;
+    __u64 peer_sock_ino; /* valid when FDP_F_PEER */
+    __u64 file_ino;
+    __s64 ret;
+    __u32 pid;           /* thread group id */
+    __u32 tid;
+    __u32 ppid;
+    __u32 uid;
+    __u32 gid;
+    __u32 mntns_id;
+    __u32 pidns_id;
+    __u32 netns_id;
+    __u32 file_dev;      /* kernel dev_t: major << 20 | minor */
+    __u32 file_flags;
+    __u32 sb_magic;
+    __s32 sock_fd;
+    __s32 fd;
+    __u16 fd_index;
+    __u16 fd_count;
+    __u16 msg_index;
+    __u16 i_mode;
+    __u16 path_len;      /* bytes used in path[] */
+    __u8 kind;
+    __u8 direction;
+    __u8 syscall;
+    __u8 flags;
+    __u8 ncomp;          /* components in path[] */
+    __u8 _pad[5];
+    char comm[FDP_COMM_LEN];
+    char parent_comm[FDP_COMM_LEN];
+    /* Path components leaf first, each NUL-terminated ("passwd\0etc\0" for
+     * /etc/passwd): the walk goes up from the file, and user space reverses.
+     * Only path_len bytes are sent. */
+    char path[FDP_PATH_BUF];
+};
+
+/* Counters in the `stats` per-CPU array. */
+#define FDP_STAT_EVENTS 0        /* records emitted */
+#define FDP_STAT_RB_DROPS 1      /* records lost: ring buffer full */
+#define FDP_STAT_PENDING_FULL 2  /* syscalls not traced: pending map full */
+#define FDP_STAT_BUDGET 3        /* syscalls whose fds outran the tail-call budget */
+#define FDP_STAT_N 4
+
+#endif

@@ -1,0 +1,171 @@
+"""Turn a kernel record into a contract event (schemas/fields.py), adding what
+the kernel cannot know cheaply: host identity, wall-clock time, executable,
+container id. Lookups are cached so a busy sender costs one dict hit."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections import OrderedDict
+
+from fdpass.collector import records as R
+
+
+def _read(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+class HostInfo:
+    def __init__(self) -> None:
+        self.host = socket.gethostname()
+        self.host_id = _read("/etc/machine-id") or _read("/var/lib/dbus/machine-id") or "unknown"
+        self.boot_id = _read("/proc/sys/kernel/random/boot_id") or "unknown"
+        self.kernel = os.uname().release
+
+
+class WallClock:
+    """Converts the kernel's CLOCK_MONOTONIC (bpf_ktime_get_ns) to UTC ns.
+
+    The offset realtime - monotonic is sampled tightly (the narrowest of a
+    few bracketed reads) and re-sampled every `refresh_s`, so NTP steps are
+    followed. Suspend does not matter: MONOTONIC and the offset move together
+    only while awake, and the offset is re-read after."""
+
+    def __init__(self, refresh_s: float = 10.0):
+        self.refresh_s = refresh_s
+        self._next = 0.0
+        self.offset_ns = 0
+        self._sample()
+
+    def _sample(self) -> None:
+        best = None
+        for _ in range(5):
+            m0 = time.monotonic_ns()
+            r = time.time_ns()
+            m1 = time.monotonic_ns()
+            if best is None or m1 - m0 < best[0]:
+                best = (m1 - m0, r - (m0 + m1) // 2)
+        self.offset_ns = best[1]
+        self._next = time.monotonic() + self.refresh_s
+
+    def to_wall(self, ktime_ns: int) -> int:
+        if time.monotonic() >= self._next:
+            self._sample()
+        return ktime_ns + self.offset_ns
+
+
+# Container runtimes put the 64-hex container id in the cgroup path:
+# docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>,
+# /docker/<id>, /kubepods/.../<id>.
+_CONTAINER_RE = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
+
+
+def container_id_from_cgroup(cgroup_text: str) -> str | None:
+    """The container id in a /proc/PID/cgroup text, or None."""
+    for line in cgroup_text.splitlines():
+        path = line.split(":", 2)[-1]
+        m = None
+        for m in _CONTAINER_RE.finditer(path):
+            pass
+        if m:
+            return m.group(1)
+    return None
+
+
+class LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class Enricher:
+    """Makes contract events (dicts keyed by schemas.fields names) from records."""
+
+    EXE_TTL_S = 5.0
+
+    def __init__(self, host: HostInfo | None = None, clock: WallClock | None = None):
+        self.host = host or HostInfo()
+        self.clock = clock or WallClock()
+        self._exe: LRU = LRU(4096)  # (pid, comm) -> (exe, expires)
+        self._container: LRU = LRU(4096)  # cgroup_id -> container id
+        self._id_prefix = f"{self.host.host_id}:{self.host.boot_id}:"
+
+    def exe(self, pid: int, comm: str) -> str | None:
+        key = (pid, comm)
+        hit = self._exe.get(key)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return hit[0]
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:  # exited already, or a kernel thread
+            exe = hit[0] if hit else None
+        self._exe.put(key, (exe, now + self.EXE_TTL_S))
+        return exe
+
+    def container_id(self, pid: int, cgroup_id: int) -> str | None:
+        if cgroup_id in self._container:
+            return self._container[cgroup_id]
+        text = _read(f"/proc/{pid}/cgroup", default="")
+        cid = container_id_from_cgroup(text) if text else None
+        if text:  # only cache what we could read
+            self._container.put(cgroup_id, cid)
+        return cid
+
+    def event(self, rec: R.FdpHeader, raw_path: bytes) -> dict:
+        direction = R.DIRECTIONS.get(rec.direction, "SEND")
+        comm = rec.comm.decode("utf-8", "backslashreplace")
+        flags = rec.flags
+        return {
+            "event_id": f"{self._id_prefix}{rec.ktime_ns}:{rec.tid}:{direction}:{rec.msg_index}:{rec.fd_index}",
+            "time_ns": self.clock.to_wall(rec.ktime_ns),
+            "host": self.host.host,
+            "host_id": self.host.host_id,
+            "boot_id": self.host.boot_id,
+            "kernel": self.host.kernel,
+            "direction": direction,
+            "syscall": R.SYSCALLS.get(rec.syscall, "KERNEL"),
+            "pid": rec.pid,
+            "tid": rec.tid,
+            "ppid": rec.ppid,
+            "uid": rec.uid,
+            "gid": rec.gid,
+            "comm": comm,
+            "parent_comm": rec.parent_comm.decode("utf-8", "backslashreplace"),
+            "exe": self.exe(rec.pid, comm),
+            "mntns_id": rec.mntns_id,
+            "pidns_id": rec.pidns_id,
+            "netns_id": rec.netns_id,
+            "cgroup_id": rec.cgroup_id,
+            "container_id": self.container_id(rec.pid, rec.cgroup_id),
+            "sock_fd": rec.sock_fd,
+            "sock_ino": rec.sock_ino,
+            "peer_sock_ino": rec.peer_sock_ino if flags & R.F_PEER else None,
+            "fd": rec.fd,
+            "fd_index": rec.fd_index,
+            "fd_count": rec.fd_count,
+            "file_path": R.render_path(rec, raw_path),
+            "file_ino": rec.file_ino,
+            "file_dev": R.kernel_dev_to_st_dev(rec.file_dev),
+            "file_type": "UNKNOWN" if flags & R.F_NO_FILE else R.file_type(rec.i_mode, rec.sb_magic),
+            "file_flags": rec.file_flags,
+            "ret": rec.ret,
+            "probe": "tracepoint",
+            "msg_index": rec.msg_index,
+            "seq": rec.seq,
+            "path_truncated": bool(flags & R.F_PATH_TRUNC),
+            "fds_truncated": bool(flags & R.F_FDS_TRUNC),
+            "msg_ctrunc": bool(flags & R.F_CTRUNC),
+        }

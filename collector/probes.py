@@ -1,0 +1,169 @@
+"""Load bpf/fdpass.bpf.c with bcc, with kernel struct offsets from BTF.
+
+The BPF C reads every kernel struct member at OFF_* byte offsets; this
+module is where they come from (the running kernel's BTF, never headers),
+and where the compiled programs are attached and the ring buffer drained.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable
+
+from fdpass.collector.btf import BTF
+from fdpass.errors import UserError
+
+# -D name -> (struct, member path) in the running kernel's BTF.
+OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_TASK_TGID": ("task_struct", "tgid"),
+    "OFF_TASK_COMM": ("task_struct", "comm"),
+    "OFF_TASK_REAL_PARENT": ("task_struct", "real_parent"),
+    "OFF_TASK_FILES": ("task_struct", "files"),
+    "OFF_TASK_FS": ("task_struct", "fs"),
+    "OFF_TASK_NSPROXY": ("task_struct", "nsproxy"),
+    "OFF_TASK_THREAD_PID": ("task_struct", "thread_pid"),
+    "OFF_PID_LEVEL": ("pid", "level"),
+    "OFF_PID_NUMBERS": ("pid", "numbers"),
+    "OFF_UPID_NS": ("upid", "ns"),
+    "OFF_PID_NAMESPACE_INUM": ("pid_namespace", "ns.inum"),
+    "OFF_NSPROXY_MNT_NS": ("nsproxy", "mnt_ns"),
+    "OFF_NSPROXY_NET_NS": ("nsproxy", "net_ns"),
+    "OFF_MNT_NAMESPACE_INUM": ("mnt_namespace", "ns.inum"),
+    "OFF_NET_INUM": ("net", "ns.inum"),
+    "OFF_FS_ROOT_MNT": ("fs_struct", "root.mnt"),
+    "OFF_FS_ROOT_DENTRY": ("fs_struct", "root.dentry"),
+    "OFF_FILES_FDT": ("files_struct", "fdt"),
+    "OFF_FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
+    "OFF_FDTABLE_FD": ("fdtable", "fd"),
+    "OFF_FILE_F_PATH_MNT": ("file", "f_path.mnt"),
+    "OFF_FILE_F_PATH_DENTRY": ("file", "f_path.dentry"),
+    "OFF_FILE_F_INODE": ("file", "f_inode"),
+    "OFF_FILE_F_FLAGS": ("file", "f_flags"),
+    "OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
+    "OFF_INODE_I_MODE": ("inode", "i_mode"),
+    "OFF_INODE_I_INO": ("inode", "i_ino"),
+    "OFF_INODE_I_SB": ("inode", "i_sb"),
+    "OFF_SUPER_BLOCK_S_DEV": ("super_block", "s_dev"),
+    "OFF_SUPER_BLOCK_S_MAGIC": ("super_block", "s_magic"),
+    "OFF_DENTRY_D_HASH_PPREV": ("dentry", "d_hash.pprev"),
+    "OFF_DENTRY_D_PARENT": ("dentry", "d_parent"),
+    "OFF_DENTRY_D_NAME_NAME": ("dentry", "d_name.name"),
+    "OFF_DENTRY_D_OP": ("dentry", "d_op"),
+    "OFF_DENTRY_OPERATIONS_D_DNAME": ("dentry_operations", "d_dname"),
+    "OFF_VFSMOUNT_MNT_ROOT": ("vfsmount", "mnt_root"),
+    "OFF_MOUNT_MNT": ("mount", "mnt"),
+    "OFF_MOUNT_MNT_PARENT": ("mount", "mnt_parent"),
+    "OFF_MOUNT_MNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+    "OFF_SOCKET_TYPE": ("socket", "type"),
+    "OFF_SOCKET_SK": ("socket", "sk"),
+    "OFF_SOCKET_ALLOC_VFS_INODE": ("socket_alloc", "vfs_inode"),
+    "OFF_SOCK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "OFF_SOCK_SK_SOCKET": ("sock", "sk_socket"),
+    "OFF_UNIX_SOCK_PEER": ("unix_sock", "peer"),
+}
+SIZES: dict[str, str] = {"SIZEOF_UPID": "upid"}
+
+TRACEPOINTS = tuple(
+    f"syscalls:sys_{phase}_{call}"
+    for call in ("sendmsg", "sendmmsg", "recvmsg", "recvmmsg")
+    for phase in ("enter", "exit")
+)
+
+STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted")
+
+
+def kernel_defines(btf: BTF) -> dict[str, int]:
+    """Every OFF_*/SIZEOF_* the BPF C needs, from this kernel's BTF."""
+    out = {name: btf.offsetof(s, m) for name, (s, m) in OFFSETS.items()}
+    out.update({name: btf.sizeof(s) for name, s in SIZES.items()})
+    return out
+
+
+@dataclass
+class Filters:
+    pid: int | None = None
+    mntns: tuple[int, ...] = ()
+
+
+def bpf_source_dir() -> str:
+    return str(resources.files("fdpass.bpf"))
+
+
+def _check_privileges() -> None:
+    if os.geteuid() != 0:
+        raise UserError("loading eBPF probes needs root (CAP_BPF and CAP_PERFMON): run with sudo")
+
+
+def _import_bcc():
+    try:
+        import bcc  # noqa: F401  (Debian's python3-bpfcc, linked into the venv by scripts/setup)
+    except ImportError:
+        raise UserError("bcc's Python bindings are missing: run scripts/setup (installs python3-bpfcc)") from None
+    return bcc
+
+
+class Probes:
+    """The compiled, attached probes and their ring buffer."""
+
+    def __init__(self, filters: Filters | None = None, ringbuf_pages: int = 1024,
+                 walk_steps: int = 8, path_depth: int = 40):
+        _check_privileges()
+        bcc = _import_bcc()
+        self.filters = filters or Filters()
+        btf = BTF.load()
+        defines = kernel_defines(btf)
+        defines.update(RINGBUF_PAGES=ringbuf_pages, WALK_STEPS=walk_steps, PATH_DEPTH=path_depth)
+        if self.filters.pid is not None:
+            defines["FILTER_PID"] = self.filters.pid
+        if self.filters.mntns:
+            defines["FILTER_MNTNS"] = 1
+        src_dir = bpf_source_dir()
+        cflags = [f"-I{src_dir}", "-Wno-macro-redefined"] + [f"-D{k}={v}" for k, v in defines.items()]
+        started = time.monotonic()
+        try:
+            self.bpf = bcc.BPF(src_file=os.path.join(src_dir, "fdpass.bpf.c").encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception for compile and load errors
+            raise UserError(f"could not compile or load the BPF program: {e} (see `fdpass doctor`)") from None
+        try:
+            walk = self.bpf.load_func(b"walk", bcc.BPF.TRACEPOINT)
+        except Exception as e:
+            raise UserError(f"the kernel refused the BPF walk program: {e}") from None
+        self.bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(walk.fd)
+        if self.filters.mntns:
+            table = self.bpf[b"mntns_filter"]
+            for ns in self.filters.mntns:
+                table[ctypes.c_uint32(ns)] = ctypes.c_uint8(1)
+        self.load_seconds = time.monotonic() - started
+        self._rb_open = False
+
+    def open(self, callback: Callable[[int, int], None]) -> None:
+        """callback(data_pointer, size) for every record."""
+
+        def _cb(_ctx, data, size):
+            callback(data, size)
+
+        self._cb = _cb  # keep a reference: bcc holds only a C pointer
+        self.bpf[b"events"].open_ring_buffer(_cb)
+        self._rb_open = True
+
+    def drain(self, timeout_ms: int = 50) -> None:
+        """Wait up to timeout_ms for a forced wakeup, then take everything queued.
+
+        Records are written without per-record wakeups (they would cost ~5 us
+        each), so poll alone could sleep on a non-empty buffer: consume after."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+
+    def stats(self) -> dict[str, int]:
+        table = self.bpf[b"stats"]
+        out = {}
+        for i, name in enumerate(STAT_NAMES):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        return out
+
+    def close(self) -> None:
+        self.bpf.cleanup()
