@@ -1,0 +1,147 @@
+"""`fdpass sink` and `fdpass query`: argument parsing only; the work lives in consumer.py and store.py.
+
+No heavy imports at module level: fdpass/cli.py registers every sub-command
+on each start, also for `fdpass --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fdpass.errors import UserError
+
+DEFAULT_DSN = "chdb:///var/lib/fdpass/store"
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _bytes(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    s = s.strip().lower().rstrip("ib").rstrip("i")
+    mult = units.get(s[-1:], 1)
+    num = s[:-1] if s[-1:] in units else s
+    try:
+        v = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 32M)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clickhouse", metavar="DSN", default=DEFAULT_DSN,
+                   help="chdb:///path (embedded, default %(default)s) or http(s)://user@host:port/db; "
+                        "the server password comes from $FDPASS_CLICKHOUSE_PASSWORD or --clickhouse-password-file")
+    p.add_argument("--clickhouse-password-file", metavar="FILE", help="file holding the ClickHouse password")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sink", help="consume fdpass events from Kafka into ClickHouse, exactly once",
+        description="Consume Avro fdpass events from Kafka and insert them into ClickHouse exactly once "
+                    "(offset ranges recorded in the store; see sinks/state.py). Undecodable messages and rows "
+                    "ClickHouse rejects go to a dead-letter topic. SIGTERM/SIGINT flush and exit; a second "
+                    "signal exits at once (nothing unstored is committed).",
+    )
+    p.add_argument("--kafka", metavar="HOST:PORT", required=True, help="bootstrap servers")
+    p.add_argument("--topic", default="fdpass.events")
+    p.add_argument("--group", default="fdpass-sink", help="consumer group (run N sinks with one group to share partitions)")
+    p.add_argument("--dlq-topic", help="dead-letter topic (default: TOPIC.dlq)")
+    _add_store_args(p)
+    p.add_argument("--batch-rows", type=_positive_int, default=50_000, help="close a batch at this many messages (%(default)s)")
+    p.add_argument("--batch-bytes", type=_bytes, default=32 << 20, help="... or at this many bytes (32M)")
+    p.add_argument("--batch-age", type=_positive_float, default=1.0, help="... or after this many seconds (%(default)s)")
+    p.add_argument("--ttl-days", type=int, default=None, help="drop events older than this (applied when the table is created)")
+    p.add_argument("--status-every", type=_positive_float, default=10.0, help="seconds between status lines")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run_sink)
+
+    q = sub.add_parser(
+        "query", help="run SQL on the event store",
+        description="Run SQL on the fdpass store (table fdpass.events). An aligned table by default; "
+                    "--json (JSON lines) or --csv for programs.",
+    )
+    q.add_argument("sql", metavar="SQL", help='e.g. "SELECT host, count() FROM fdpass.events GROUP BY host"')
+    _add_store_args(q)
+    fmt = q.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON lines")
+    fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV with a header row")
+    q.set_defaults(func=run_query, format="table")
+
+
+def _setup_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("fdpass").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run_sink(args) -> int:
+    import signal
+    import threading
+
+    from fdpass.schemas import clickhouse as ddl
+    from fdpass.sinks.consumer import Sink, SinkConfig
+    from fdpass.sinks.store import open_store
+
+    _setup_logging(args.verbose)
+    log = logging.getLogger("fdpass.sink")
+    stop, abandon = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            log.warning("second %s: abandoning unstored batches (not committed; re-read on restart)",
+                        signal.Signals(signum).name)
+            abandon.set()
+        else:
+            log.info("%s: flushing and stopping (again to abandon)", signal.Signals(signum).name)
+            stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cfg = SinkConfig(
+        bootstrap=args.kafka, topic=args.topic, group=args.group, dlq_topic=args.dlq_topic,
+        batch_rows=args.batch_rows, batch_bytes=args.batch_bytes, batch_age=args.batch_age,
+        status_every=args.status_every,
+    )
+    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
+        if args.ttl_days is not None:
+            c = store.client()
+            ddl.ensure_schema(c, ddl.Options(database=store.database, ttl_days=args.ttl_days))
+        return Sink(cfg, store, stop=stop, abandon=abandon).run()
+
+
+def run_query(args) -> int:
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from fdpass.sinks import format as fmt
+    from fdpass.sinks.store import open_store, parse_dsn
+
+    spec = parse_dsn(args.clickhouse)
+    if spec.kind == "chdb" and not os.path.isdir(spec.path):
+        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
+    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
+        client = store.client()
+        try:
+            result = client.query(args.sql)
+        except ClickHouseError as e:
+            first = " ".join(str(e).split())
+            raise UserError(f"ClickHouse: {first[:500]}") from None
+        fmt.write(sys.stdout, args.format, result.column_names, result.result_rows)
+    return 0

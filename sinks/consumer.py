@@ -1,0 +1,474 @@
+"""The sink's consumer loop: Kafka partitions -> batches -> writer thread -> commit.
+
+Threads and who owns what:
+- the consumer thread (the caller of `Sink.run`) owns the Kafka consumer:
+  it polls, keeps one buffer per assigned partition, cuts batches (by rows,
+  bytes, age -- or exactly at a recorded range, see state.py), hands them to
+  the writer thread and commits each batch's offsets once the writer reports
+  it stored. All consumer calls, commits and rebalance callbacks happen here.
+- the writer thread inserts batches one at a time, in order, and retries
+  with backoff while the store fails. ClickHouse (chDB too) releases the GIL
+  while it parses and writes, so consuming the next batch overlaps with
+  inserting the previous one.
+- backpressure: at most `max_inflight` batches between cut and commit; when
+  the writer is behind (or retrying a dead store) every assigned partition
+  is paused, the loop keeps polling so the group membership stays alive, and
+  nothing new is read -- so nothing is committed and nothing is dropped.
+
+Rebalance: on revocation, batches of the revoked partitions not yet started
+are cancelled, a batch being written is finished (or, while retrying,
+abandoned), finished ones are committed while the partitions are still ours,
+and open buffers are dropped: the next owner re-reads them from the
+committed offset, re-forming any recorded range exactly (state.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from fdpass.errors import UserError
+from fdpass.sinks.state import BatchLog, Range
+from fdpass.sinks.writer import Batch, StoreError, Writer, backoff_delays, short
+
+log = logging.getLogger("fdpass.sink")
+
+KAFKA_ENV_PREFIX = "FDPASS_KAFKA_"
+
+
+def kafka_conf_from_env(environ=os.environ) -> dict:
+    """librdkafka properties from FDPASS_KAFKA_* (FDPASS_KAFKA_SASL_MECHANISM -> sasl.mechanism).
+
+    Security settings (SASL, TLS) come this way so secrets never sit on argv.
+    """
+    return {k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v
+            for k, v in environ.items() if k.startswith(KAFKA_ENV_PREFIX)}
+
+
+def _client_conf(conf: dict) -> dict:
+    """The connection part of a consumer's properties (for the admin client and the DLQ producer)."""
+    return {k: v for k, v in conf.items()
+            if k in ("bootstrap.servers", "client.id") or k.startswith(("security.", "sasl.", "ssl."))}
+
+
+@dataclass
+class SinkConfig:
+    bootstrap: str
+    topic: str = "fdpass.events"
+    group: str = "fdpass-sink"
+    dlq_topic: str | None = None  # default: <topic>.dlq
+    # Chosen with bench/bench_sink.py: ClickHouse's per-insert cost (a part per
+    # day partition, a fsynced state row) is amortised from ~20k rows; larger
+    # batches only add latency and memory.
+    batch_rows: int = 50_000
+    batch_bytes: int = 32 << 20
+    batch_age: float = 1.0
+    max_inflight: int = 2
+    status_every: float = 10.0
+    kafka_conf: dict = field(default_factory=dict)
+    table: str = "events"
+
+
+@dataclass
+class Limits:
+    rows: int
+    nbytes: int
+    age: float
+
+
+def _offset(m) -> int:
+    return m.offset()
+
+
+class PartitionBuffer:
+    """Messages of one partition not yet cut into a batch, plus the ranges to re-form."""
+
+    __slots__ = ("topic", "partition", "msgs", "nbytes", "since", "replay")
+
+    def __init__(self, topic: str, partition: int, replay: list[Range]):
+        self.topic = topic
+        self.partition = partition
+        self.msgs: list = []
+        self.nbytes = 0
+        self.since = 0.0
+        self.replay = deque(replay)
+
+    def add_many(self, msgs: list, now: float) -> None:
+        if not self.msgs:
+            self.since = now
+        self.msgs.extend(msgs)
+        self.nbytes += sum(len(m.value() or b"") for m in msgs)
+
+    def _take(self, n: int, now: float, rng: Range | None = None) -> Batch:
+        taken = self.msgs[:n]
+        del self.msgs[:n]
+        nbytes = sum(len(m.value() or b"") for m in taken)
+        self.nbytes -= nbytes
+        self.since = now
+        if rng is not None:
+            first, last = rng.first, rng.last
+        else:
+            first, last = taken[0].offset(), taken[-1].offset()
+        return Batch(self.topic, self.partition, first, last, taken, done_before=bool(rng and rng.done),
+                     replay=rng is not None, nbytes=nbytes)
+
+    def cut(self, now: float, limits: Limits, force: bool = False) -> Batch | None:
+        msgs = self.msgs
+        if not msgs:
+            return None
+        while self.replay:
+            r = self.replay[0]
+            head = msgs[0].offset()
+            if head > r.last:
+                # The recorded range's messages are gone (retention ran past them).
+                log.warning("%s[%d]: recorded batch %d-%d is no longer in Kafka (next offset %d); skipped",
+                            self.topic, self.partition, r.first, r.last, head)
+                self.replay.popleft()
+                continue
+            if head < r.first:
+                # Unrecorded messages before a recorded range: a batch of their
+                # own that must end before the range starts.
+                n = bisect.bisect_left(msgs, r.first, key=_offset)
+                if n < len(msgs) or force or self._full(n, now, limits):
+                    return self._take(min(n, limits.rows), now)
+                return None
+            if msgs[-1].offset() >= r.last:
+                n = bisect.bisect_right(msgs, r.last, key=_offset)
+                self.replay.popleft()
+                return self._take(n, now, r)
+            # Wait for the rest of the recorded range. On shutdown the partial
+            # range is simply not written and re-formed by the next run.
+            return None
+        if force or self._full(len(msgs), now, limits):
+            return self._take(min(len(msgs), limits.rows), now)
+        return None
+
+    def _full(self, n: int, now: float, limits: Limits) -> bool:
+        return n >= limits.rows or self.nbytes >= limits.nbytes or now - self.since >= limits.age
+
+
+class _WriterThread(threading.Thread):
+    def __init__(self, writer: Writer, abandon: threading.Event):
+        super().__init__(name="fdpass-sink-writer", daemon=True)
+        self.writer = writer
+        self.abandon = abandon
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self.retrying = False
+        self.fatal: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            b = self.inbox.get()
+            if b is None:
+                return
+            b.written = False
+            if not b.cancelled and self.fatal is None:
+                try:
+                    self._write(b)
+                except BaseException as e:  # a bug, not a store failure: stop the sink, commit nothing more
+                    log.exception("writer failed on %s", b.describe())
+                    self.fatal = e
+            self.outbox.put(b)
+
+    def _write(self, b: Batch) -> None:
+        delays = backoff_delays()
+        attempt = 0
+        while True:
+            try:
+                self.writer.write(b)
+                b.written = True
+                if attempt:
+                    log.info("store is back: %s written after %d failed attempts", b.describe(), attempt)
+                self.retrying = False
+                return
+            except StoreError as e:
+                attempt += 1
+                self.retrying = True
+                if b.cancelled or self.abandon.is_set():
+                    log.warning("%s abandoned after %d failed attempts (not committed; it is re-formed from the "
+                                "recorded range by the next run)", b.describe(), attempt)
+                    self.retrying = False
+                    return
+                delay = next(delays)
+                log.warning("%s not stored: %s -- consumption paused, nothing committed, retry %d in %.1fs",
+                            b.describe(), e, attempt, delay)
+                self.abandon.wait(delay)
+
+
+class Sink:
+    def __init__(self, cfg: SinkConfig, store, stop: threading.Event | None = None,
+                 abandon: threading.Event | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.stop = stop or threading.Event()
+        self.abandon = abandon or threading.Event()
+        self.limits = Limits(cfg.batch_rows, cfg.batch_bytes, cfg.batch_age)
+        self.buffers: dict[int, PartitionBuffer] = {}
+        self.pending: deque[Batch] = deque()
+        self.paused = False
+        self.stats = {"rows": 0, "dead": 0, "batches": 0, "replayed": 0, "skipped_done": 0, "commits": 0}
+        self.assigned_history: list[set[int]] = []  # for tests and logs: every assignment received
+        self._consumer = None
+
+    # -- set-up -------------------------------------------------------------------
+    def _kafka_conf(self) -> dict:
+        return {
+            "bootstrap.servers": self.cfg.bootstrap,
+            "group.id": self.cfg.group,
+            "client.id": f"fdpass-sink-{socket.gethostname()}-{os.getpid()}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            # A restarted sink waits for its dead predecessor's session to
+            # expire before the group rebalances: keep that short.
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 2000,
+            "max.partition.fetch.bytes": 8 << 20,
+            "queued.max.messages.kbytes": 256 << 10,
+            **kafka_conf_from_env(),
+            **self.cfg.kafka_conf,
+        }
+
+    def _ensure_dlq_topic(self, conf: dict, topic: str) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient(_client_conf(conf))
+        md = admin.list_topics(timeout=15)
+        if topic in md.topics:
+            return
+        fut = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1)])[topic]
+        try:
+            fut.result(15)
+            log.info("created dead-letter topic %s", topic)
+        except Exception as e:  # created concurrently by another sink: fine
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise UserError(f"cannot create the dead-letter topic {topic}: {e}") from None
+
+    # -- the loop -----------------------------------------------------------------
+    def run(self) -> int:
+        from confluent_kafka import Consumer, KafkaException
+
+        from fdpass.schemas import clickhouse as ddl
+        from fdpass.sinks.dlq import DeadLetters
+
+        cfg = self.cfg
+        conf = self._kafka_conf()
+        dlq_topic = cfg.dlq_topic or cfg.topic + ".dlq"
+        main_client = self.store.client()
+        alters = self._retrying(lambda: ddl.ensure_schema(main_client, ddl.Options(database=self.store.database)),
+                                "creating the schema")
+        if alters is None:
+            return 1
+        for stmt in alters:
+            log.info("migrated: %s", stmt)
+        self.batch_log = BatchLog(main_client, self.store.database, cfg.topic)
+        writer_client = self.store.client()
+        try:
+            self._ensure_dlq_topic(conf, dlq_topic)
+        except KafkaException as e:
+            raise UserError(f"Kafka at {cfg.bootstrap} does not answer: {e}") from None
+        self.dlq = DeadLetters(_client_conf(conf), dlq_topic)
+        writer = Writer(writer_client, self.store.database, cfg.table, BatchLog(writer_client, self.store.database, cfg.topic), self.dlq)
+        self.worker = _WriterThread(writer, self.abandon)
+        self.worker.start()
+        consumer = self._consumer = Consumer(conf)
+        consumer.subscribe([cfg.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("sink: %s -> %s (group %s, dead letters to %s; batches of %d rows / %d MiB / %.1fs)",
+                 cfg.topic, self.store.spec.describe(), cfg.group, dlq_topic, cfg.batch_rows, cfg.batch_bytes >> 20,
+                 cfg.batch_age)
+        rc = 0
+        last_status = time.monotonic()
+        last_rows = 0
+        try:
+            while not self.stop.is_set():
+                self._check_fatal()
+                self._commit_finished()
+                self._backpressure()
+                msgs = consumer.consume(num_messages=min(10000, cfg.batch_rows), timeout=0.1)
+                now = time.monotonic()
+                if msgs:
+                    self._dispatch(msgs, now)
+                for buf in list(self.buffers.values()):
+                    while (b := buf.cut(now, self.limits)) is not None:
+                        self._submit(b)
+                if now - last_status >= cfg.status_every:
+                    rate = (self.stats["rows"] - last_rows) / (now - last_status)
+                    last_status, last_rows = now, self.stats["rows"]
+                    self._status(rate)
+            rc = self._drain()
+        finally:
+            self.worker.inbox.put(None)
+            try:
+                consumer.close()
+            except Exception as e:  # noqa: BLE001 - closing after a broker loss must not mask the result
+                log.warning("closing the consumer: %s", e)
+            self.dlq.close()
+        self._status(None)
+        return rc
+
+    def _status(self, rate) -> None:
+        s = self.stats
+        log.info("sink: %d rows stored%s, %d dead letters %s, %d batches (%d re-formed, %d already stored), "
+                 "partitions %s%s",
+                 s["rows"], f" ({rate:,.0f}/s)" if rate is not None else "", s["dead"], dict(self.dlq.counts),
+                 s["batches"], s["replayed"], s["skipped_done"], sorted(self.buffers),
+                 ", PAUSED (writer retrying)" if self.worker.retrying else "")
+
+    def _retrying(self, fn, what: str):
+        """Run a store call, retrying while the store is unreachable; None if stopped first."""
+        from clickhouse_connect.driver.exceptions import OperationalError
+
+        for attempt, delay in enumerate(backoff_delays(), 1):
+            try:
+                return fn()
+            except OperationalError as e:
+                log.warning("%s: ClickHouse unavailable (%s); retry %d in %.1fs", what, short(e), attempt, delay)
+                if self.stop.wait(delay):
+                    return None
+
+    def _check_fatal(self) -> None:
+        if self.worker.fatal is not None:
+            raise RuntimeError(f"the writer thread failed: {self.worker.fatal!r}") from self.worker.fatal
+
+    def _dispatch(self, msgs: list, now: float) -> None:
+        from confluent_kafka import KafkaError
+
+        by_part: dict[int, list] = {}
+        for m in msgs:
+            if m.error() is not None:
+                err = m.error()
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise UserError(f"Kafka: {err.str()}")
+                log.warning("Kafka: %s", err.str())
+                continue
+            p = m.partition()
+            lst = by_part.get(p)
+            if lst is None:
+                by_part[p] = [m]
+            else:
+                lst.append(m)
+        for p, lst in by_part.items():
+            buf = self.buffers.get(p)
+            if buf is not None:  # messages of a partition revoked meanwhile are not ours to store
+                buf.add_many(lst, now)
+
+    def _submit(self, b: Batch) -> None:
+        b.written = False
+        self.pending.append(b)
+        self.worker.inbox.put(b)
+
+    def _backpressure(self) -> None:
+        full = len(self.pending) >= self.cfg.max_inflight
+        if full and not self.paused:
+            parts = self._consumer.assignment()
+            if parts:
+                self._consumer.pause(parts)
+                self.paused = True
+        elif not full and self.paused:
+            parts = self._consumer.assignment()
+            if parts:
+                self._consumer.resume(parts)
+            self.paused = False
+
+    def _commit_finished(self, wait: float = 0.0) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        while True:
+            try:
+                b = self.worker.outbox.get(timeout=wait) if wait else self.worker.outbox.get_nowait()
+            except queue.Empty:
+                return
+            wait = 0.0
+            self.pending.remove(b)
+            if not b.written:
+                continue
+            if b.partition not in self.buffers:  # no longer ours: the new owner re-forms it if need be
+                continue
+            self.stats["batches"] += 1
+            self.stats["rows"] += b.rows
+            self.stats["dead"] += b.dead
+            self.stats["replayed"] += b.replay
+            self.stats["skipped_done"] += b.done_before
+            try:
+                self._consumer.commit(offsets=[TopicPartition(b.topic, b.partition, b.last + 1)], asynchronous=False)
+                self.stats["commits"] += 1
+            except KafkaException as e:
+                # Not fatal: the batch is stored and recorded done; a replay skips it.
+                log.warning("commit of %s failed: %s", b.describe(), e)
+
+    # -- rebalances (called from inside consumer.consume) -----------------------------
+    def _on_assign(self, consumer, tps) -> None:
+        from confluent_kafka import TopicPartition
+
+        self.assigned_history.append({tp.partition for tp in tps})
+        committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=30)
+        for tp, c in zip(tps, committed):
+            start = c.offset
+            if start < 0:  # no commit yet: the beginning of what Kafka still has
+                start, _ = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+            plan = self._retrying(lambda: self.batch_log.pending(tp.partition, start), "reading recorded batches")
+            if plan is None:  # stopping before the plan was read: store nothing of this partition
+                continue
+            if plan and plan[0].first < start:
+                start = plan[0].first
+            self.buffers[tp.partition] = PartitionBuffer(tp.topic, tp.partition, plan)
+            tp.offset = start
+            log.info("assigned %s[%d] from offset %d%s", tp.topic, tp.partition, start,
+                     f"; re-forming {len(plan)} recorded batches {[(r.first, r.last) for r in plan[:3]]}" if plan else "")
+        consumer.assign(tps)
+        self.paused = False
+
+    def _on_revoke(self, consumer, tps) -> None:
+        revoked = {tp.partition for tp in tps}
+        for b in self.pending:
+            if b.partition in revoked:
+                b.cancelled = True  # not started: skipped; retrying: abandoned; writing: finishes
+        while any(b.partition in revoked for b in self.pending):
+            self._commit_finished(wait=0.2)  # commits what was written while we still own it
+        for p in revoked:
+            self.buffers.pop(p, None)
+        log.info("revoked %s partitions %s", self.cfg.topic, sorted(revoked))
+        try:
+            consumer.unassign()
+        except Exception:  # noqa: BLE001 - unassign after a lost session may fail; nothing to undo
+            pass
+        self.paused = False
+
+    def _on_lost(self, consumer, tps) -> None:
+        # Lost (session expired): committing is no longer possible; drop, and
+        # the new owner re-forms the recorded ranges.
+        lost = {tp.partition for tp in tps}
+        for p in lost:
+            self.buffers.pop(p, None)
+        for b in self.pending:
+            if b.partition in lost:
+                b.cancelled = True
+        log.warning("lost partitions %s (session expired); their batches are left to the new owner",
+                    sorted(tp.partition for tp in tps))
+
+    # -- shutdown -----------------------------------------------------------------------
+    def _drain(self) -> int:
+        log.info("stopping: flushing open batches")
+        now = time.monotonic()
+        for buf in list(self.buffers.values()):
+            while (b := buf.cut(now, self.limits, force=True)) is not None:
+                self._submit(b)
+        while self.pending:
+            if self.worker.fatal is not None:
+                break
+            self._commit_finished(wait=0.5)
+        self._check_fatal()
+        if self.abandon.is_set():
+            log.warning("stopped without storing every batch; nothing unstored was committed")
+            return 1
+        return 0
