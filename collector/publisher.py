@@ -1,0 +1,515 @@
+"""Publishing events to Kafka without losing them when Kafka is away.
+
+    publisher = KafkaPublisher.from_args(args)     # after add_arguments(parser)
+    publisher.publish(event)                       # or publish_encoded(key, value)
+    ...
+    undelivered = publisher.close(timeout=10)      # flush; the rest stays in the spool
+
+Where an event can be, in order:
+1. librdkafka's queue (idempotent producer, acks=all, retried forever:
+   message.timeout.ms=0, so a long outage never fails a queued event and the
+   per-partition order is the order of publish()). Bounded by
+   `queue_max_messages`.
+2. the on-disk spool (collector/spool.py), when the queue is full or Kafka
+   has not acknowledged anything for `stall_seconds` while events wait.
+   Once anything is in the spool, every new event goes behind it until the
+   spool has drained, so the order per host (= per key = per partition) is
+   the order of publish(). A background thread serves delivery reports and
+   moves spooled events back into the producer once Kafka takes events again.
+3. close(): what the producer still holds after the flush timeout is purged
+   from it and written at the front of the spool; the next publisher on the
+   same spool directory replays it first (also after a process restart).
+
+Delivery is at-least-once: a crash can replay spooled events Kafka already
+had, and events purged at close while in flight may have reached the broker.
+Consumers drop duplicates by event_id (deterministic per event).
+
+Full spool: the newest event is dropped, counted in stats()["dropped"] and
+logged (each drop; past 10 per second the rest of that second is summed up
+in one line, so a long outage cannot flood the log).
+
+Security: librdkafka properties come from --kafka-config FILE (key=value
+lines) and FDPASS_KAFKA_<PROP> environment variables (FDPASS_KAFKA_SASL_PASSWORD
+-> sasl.password), never from argv. Values of secret properties are masked
+in every log line and error message this module writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from fdpass.collector.spool import Spool, SpoolLocked
+from fdpass.errors import UserError
+from fdpass.schemas import codec
+
+log = logging.getLogger("fdpass.publisher")
+
+DEFAULT_TOPIC = "fdpass.events"
+DEFAULT_SPOOL_DIR = "/var/lib/fdpass/spool"
+DEFAULT_SPOOL_MAX_BYTES = 1 << 30
+ENV_PREFIX = "FDPASS_KAFKA_"
+# FDPASS_KAFKA_* variables that are not librdkafka properties (scripts/kafka-local's).
+ENV_NOT_PROPERTIES = {"FDPASS_KAFKA_PORT", "FDPASS_KAFKA_LIBS"}
+
+# Chosen with bench/bench_publish.py --sweep (one core, 2-core VM, local
+# broker): 20 ms linger with 1 MB batches gave the best publish rates (runs
+# swing +-30%; linger 0-5 ms and 256 kB batches were 20-40% slower), and lz4
+# costs the producer's core least among the codecs (zstd and snappy were
+# within noise of it). 20 ms of added latency is nothing for a forensic log.
+PERFORMANCE_DEFAULTS = {
+    "linger.ms": 20,
+    "batch.size": 1 << 20,
+    "compression.type": "lz4",
+}
+# Not overridable: what "loses nothing, keeps order" rests on.
+REQUIRED = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "message.timeout.ms": 0,  # never expire a queued event; the spool bounds memory instead
+}
+
+POLL_EVERY = 1000  # publishes between inline polls of delivery reports
+SERVE_INTERVAL = 0.05  # s; the background thread's period
+
+_SECRET_WORDS = ("password", "secret", "token", ".pem", "jaas", "credential", "private")
+
+
+def is_secret(prop: str) -> bool:
+    prop = prop.lower()
+    return any(word in prop for word in _SECRET_WORDS)
+
+
+def mask(config: dict) -> dict:
+    """A copy of a librdkafka config fit for logs: secret values replaced."""
+    return {k: ("***" if is_secret(k) else v) for k, v in config.items()}
+
+
+def read_properties_file(path: str) -> dict:
+    """key=value lines; '#' or '!' starts a comment line; blank lines ignored."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read Kafka properties file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"Kafka properties file {path} is not text (UTF-8)") from None
+    props = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#!":
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key or " " in key:
+            # Never echo the line: it may hold a secret.
+            raise UserError(f"{path}:{lineno}: expected a librdkafka property as key=value")
+        props[key] = value.strip()
+    return props
+
+
+def properties_from_env(environ: dict | None = None) -> dict:
+    environ = os.environ if environ is None else environ
+    props = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and name not in ENV_NOT_PROPERTIES:
+            props[name[len(ENV_PREFIX):].lower().replace("_", ".")] = value
+    return props
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Kafka options of `fdpass collect`."""
+    g = parser.add_argument_group("Kafka")
+    g.add_argument("--kafka", metavar="HOST:PORT[,HOST:PORT]",
+                   help="publish Avro events to these Kafka bootstrap servers")
+    g.add_argument("--topic", default=DEFAULT_TOPIC, help="topic (default %(default)s)")
+    g.add_argument("--kafka-config", metavar="FILE",
+                   help="librdkafka properties, key=value lines (SASL, TLS...); also FDPASS_KAFKA_<PROP> "
+                        "environment variables, e.g. FDPASS_KAFKA_SASL_PASSWORD. Never put secrets on the command line")
+    g.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR,
+                   help="where events wait on disk while Kafka is unreachable (default %(default)s)")
+    g.add_argument("--spool-max-bytes", type=int, default=DEFAULT_SPOOL_MAX_BYTES,
+                   help="spool size bound; past it the newest events are dropped and counted (default 1 GiB)")
+    g.add_argument("--partitions", type=int, default=6,
+                   help="partitions when the topic has to be created (default %(default)s)")
+    g.add_argument("--replication", type=int, default=1,
+                   help="replication factor when the topic has to be created (default %(default)s)")
+    g.add_argument("--no-create-topic", dest="create_topic", action="store_false",
+                   help="fail if the topic does not exist instead of creating it")
+
+
+class KafkaPublisher:
+    """Publishes events (Avro single-object encoded, key = host_id) to one topic.
+
+    publish()/publish_encoded() are meant to be called from one thread.
+    """
+
+    def __init__(self, bootstrap: str, topic: str = DEFAULT_TOPIC, *, config: dict | None = None,
+                 spool_dir: str = DEFAULT_SPOOL_DIR, spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+                 spool_segment_bytes: int = 16 << 20, partitions: int = 6, replication: int = 1,
+                 create_topic: bool = True, connect_timeout: float = 10.0,
+                 queue_max_messages: int = 100_000, stall_seconds: float = 5.0):
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.queue_max_messages = queue_max_messages
+        self.stall_seconds = stall_seconds
+        user = dict(config or {})
+        for key, value in REQUIRED.items():
+            if key in user and str(user[key]).lower() != str(value).lower():
+                log.warning("Kafka property %s=%s ignored: fdpass needs %s=%s to lose nothing and keep order",
+                            key, "***" if is_secret(key) else user[key], key, value)
+        self.config = {**PERFORMANCE_DEFAULTS, **user, **REQUIRED,
+                       "bootstrap.servers": bootstrap,
+                       "queue.buffering.max.messages": queue_max_messages,
+                       "statistics.interval.ms": 5000}
+        log.info("Kafka producer config: %s", mask(self.config))
+        # The spool first: it is local and cheap to check, and holding its
+        # lock keeps a second collector on the same directory from starting.
+        try:
+            self._spool = Spool(spool_dir, max_bytes=spool_max_bytes, segment_bytes=spool_segment_bytes)
+        except (SpoolLocked, OSError) as exc:
+            raise UserError(str(exc)) from None
+        try:
+            self._check_topic(partitions, replication, create_topic, connect_timeout)
+            try:
+                self._producer = Producer({**self.config, "logger": _LIBRDKAFKA_LOG, "error_cb": self._on_error,
+                                           "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
+            except KafkaException as exc:
+                raise UserError(f"bad Kafka configuration: {exc.args[0].str()}") from None
+        except BaseException:
+            self._spool.close()
+            raise
+        self.delivered = 0
+        self.failed = 0
+        self.retried = 0
+        self.dropped = 0
+        self.spooled = 0  # events that went through the spool
+        self.replayed = 0  # spooled events handed back to the producer
+        self._lock = threading.Lock()  # guards the spool
+        self._spooling = self._spool.has_unread()  # events from an earlier run go first
+        self._held = None  # a spool record the producer refused (queue full): retried first
+        self._last_progress = time.monotonic()
+        self._closed = False
+        self._drop_window = (0, 0)  # (second, drops logged in it)
+        self._drops_unlogged = 0
+        self._purged: list[tuple[bytes, bytes]] = []
+        self._undelivered_at_close = 0
+        self._stop = threading.Event()
+        self._poll_lock = threading.Lock()  # one thread serves librdkafka callbacks at a time
+        self._since_poll = 0
+        self._last_inline_poll = 0.0
+        self._thread = threading.Thread(target=self._serve, name="fdpass-kafka", daemon=True)
+        self._thread.start()
+
+    # --- construction from the command line ------------------------------------
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: dict | None = None,
+                  connect_timeout: float = 10.0) -> KafkaPublisher:
+        """The publisher `fdpass collect` asked for; UserError (one line) for bad input."""
+        if not args.kafka:
+            raise UserError("--kafka HOST:PORT is required to publish to Kafka")
+        config = {}
+        if args.kafka_config:
+            config.update(read_properties_file(args.kafka_config))
+        config.update(properties_from_env(environ))
+        if args.spool_max_bytes <= 0:
+            raise UserError(f"--spool-max-bytes must be positive, got {args.spool_max_bytes}")
+        return cls(args.kafka, args.topic, config=config, spool_dir=args.spool_dir,
+                   spool_max_bytes=args.spool_max_bytes, partitions=args.partitions,
+                   replication=args.replication, create_topic=getattr(args, "create_topic", True),
+                   connect_timeout=connect_timeout)
+
+    def _check_topic(self, partitions: int, replication: int, create: bool, timeout: float) -> None:
+        """Fail early with one clear line: unreachable Kafka, bad config, missing topic."""
+        admin_conf = {k: v for k, v in self.config.items() if not _producer_only(k)}
+        try:
+            admin = AdminClient({**admin_conf, "logger": _QUIET})
+        except KafkaException as exc:
+            raise UserError(f"bad Kafka configuration: {exc.args[0].str()}") from None
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"bad Kafka configuration: {exc}") from None
+        try:
+            md = admin.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise UserError(f"Kafka at {self.bootstrap} did not answer within {timeout:.0f} s "
+                            f"({exc.args[0].str()}): check --kafka and that the broker is up") from None
+        topic = md.topics.get(self.topic)
+        if topic is not None and topic.error is None:
+            return
+        if not create:
+            raise UserError(f"topic {self.topic!r} does not exist on {self.bootstrap} "
+                            "(and --no-create-topic was given): create it or drop the flag")
+        if partitions < 1 or replication < 1:
+            raise UserError(f"--partitions and --replication must be >= 1 (got {partitions}, {replication})")
+        future = admin.create_topics([NewTopic(self.topic, partitions, replication)],
+                                     operation_timeout=timeout)[self.topic]
+        try:
+            future.result(timeout=timeout)
+            log.info("created topic %s (%d partitions, replication %d)", self.topic, partitions, replication)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:  # lost a race with another collector
+                raise UserError(f"cannot create topic {self.topic!r} on {self.bootstrap}: {err.str()}") from None
+
+    # --- publishing -------------------------------------------------------------
+    def publish(self, event: dict) -> None:
+        self.publish_encoded(event["host_id"].encode(), codec.encode(event))
+
+    def publish_encoded(self, key: bytes, value: bytes) -> None:
+        if self._closed:
+            raise RuntimeError("publish after close()")
+        self._since_poll += 1
+        if self._since_poll >= POLL_EVERY:
+            self._poll_inline()
+        if not self._spooling:
+            try:
+                self._producer.produce(self.topic, value, key)
+                return
+            except BufferError:
+                pass  # queue bound reached: this event and all after it go to the spool
+        with self._lock:
+            self._spooling = True
+            self._to_spool(key, value)
+
+    def _poll_inline(self) -> None:
+        # While events flow, the publishing thread serves delivery reports
+        # itself, a thousand at a time: far cheaper than handing the GIL to
+        # the background thread for each batch (measured: 1.7x on one core).
+        self._since_poll = 0
+        if self._poll_lock.acquire(blocking=False):
+            try:
+                self._producer.poll(0)
+                self._tick()
+                self._last_inline_poll = time.monotonic()
+            finally:
+                self._poll_lock.release()
+
+    def _to_spool(self, key: bytes, value: bytes) -> None:
+        if self._spool.append(key, value):
+            self.spooled += 1
+        else:
+            self._drop(key, len(value))
+
+    def _drop(self, key: bytes, size: int) -> None:
+        self.dropped += 1
+        second = int(time.monotonic())
+        window, logged = self._drop_window
+        if second != window:
+            if self._drops_unlogged:
+                log.warning("spool full: %d more events dropped in the previous second (total dropped %d)",
+                            self._drops_unlogged, self.dropped)
+                self._drops_unlogged = 0
+            window, logged = second, 0
+        if logged < 10:
+            log.warning("spool full (%d of %d bytes): dropped the newest event (key %s, %d bytes); total dropped %d",
+                        self._spool.bytes_used, self._spool.max_bytes, key.decode(errors="replace"), size, self.dropped)
+            logged += 1
+        else:
+            self._drops_unlogged += 1
+        self._drop_window = (window, logged)
+
+    # --- the background thread: delivery reports, stall detection, replay --------
+    def _serve(self) -> None:
+        # Serves delivery reports, stall detection and replay whenever the
+        # publishing thread has not done so lately (idle collector, outage,
+        # flush). One poller at a time (_poll_lock): callbacks update plain
+        # counters.
+        while not self._stop.wait(SERVE_INTERVAL):
+            if time.monotonic() - self._last_inline_poll < SERVE_INTERVAL:
+                continue
+            with self._poll_lock:
+                self._producer.poll(0)
+                self._tick()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        waiting = len(self._producer)
+        if waiting == 0:
+            self._last_progress = now
+        stalled = now - self._last_progress > self.stall_seconds
+        if stalled and not self._spooling:
+            with self._lock:
+                if not self._spooling:
+                    log.warning("Kafka at %s has acknowledged nothing for %.0f s with %d events waiting: "
+                                "spooling new events to %s", self.bootstrap, now - self._last_progress,
+                                waiting, self._spool.dir)
+                    self._spooling = True
+        if self._spooling and not stalled:
+            self._replay(waiting)
+
+    def _replay(self, waiting: int) -> None:
+        # Leave half of the queue to new events' worth of headroom; replay in
+        # spool order, and only stop spooling once nothing is left unread.
+        # At most 10k per tick, so the publish thread never waits long on the lock.
+        room = min(self.queue_max_messages // 2 - waiting, 10_000)
+        with self._lock:
+            while room > 0:
+                rec = self._held or self._spool.read()
+                self._held = None
+                if rec is None:
+                    self._spooling = False
+                    if self.replayed:
+                        log.info("spool drained: %d events replayed to Kafka so far", self.replayed)
+                    return
+                seg, key, value = rec
+                try:
+                    self._producer.produce(self.topic, value, key,
+                                           on_delivery=lambda err, msg, seg=seg: self._on_spool_delivery(err, msg, seg))
+                except BufferError:
+                    self._held = rec
+                    return
+                self.replayed += 1
+                room -= 1
+
+    # --- librdkafka callbacks (run in the background thread or in close()) ------
+    def _on_delivery(self, err, msg) -> None:
+        if err is None:
+            self.delivered += 1
+            self._last_progress = time.monotonic()
+        elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            self._purged.append((msg.key(), msg.value()))
+        else:
+            self._failed(err, msg)
+
+    def _on_spool_delivery(self, err, msg, seg) -> None:
+        if err is None:
+            self.delivered += 1
+            self._last_progress = time.monotonic()
+            with self._lock:
+                self._spool.settle(seg)
+        elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            pass  # still in its segment file, which stays until every record is delivered
+        else:
+            self._failed(err, msg)
+            with self._lock:
+                self._spool.settle(seg)
+
+    def _failed(self, err, msg) -> None:
+        # With retries unbounded, only permanent errors get here (record too
+        # large, no authorization, topic deleted): retrying cannot help.
+        self.failed += 1
+        if self.failed <= 10 or self.failed % 10_000 == 0:
+            log.error("Kafka refused an event for good (%s; key %s); %d failed so far",
+                      err.str(), (msg.key() or b"").decode(errors="replace"), self.failed)
+
+    def _on_error(self, err) -> None:
+        # Transport errors are expected during an outage; the producer retries.
+        # (Repeats within a minute are filtered out by _RepeatFilter.)
+        _LIBRDKAFKA_LOG.warning("Kafka: %s", err.str())
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+            self.retried = sum(b.get("txretries", 0) for b in stats.get("brokers", {}).values())
+        except (ValueError, AttributeError):
+            pass
+
+    # --- flush / close / stats ----------------------------------------------------
+    def undelivered(self) -> int:
+        with self._lock:
+            spool_unread = self._spool.unread + (1 if self._held else 0)
+        return len(self._producer) + spool_unread
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to `timeout` s for the queue and the spool to reach Kafka; return what is left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.undelivered()
+            if left == 0 or time.monotonic() >= deadline or not self._thread.is_alive():
+                return left
+            time.sleep(0.02)
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Flush for up to `timeout` s, then keep whatever is undelivered in the spool.
+
+        Returns the number of undelivered events (now in the spool, replayed
+        by the next publisher on the same spool directory).
+        """
+        if self._closed:
+            return 0
+        self.flush(timeout)
+        self._closed = True
+        self._stop.set()
+        self._thread.join()
+        # Take back what the producer still holds, in order, and put it in
+        # front of the spool: it is older than anything spooled.
+        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
+        self._producer.poll(0)
+        self._producer.flush(0)
+        kept = self._spool.prepend(self._purged)
+        for key, value in self._purged[kept:]:
+            self._drop(key, len(value))
+        self._purged = []
+        undelivered = self._spool.pending
+        self._spool.close()
+        level = logging.WARNING if undelivered or self.dropped else logging.INFO
+        log.log(level, "Kafka publisher closed: %d delivered, %d failed, %d dropped (spool full), "
+                "%d undelivered kept in %s", self.delivered, self.failed, self.dropped, undelivered,
+                self._spool.dir)
+        self._undelivered_at_close = undelivered
+        return undelivered
+
+    def stats(self) -> dict:
+        closed = self._closed
+        return {
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "retried": self.retried,
+            "dropped": self.dropped,
+            "spooled": self.spooled,
+            "replayed": self.replayed,
+            "queued": 0 if closed else len(self._producer),
+            "spool_pending": self._undelivered_at_close if closed else self._spool.pending,
+            "spool_bytes": self._spool.bytes_used,
+            "spooling": self._spooling,
+        }
+
+
+# Producer-only properties the AdminClient would warn about or reject.
+_PRODUCER_ONLY_PREFIXES = ("linger.", "batch.", "compression.", "queue.buffering.", "enable.idempotence",
+                           "acks", "message.timeout.", "delivery.timeout.", "retries", "retry.",
+                           "max.in.flight", "request.required.acks", "queue.", "partitioner",
+                           "sticky.", "transaction", "compression")
+
+
+def _producer_only(prop: str) -> bool:
+    return prop.startswith(_PRODUCER_ONLY_PREFIXES)
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets one line through once per `period` s: a broker that is down for an
+    hour must not write the same "connection refused" lines every second."""
+
+    def __init__(self, period: float = 60.0):
+        super().__init__()
+        self.period = period
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        now = time.monotonic()
+        if now - self._seen.get(text, -self.period) < self.period:
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[text] = now
+        return True
+
+
+# librdkafka's own log lines and error callbacks (librdkafka does not print
+# property values; secrets stay out).
+_LIBRDKAFKA_LOG = logging.getLogger("fdpass.publisher.librdkafka")
+_LIBRDKAFKA_LOG.addFilter(_RepeatFilter())
+
+# The start-up metadata check reports failures itself, as one UserError line;
+# librdkafka's own "connection refused" lines would only repeat it.
+_QUIET = logging.getLogger("fdpass.publisher.admin")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False

@@ -1,0 +1,338 @@
+"""On-disk spool: where events wait while Kafka cannot take them.
+
+Layout: a directory of segment files `<20-digit id>.seg`, replayed in id
+order. Each segment is append-only; a record is
+
+    u32 length | u32 CRC-32 of payload | payload = u16 key length | key | value
+
+(little-endian). A segment file is deleted only once every record in it has
+been delivered to Kafka (the publisher reports each delivery back), so a
+crash at any point loses nothing that reached the spool; it may replay
+records that were delivered just before the crash (at-least-once; the
+sink drops duplicates by event_id).
+
+Ordering: records are read back in exactly the order they were appended.
+`prepend()` writes a segment in front of all others, for the events that
+were still inside the Kafka client when the publisher closed: they are older
+than anything in the spool.
+
+fsync policy: records go to the kernel with one write(2) each (a process
+crash loses nothing); the file is fsync'ed when a segment is sealed, on
+close, and at most once per `fsync_interval` seconds while appending (default
+1 s), so a power loss or kernel crash loses at most that last second of
+spooled events. The directory is fsync'ed when segments are created.
+
+Bound: `max_bytes` over all segment files. When an append would pass it the
+spool refuses the record (append returns False) and the caller drops it:
+drop-newest, because the oldest events are the ones a forensic log can least
+afford to lose, and dropping newest keeps what is spooled contiguous.
+
+A torn record at the end of a segment (a crash mid-write) or a CRC mismatch
+ends that segment's replay; it is counted in `corrupt_records` and logged.
+
+One process per spool directory: an flock on `lock` enforces it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("fdpass.spool")
+
+_HEAD = struct.Struct("<II")  # length, crc32
+_KEYLEN = struct.Struct("<H")
+_FIRST_ID = 10**15  # room below for prepend()
+_SUFFIX = ".seg"
+
+
+class SpoolLocked(RuntimeError):
+    pass
+
+
+@dataclass
+class Segment:
+    id: int
+    path: Path
+    size: int = 0  # bytes written (appends) or found (recovery)
+    records: int = 0  # records in the file
+    read_offset: int = 0  # next record to hand out
+    handed: int = 0  # records handed out by read()
+    done: int = 0  # handed-out records whose delivery is settled
+    sealed: bool = False  # no more appends
+    corrupt_at: int | None = None  # offset of a bad record: replay ends there
+
+    @property
+    def fully_read(self) -> bool:
+        end = self.corrupt_at if self.corrupt_at is not None else self.size
+        return self.read_offset >= end
+
+    @property
+    def unsettled(self) -> int:
+        """Records of this segment not yet delivered (unread + in flight)."""
+        return self.records - self.done
+
+
+def _encode_record(key: bytes, value: bytes) -> bytes:
+    payload = _KEYLEN.pack(len(key)) + key + value
+    return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+class Spool:
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = 1 << 30,
+                 segment_bytes: int = 16 << 20, fsync_interval: float = 1.0):
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync_interval = fsync_interval
+        self.corrupt_records = 0
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise OSError(f"cannot use spool directory {self.dir}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolLocked(f"spool directory {self.dir} is in use by another fdpass process") from None
+        self._segments: list[Segment] = []  # in replay order
+        self._write_fd: int | None = None  # fd of the tail segment while it takes appends
+        self._read_fd: int | None = None
+        self._read_seg: Segment | None = None
+        self._last_fsync = time.monotonic()
+        self._dirty = False
+        self._bytes = 0  # sum of the segments' sizes
+        self._recover()
+
+    # --- recovery ------------------------------------------------------------
+    def _recover(self) -> None:
+        for path in sorted(self.dir.glob("*" + _SUFFIX)):
+            try:
+                seg_id = int(path.stem)
+            except ValueError:
+                continue
+            seg = Segment(seg_id, path, sealed=True)
+            self._scan(seg)
+            if seg.records == 0 and seg.corrupt_at in (None, 0):
+                path.unlink()
+                continue
+            self._segments.append(seg)
+            self._bytes += seg.size
+        if self._segments:
+            log.info("spool %s: %d events left by an earlier run will be replayed first",
+                     self.dir, self.pending)
+
+    def _scan(self, seg: Segment) -> None:
+        data = seg.path.read_bytes()
+        seg.size = len(data)
+        off = 0
+        while off < len(data):
+            rec_end = self._check(data, off)
+            if rec_end is None:
+                seg.corrupt_at = off
+                self.corrupt_records += 1
+                log.warning("spool %s: torn or corrupt record at byte %d of %d; the rest of this "
+                            "segment cannot be replayed", seg.path, off, len(data))
+                break
+            seg.records += 1
+            off = rec_end
+
+    @staticmethod
+    def _check(data: bytes, off: int) -> int | None:
+        """End offset of the valid record at `off`, or None if it is torn/corrupt."""
+        if off + _HEAD.size > len(data):
+            return None
+        length, crc = _HEAD.unpack_from(data, off)
+        start = off + _HEAD.size
+        end = start + length
+        if end > len(data) or length < _KEYLEN.size or zlib.crc32(data[start:end]) != crc:
+            return None
+        return end
+
+    # --- size ----------------------------------------------------------------
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    @property
+    def pending(self) -> int:
+        """Records in the spool not yet delivered (unread or in flight)."""
+        return sum(s.unsettled for s in self._segments)
+
+    @property
+    def unread(self) -> int:
+        """Records not yet handed out by read()."""
+        return sum(s.records - s.handed for s in self._segments)
+
+    def has_unread(self) -> bool:
+        return any(not s.fully_read for s in self._segments)
+
+    # --- writing ---------------------------------------------------------------
+    def _new_segment(self, seg_id: int, front: bool = False) -> tuple[Segment, int]:
+        path = self.dir / f"{seg_id:020d}{_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        seg = Segment(seg_id, path)
+        if front:
+            self._segments.insert(0, seg)
+        else:
+            self._segments.append(seg)
+        self._fsync_dir()
+        return seg, fd
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _tail_for_append(self, nbytes: int) -> Segment:
+        tail = self._segments[-1] if self._segments else None
+        if tail is not None and not tail.sealed and self._write_fd is not None:
+            if tail.size + nbytes <= self.segment_bytes or tail.size == 0:
+                return tail
+            self._seal_tail()
+        next_id = (self._segments[-1].id + 1) if self._segments else _FIRST_ID
+        seg, self._write_fd = self._new_segment(next_id)
+        return seg
+
+    def _seal_tail(self) -> None:
+        if self._write_fd is not None:
+            os.fsync(self._write_fd)
+            os.close(self._write_fd)
+            self._write_fd = None
+            self._dirty = False
+        if self._segments:
+            self._segments[-1].sealed = True
+
+    def append(self, key: bytes, value: bytes) -> bool:
+        """Add one record at the end. False (and nothing written) when the spool is full."""
+        rec = _encode_record(key, value)
+        if self.bytes_used + len(rec) > self.max_bytes:
+            return False
+        seg = self._tail_for_append(len(rec))
+        os.write(self._write_fd, rec)
+        seg.size += len(rec)
+        self._bytes += len(rec)
+        seg.records += 1
+        self._dirty = True
+        now = time.monotonic()
+        if now - self._last_fsync >= self.fsync_interval:
+            os.fsync(self._write_fd)
+            self._last_fsync = now
+            self._dirty = False
+        return True
+
+    def prepend(self, records: list[tuple[bytes, bytes]]) -> int:
+        """Write `records` as a new segment in front of all others; returns how many fit.
+
+        The bound applies here too: what does not fit is not written (the
+        caller counts it as dropped).
+        """
+        if not records:
+            return 0
+        front_id = (self._segments[0].id - 1) if self._segments else _FIRST_ID - 1
+        blobs = []
+        room = self.max_bytes - self.bytes_used
+        for key, value in records:
+            rec = _encode_record(key, value)
+            if len(rec) > room:
+                break
+            room -= len(rec)
+            blobs.append(rec)
+        if not blobs:
+            return 0
+        seg, fd = self._new_segment(front_id, front=True)
+        try:
+            data = b"".join(blobs)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        seg.size = len(data)
+        self._bytes += seg.size
+        seg.records = len(blobs)
+        seg.sealed = True
+        return len(blobs)
+
+    # --- reading ---------------------------------------------------------------
+    def read(self) -> tuple[Segment, bytes, bytes] | None:
+        """The next record not yet handed out, as (segment, key, value); None if none.
+
+        Call `settle(segment)` once Kafka has its delivery (or has failed it
+        for good); a segment's file goes away when all its records are settled.
+        """
+        for seg in self._segments:
+            if seg.fully_read:
+                continue
+            if self._read_seg is not seg:
+                if self._read_fd is not None:
+                    os.close(self._read_fd)
+                self._read_fd = os.open(seg.path, os.O_RDONLY)
+                self._read_seg = seg
+            head = os.pread(self._read_fd, _HEAD.size, seg.read_offset)
+            length, crc = _HEAD.unpack(head)
+            payload = os.pread(self._read_fd, length, seg.read_offset + _HEAD.size)
+            if len(payload) != length or zlib.crc32(payload) != crc:
+                # Only recovered segments can be torn; they were scanned, so
+                # this means the file changed under us: stop replaying it.
+                seg.corrupt_at = seg.read_offset
+                self.corrupt_records += 1
+                log.error("spool %s: record at byte %d changed on disk; skipping the rest",
+                          seg.path, seg.read_offset)
+                seg.records = seg.handed
+                self._maybe_delete(seg)
+                continue
+            seg.read_offset += _HEAD.size + length
+            seg.handed += 1
+            (klen,) = _KEYLEN.unpack_from(payload)
+            key = payload[_KEYLEN.size:_KEYLEN.size + klen]
+            value = payload[_KEYLEN.size + klen:]
+            if seg.fully_read and not seg.sealed:
+                # The writer is caught up: seal so the next outage starts a new
+                # segment and this one can be deleted once delivered.
+                self._seal_tail()
+            return seg, key, value
+        return None
+
+    def settle(self, seg: Segment) -> None:
+        seg.done += 1
+        self._maybe_delete(seg)
+
+    def _maybe_delete(self, seg: Segment) -> None:
+        if seg.sealed and seg.fully_read and seg.done >= seg.handed and seg in self._segments:
+            if seg.corrupt_at is None and seg.done < seg.records:
+                return
+            if self._read_seg is seg and self._read_fd is not None:
+                os.close(self._read_fd)
+                self._read_fd = None
+                self._read_seg = None
+            try:
+                seg.path.unlink()
+            except FileNotFoundError:
+                pass
+            self._segments.remove(seg)
+            self._bytes -= seg.size
+
+    def close(self) -> None:
+        """fsync and release the directory; what is left is replayed by the next run."""
+        if self._write_fd is not None:
+            os.fsync(self._write_fd)
+            os.close(self._write_fd)
+            self._write_fd = None
+        if self._segments:
+            self._segments[-1].sealed = True
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
