@@ -205,6 +205,7 @@ class KafkaPublisher:
         self._poll_lock = threading.Lock()  # one thread serves librdkafka callbacks at a time
         self._since_poll = 0
         self._last_inline_poll = 0.0
+        self._keys: dict[str, bytes] = {}  # host_id -> key bytes (a collector sees one or few)
         self._thread = threading.Thread(target=self._serve, name="fdpass-kafka", daemon=True)
         self._thread.start()
 
@@ -260,7 +261,14 @@ class KafkaPublisher:
 
     # --- publishing -------------------------------------------------------------
     def publish(self, event: dict) -> None:
-        self.publish_encoded(event["host_id"].encode(), codec.encode(event))
+        """Encode and publish one event; key = its host_id (per-host order)."""
+        host_id = event["host_id"]
+        key = self._keys.get(host_id)
+        if key is None:
+            if len(self._keys) > 1024:  # a relay of many hosts: keep the memo bounded
+                self._keys.clear()
+            key = self._keys[host_id] = host_id.encode()
+        self.publish_encoded(key, codec.encode(event))
 
     def publish_encoded(self, key: bytes, value: bytes) -> None:
         if self._closed:
