@@ -125,8 +125,10 @@ def properties_from_env(environ: dict | None = None) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Kafka options of `fdpass collect`."""
-    g = parser.add_argument_group("Kafka")
+    """Kafka options of `fdpass collect`, on a parser (in a "Kafka" group) or an argument group."""
+    # argparse hides (and deprecates) groups nested in groups: add straight
+    # into a group we are given.
+    g = parser.add_argument_group("Kafka") if isinstance(parser, argparse.ArgumentParser) else parser
     g.add_argument("--kafka", metavar="HOST:PORT[,HOST:PORT]",
                    help="publish Avro events to these Kafka bootstrap servers")
     g.add_argument("--topic", default=DEFAULT_TOPIC, help="topic (default %(default)s)")

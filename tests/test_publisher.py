@@ -291,3 +291,17 @@ def test_spool_dir_used_by_another_publisher(kafka_broker, tmp_path):
             make_publisher(kafka_broker, topic, tmp_path / "spool")
     finally:
         p.close(5)
+
+
+def test_add_arguments_into_a_group_shows_in_help_without_warnings():
+    import warnings
+
+    parser = argparse.ArgumentParser()
+    group = parser.add_argument_group("output (choose one)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nesting groups is deprecated and hides them from --help
+        pub.add_arguments(group)
+    assert "--kafka-config" in parser.format_help()
+    args = parser.parse_args(["--kafka", "127.0.0.1:9092", "--no-create-topic", "--spool-max-bytes", "1000"])
+    assert (args.topic, args.create_topic, args.spool_max_bytes, args.spool_dir) == \
+        ("fdpass.events", False, 1000, "/var/lib/fdpass/spool")
