@@ -75,3 +75,4 @@ class DeadLetters:
             self.flush(10)
         except DeadLetterError as e:
             log.error("closing: %s", e)
+        self._producer = None  # librdkafka's threads end with the object

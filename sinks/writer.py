@@ -96,7 +96,10 @@ class Writer:
         self.table = f"{database}.{table}"
         self.batch_log = batch_log
         self.dlq = dead_letters
-        self.insert_settings = dict(insert_settings or {})
+        # Older writer schemas lack the newer columns: ClickHouse fills them
+        # with the column defaults (the Avro defaults of fields.py's additions)
+        # instead of refusing the file.
+        self.insert_settings = {"input_format_avro_allow_missing_fields": 1, **(insert_settings or {})}
         self._decoder = codec.Decoder()
 
     # -- one batch ---------------------------------------------------------------

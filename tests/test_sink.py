@@ -1,0 +1,271 @@
+"""The sink against a real Kafka broker and a real embedded ClickHouse (chDB). No mocks.
+
+Sinks run either as `fdpass sink` subprocesses (so they can be killed with
+SIGKILL) or as threads of this process (to share one chDB store: chDB opens
+a store from one process only).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from fdpass.schemas import codec, synthetic
+from fdpass.schemas import clickhouse as ddl
+from fdpass.sinks.consumer import SinkConfig
+from tests.fixtures_clickhouse import (
+    FAST_GROUP_ENV, SinkProcess, ThreadSink, all_committed, committed_offsets, consume_all, create_topic,
+    end_offsets, produce, query_json, unique, wait_until,
+)
+
+pytestmark = pytest.mark.kafka
+
+N = 20_000
+
+
+def events(n: int, start: int = 0) -> list[dict]:
+    return [synthetic.make_event(i, host=f"node-{i % 5}") for i in range(start, start + n)]
+
+
+def encode_all(evs: list[dict]) -> tuple[list[bytes], list[bytes]]:
+    return [codec.encode(e) for e in evs], [e["host_id"].encode() + str(i % 16).encode() for i, e in enumerate(evs)]
+
+
+def counts(store) -> tuple[int, int]:
+    row = query_json(store, "SELECT count() AS n, uniqExact(event_id) AS u FROM fdpass.events")[0]
+    return int(row["n"]), int(row["u"])
+
+
+def test_n_events_land_exactly_once(kafka_broker, store_dir, tmp_path):
+    topic = unique("t-n")
+    create_topic(kafka_broker.bootstrap, topic, 4)
+    evs = events(N)
+    produce(kafka_broker.bootstrap, topic, *encode_all(evs))
+    sink = SinkProcess(kafka_broker.bootstrap, topic, store_dir, tmp_path / "sink.log",
+                       "--group", unique("g"), env=FAST_GROUP_ENV).start()
+    sink.wait_for_log(f"sink: {N} rows stored", timeout=90)
+    assert sink.stop() == 0, sink.log()[-3000:]
+    assert counts(store_dir) == (N, N)
+    ids = {r["event_id"] for r in query_json(store_dir, "SELECT event_id FROM fdpass.events")}
+    assert ids == {e["event_id"] for e in evs}
+
+
+def test_kill_9_three_times_while_working(kafka_broker, store_dir, tmp_path):
+    """SIGKILL at random moments while events keep arriving; batches close by age with varying ranges."""
+    topic, group = unique("t-kill"), unique("g-kill")
+    partitions = 3
+    create_topic(kafka_broker.bootstrap, topic, partitions)
+    values, keys = encode_all(events(N))
+    rng = random.Random()
+
+    def producer():  # ~15 s of steady arrivals, so every kill lands mid-stream
+        from confluent_kafka import Producer
+
+        p = Producer({"bootstrap.servers": kafka_broker.bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        for i in range(0, N, 200):
+            for v, k in zip(values[i:i + 200], keys[i:i + 200]):
+                p.produce(topic, v, key=k)
+            p.flush(30)
+            time.sleep(0.15)
+        assert p.flush(30) == 0
+
+    feeder = threading.Thread(target=producer, daemon=True)
+    feeder.start()
+    log_path = tmp_path / "sink.log"
+    # Small batches cut by age: many batches, and the sink spends much of its
+    # time between recording a range, inserting it and committing it -- where
+    # a kill leaves a range to re-form.
+    args = ("--group", group, "--batch-rows", "200", "--batch-age", "0.05")
+    at_kill = []
+    for _ in range(3):
+        seen = len(log_path.read_text()) if log_path.exists() else 0
+        sink = SinkProcess(kafka_broker.bootstrap, topic, store_dir, log_path, *args, env=FAST_GROUP_ENV).start()
+        wait_until(lambda: "assigned" in log_path.read_text()[seen:], 60, "this run's partition assignment")
+        time.sleep(rng.uniform(0.5, 2.5))
+        sink.kill9()
+        n, u = counts(store_dir)
+        assert n == u, f"duplicates after a kill: {n} rows, {u} distinct event_ids"
+        at_kill.append(n)
+    feeder.join(60)
+    sink = SinkProcess(kafka_broker.bootstrap, topic, store_dir, log_path, *args, env=FAST_GROUP_ENV).start()
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, partitions), 120,
+               "every offset committed after the last restart", interval=1)
+    assert sink.stop() == 0
+    assert counts(store_dir) == (N, N), f"rows at each kill: {at_kill}"
+    assert any(0 < n < N for n in at_kill), f"no kill landed mid-work: {at_kill}"
+    print("rows at each kill:", at_kill, "re-formed ranges:", log_path.read_text().count("re-forming"))
+
+
+def test_replay_re_forms_the_recorded_range(kafka_broker, open_store):
+    """The trap, made deterministic: a batch inserted but never committed is re-formed exactly.
+
+    A 'previous run' records and inserts offsets 0-299 as one batch and dies
+    before marking it done or committing. The new run cuts batches of 64:
+    without the recorded range it would insert 0-63, 64-127, ... with new
+    tokens and double all 300 rows.
+    """
+    from confluent_kafka import Consumer
+
+    from fdpass.sinks.state import BatchLog
+    from fdpass.sinks.writer import Writer
+
+    topic, group = unique("t-trap"), unique("g-trap")
+    create_topic(kafka_broker.bootstrap, topic, 1)
+    produce(kafka_broker.bootstrap, topic, *encode_all(events(500)))
+    store = open_store()
+    client = store.client()
+    ddl.ensure_schema(client)
+    c = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+                  "enable.auto.commit": False})
+    c.subscribe([topic])
+    msgs = []
+    wait_until(lambda: msgs.extend(m for m in c.consume(500, 0.5) if m.error() is None) or len(msgs) >= 300, 30, "300 msgs")
+    c.close()  # no commit: the 'crash'
+    first300 = msgs[:300]
+    log = BatchLog(client, "fdpass", topic)
+    w = Writer(client, "fdpass", "events", log, dead_letters=None)
+    log.intent(0, 0, 299, 300)
+    assert w._insert_group(2, first300, f"{topic}/0/0-299/v2") == (300, [])  # the writer's own token scheme
+    assert client.query("SELECT count() FROM fdpass.events").result_rows == [(300,)]
+
+    sink = ThreadSink(store, SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group,
+                                        batch_rows=64, batch_age=0.2)).start()
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 1), 60, "all committed")
+    assert sink.stop() == 0
+    assert client.query("SELECT count(), uniqExact(event_id) FROM fdpass.events").result_rows == [(500, 500)]
+    assert sink.sink.stats["replayed"] == 1
+
+
+def test_poison_messages_go_to_the_dlq_with_their_reason(kafka_broker, store_dir, tmp_path):
+    topic, group = unique("t-poison"), unique("g-poison")
+    create_topic(kafka_broker.bootstrap, topic, 1)  # one partition: offset = position in `values`
+    evs = events(3000)
+    values = [codec.encode(e) for e in evs]
+    good = values[7]
+    unknown_fp = codec.MAGIC + bytes(8) + good[codec.HEADER_LEN:]
+    no_id = codec.encode({**evs[0], "event_id": ""})  # decodes fine; ClickHouse's CHECK rejects it
+    poison = {
+        100: b"not an avro message",
+        200: b"",
+        300: unknown_fp,
+        400: good[: len(good) // 2],  # truncated
+        500: good[: codec.HEADER_LEN] + b"\xff" * 40,  # garbage body
+        600: good[: codec.HEADER_LEN] + b"\x01" + good[codec.HEADER_LEN + 1:],  # negative string length
+        700: no_id,
+        2999: b"\xc3",  # short header, last message
+    }
+    expected = {}
+    for i, v in poison.items():
+        try:
+            codec.decode(v)
+            expected[i] = "clickhouse_rejected"
+        except codec.CodecError as e:
+            expected[i] = e.reason
+    assert expected[700] == "clickhouse_rejected"
+    assert {"bad_magic", "unknown_fingerprint", "truncated"} <= set(expected.values())
+    stream = [poison.get(i, v) for i, v in enumerate(values)]
+    produce(kafka_broker.bootstrap, topic, stream)
+    sink = SinkProcess(kafka_broker.bootstrap, topic, store_dir, tmp_path / "sink.log", "--group", group,
+                       "--batch-rows", "1000", env=FAST_GROUP_ENV).start()
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 1), 90, "all committed")
+    assert sink.stop() == 0
+    dead = consume_all(kafka_broker.bootstrap, topic + ".dlq", expect=len(poison))
+    got = {}
+    for m in dead:
+        h = {k: v.decode() for k, v in m.headers()}
+        assert h["fdpass.original.topic"] == topic and h["fdpass.original.partition"] == "0"
+        off = int(h["fdpass.original.offset"])
+        assert (m.value() or b"") == stream[off]
+        got[off] = h["fdpass.reason"]
+        assert h["fdpass.detail"]
+    assert got == expected
+    stored = {r["event_id"] for r in query_json(store_dir, "SELECT event_id FROM fdpass.events")}
+    assert stored == {e["event_id"] for i, e in enumerate(evs) if i not in poison}
+    assert counts(store_dir) == (len(evs) - len(poison),) * 2
+
+
+def test_two_sinks_in_one_group_share_the_partitions(kafka_broker, open_store):
+    """Two consumers of one group in one process, sharing one chDB store (chDB: one process per store).
+
+    Each sink has its own Kafka consumer (own group member) and its own
+    ClickHouse clients; only the store is shared -- as two sink processes
+    share one ClickHouse server.
+    """
+    topic, group = unique("t-two"), unique("g-two")
+    create_topic(kafka_broker.bootstrap, topic, 4)
+    store = open_store()
+    cfg = SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group, batch_rows=2000, batch_age=0.2,
+                     kafka_conf={"session.timeout.ms": 6000})
+    a = ThreadSink(store, cfg).start()
+    wait_until(lambda: a.sink.assigned_history, 60, "sink A assigned")
+    b = ThreadSink(store, cfg).start()
+    wait_until(lambda: b.sink.assigned_history and a.sink.buffers and b.sink.buffers
+               and len(a.sink.buffers) + len(b.sink.buffers) == 4, 60, "partitions split between A and B")
+    evs = events(N)
+    produce(kafka_broker.bootstrap, topic, *encode_all(evs))
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 4), 90, "all committed", interval=0.5)
+    pa, pb = set(a.sink.buffers), set(b.sink.buffers)
+    assert a.stop() == 0 and b.stop() == 0
+    assert pa and pb and not (pa & pb) and pa | pb == {0, 1, 2, 3}
+    assert a.sink.stats["rows"] > 0 and b.sink.stats["rows"] > 0
+    assert a.sink.stats["rows"] + b.sink.stats["rows"] == N
+    c = store.client()
+    assert c.query("SELECT count(), uniqExact(event_id) FROM fdpass.events").result_rows == [(N, N)]
+
+
+def test_schema_evolution_v1_messages_get_defaults(kafka_broker, open_store):
+    """A store created by a v1-era sink is migrated; v1 and v2 messages land side by side."""
+    topic, group = unique("t-evo"), unique("g-evo")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    store = open_store()
+    c = store.client()
+    v1_fields = ddl.FIELDS[: [f.name for f in ddl.FIELDS].index("probe") + 1]
+    for stmt in ddl.create_statements(fields=v1_fields):
+        c.command(stmt)
+    v1, v2 = codec.Encoder(1), codec.Encoder(2)
+    evs = events(2000)
+    for i, e in enumerate(evs):
+        e.update(seq=i + 1, msg_index=1, path_truncated=True)
+    values = [(v1 if i % 2 else v2).encode(e) for i, e in enumerate(evs)]
+    produce(kafka_broker.bootstrap, topic, values)
+    sink = ThreadSink(store, SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group,
+                                        batch_age=0.2)).start()
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 2), 60, "all committed")
+    assert sink.stop() == 0
+    rows = c.query("SELECT event_id, seq, msg_index, path_truncated, exe, file_type FROM fdpass.events").result_rows
+    assert len(rows) == 2000
+    by_id = {r[0]: r[1:] for r in rows}
+    for i, e in enumerate(evs):
+        seq, msg_index, trunc, exe, ftype = by_id[e["event_id"]]
+        assert (exe, ftype) == (e["exe"], e["file_type"])
+        if i % 2:  # written with v1: the fields v1 lacks take their defaults
+            assert (seq, msg_index, trunc) == (0, 0, False)
+        else:
+            assert (seq, msg_index, trunc) == (i + 1, 1, True)
+
+
+def test_insert_failure_commits_nothing_and_loses_nothing(kafka_broker, open_store):
+    topic, group = unique("t-fail"), unique("g-fail")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    store = open_store()
+    c = store.client()
+    ddl.ensure_schema(c)
+    sink = ThreadSink(store, SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group,
+                                        batch_rows=1000, batch_age=0.2)).start()
+    wait_until(lambda: sink.sink.assigned_history, 60, "assignment")
+    c.command("RENAME TABLE fdpass.events TO fdpass.events_away")  # the table is gone: every insert fails
+    evs = events(5000)
+    produce(kafka_broker.bootstrap, topic, *encode_all(evs))
+    wait_until(lambda: sink.sink.worker.retrying, 30, "the writer to start retrying")
+    time.sleep(3)  # several failed attempts
+    assert sink.sink.worker.retrying
+    assert all(o < 0 for o in committed_offsets(kafka_broker.bootstrap, group, topic, 2).values())
+    assert sink.sink.stats["rows"] == 0
+    c.command("RENAME TABLE fdpass.events_away TO fdpass.events")  # fixed
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 2), 90, "all committed after the fix")
+    assert sink.stop() == 0
+    assert c.query("SELECT count(), uniqExact(event_id) FROM fdpass.events").result_rows == [(5000, 5000)]
+    assert end_offsets(kafka_broker.bootstrap, topic, 2) == committed_offsets(kafka_broker.bootstrap, group, topic, 2)
