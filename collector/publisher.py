@@ -93,6 +93,36 @@ def mask(config: dict) -> dict:
     return {k: ("***" if is_secret(k) else v) for k, v in config.items()}
 
 
+class _SecretScrubber(logging.Filter):
+    """Replaces known secret values in any record that passes (belt and braces:
+    librdkafka does not print property values, but its messages are not ours)."""
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            text = record.getMessage()
+            clean = self.scrub(text)
+            if clean != text:
+                record.msg, record.args = clean, None
+        return True
+
+
+_SCRUBBER = _SecretScrubber()
+
+
+def _remember_secrets(config: dict) -> None:
+    # Short values would blank out ordinary words in log lines; real secrets are longer.
+    _SCRUBBER.secrets.update(str(v) for k, v in config.items() if is_secret(k) and len(str(v)) >= 4)
+
+
 def read_properties_file(path: str) -> dict:
     """key=value lines; '#' or '!' starts a comment line; blank lines ignored."""
     try:
@@ -171,6 +201,7 @@ class KafkaPublisher:
                        "bootstrap.servers": bootstrap,
                        "queue.buffering.max.messages": queue_max_messages,
                        "statistics.interval.ms": 5000}
+        _remember_secrets(self.config)
         log.info("Kafka producer config: %s", mask(self.config))
         # The spool first: it is local and cheap to check, and holding its
         # lock keeps a second collector on the same directory from starting.
@@ -184,7 +215,7 @@ class KafkaPublisher:
                 self._producer = Producer({**self.config, "logger": _LIBRDKAFKA_LOG, "error_cb": self._on_error,
                                            "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
             except KafkaException as exc:
-                raise UserError(f"bad Kafka configuration: {exc.args[0].str()}") from None
+                raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
         except BaseException:
             self._spool.close()
             raise
@@ -235,9 +266,9 @@ class KafkaPublisher:
         try:
             admin = AdminClient({**admin_conf, "logger": _QUIET})
         except KafkaException as exc:
-            raise UserError(f"bad Kafka configuration: {exc.args[0].str()}") from None
+            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
         except (ValueError, TypeError) as exc:
-            raise UserError(f"bad Kafka configuration: {exc}") from None
+            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc}")) from None
         try:
             md = admin.list_topics(timeout=timeout)
         except KafkaException as exc:
@@ -517,6 +548,8 @@ class _RepeatFilter(logging.Filter):
 # property values; secrets stay out).
 _LIBRDKAFKA_LOG = logging.getLogger("fdpass.publisher.librdkafka")
 _LIBRDKAFKA_LOG.addFilter(_RepeatFilter())
+_LIBRDKAFKA_LOG.addFilter(_SCRUBBER)
+log.addFilter(_SCRUBBER)
 
 # The start-up metadata check reports failures itself, as one UserError line;
 # librdkafka's own "connection refused" lines would only repeat it.
