@@ -14,12 +14,15 @@ by name, members resolved on demand.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
 from fdpass.errors import UserError
 
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+# FDPASS_VMLINUX_BTF points at another BTF file (e.g. from BTFHub for kernels
+# that do not expose their own).
+VMLINUX_BTF = os.environ.get("FDPASS_VMLINUX_BTF", "/sys/kernel/btf/vmlinux")
 
 BTF_MAGIC = 0xEB9F
 # BTF kinds (include/uapi/linux/btf.h)
@@ -84,7 +87,8 @@ class BTF:
             pos += 12 + fixed + per * vlen
 
     @classmethod
-    def load(cls, path: str = VMLINUX_BTF) -> "BTF":
+    def load(cls, path: str | None = None) -> "BTF":
+        path = path or VMLINUX_BTF
         try:
             with open(path, "rb") as f:
                 return cls(f.read())

@@ -1,0 +1,417 @@
+"""The real probes against real transfers, checked against ground truth the
+test takes itself (os.fstat, readlink of /proc/self/fd/N). Root, BTF, bcc."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tests import workloads as W
+
+pytestmark = pytest.mark.bpf
+
+
+def ino(sock) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def kernel_path(fd: int) -> str:
+    """What the kernel prints for fd, in the form fdpass reports it (non-UTF-8 as \\xNN)."""
+    return os.fsencode(os.readlink(f"/proc/self/fd/{fd}")).decode("utf-8", "backslashreplace")
+
+
+def truth(fd: int) -> dict:
+    st = os.fstat(fd)
+    return {
+        "file_path": kernel_path(fd),
+        "file_ino": st.st_ino,
+        "file_dev": st.st_dev,
+        "file_flags_acc": fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE,
+    }
+
+
+def assert_matches(event: dict, fd: int) -> None:
+    t = truth(fd)
+    assert event["file_path"] == t["file_path"]
+    assert event["file_ino"] == t["file_ino"]
+    assert event["file_dev"] == t["file_dev"]
+    assert event["file_flags"] & os.O_ACCMODE == t["file_flags_acc"]
+
+
+def transfer(live, fds: list[int], sock_type=socket.SOCK_STREAM):
+    """Send fds in one message over a fresh socketpair and receive them.
+    Returns (send events, recv events, received fds, sender, receiver)."""
+    a, b = socket.socketpair(socket.AF_UNIX, sock_type)
+    socket.send_fds(a, [b"x"], fds)
+    _msg, got, _flags, _ = socket.recv_fds(b, 16, len(fds) + 4)
+    events = live.for_socks(a, b, count=2 * len(fds))
+    send = [e for e in events if e["direction"] == "SEND"]
+    recv = [e for e in events if e["direction"] == "RECV"]
+    return send, recv, got, a, b
+
+
+def check_both_sides(live, fds: list[int], expect_type: str | None = None, sock_type=socket.SOCK_STREAM):
+    send, recv, got, a, b = transfer(live, fds, sock_type)
+    try:
+        assert len(send) == len(fds) and len(recv) == len(fds), (send, recv)
+        for i, (s, r, fd, new) in enumerate(zip(send, recv, fds, got)):
+            assert (s["fd"], s["fd_index"], s["fd_count"]) == (fd, i, len(fds))
+            assert (r["fd"], r["fd_index"], r["fd_count"]) == (new, i, len(fds))
+            assert_matches(s, fd)
+            assert_matches(r, new)
+            if expect_type:
+                assert s["file_type"] == r["file_type"] == expect_type
+            # the join key: sender's peer is the receiver's socket and back
+            assert s["sock_ino"] == ino(a) and r["sock_ino"] == ino(b)
+            assert s["peer_sock_ino"] == ino(b) and r["peer_sock_ino"] == ino(a)
+            assert s["pid"] == r["pid"] == os.getpid()
+            assert s["tid"] == threading.get_native_id()
+            assert s["syscall"] == "SENDMSG" and r["syscall"] == "RECVMSG"
+            assert not (s["path_truncated"] or s["fds_truncated"] or r["msg_ctrunc"])
+        return send, recv
+    finally:
+        for fd in got:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_regular_file_and_task_fields(live):
+    with open("/etc/passwd", "rb") as f:
+        send, recv = check_both_sides(live, [f.fileno()], "REGULAR")
+    e = send[0]
+    assert e["file_path"] == "/etc/passwd"
+    assert e["ppid"] == os.getppid()
+    assert e["uid"] == os.getuid() and e["gid"] == os.getgid()
+    assert e["mntns_id"] == os.stat("/proc/self/ns/mnt").st_ino
+    assert e["netns_id"] == os.stat("/proc/self/ns/net").st_ino
+    assert e["pidns_id"] == os.stat("/proc/self/ns/pid").st_ino
+    assert e["exe"] == os.readlink("/proc/self/exe")
+    with open(f"/proc/{os.getppid()}/comm") as c:
+        assert e["parent_comm"] == c.read().strip()[:15]
+    assert abs(e["time_ns"] - time.time_ns()) < 30e9
+    assert e["event_id"].count(":") >= 6 and len({x["event_id"] for x in send + recv}) == 2
+
+
+def test_directory(live, tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        check_both_sides(live, [fd], "DIRECTORY")
+    finally:
+        os.close(fd)
+
+
+def test_pipe(live):
+    r, w = os.pipe()
+    try:
+        send, _ = check_both_sides(live, [r, w], "FIFO")
+        assert send[0]["file_path"].startswith("pipe:[")
+        assert send[1]["file_flags"] & os.O_ACCMODE == os.O_WRONLY
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_unix_and_tcp_sockets(live):
+    u1, u2 = socket.socketpair()
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    try:
+        send, _ = check_both_sides(live, [u1.fileno(), srv.fileno()], "SOCKET")
+        assert send[1]["file_path"] == f"socket:[{ino(srv)}]"
+    finally:
+        for s in (u1, u2, srv):
+            s.close()
+
+
+def test_memfd_and_eventfd(live):
+    m = os.memfd_create("fdpass-test")
+    e = os.eventfd(0)
+    try:
+        send, _ = check_both_sides(live, [m, e])
+        assert send[0]["file_path"] == "/memfd:fdpass-test (deleted)"
+        assert send[1]["file_path"] == "anon_inode:[eventfd]" and send[1]["file_type"] == "ANON"
+    finally:
+        os.close(m)
+        os.close(e)
+
+
+def test_path_crosses_a_tmpfs_mount(live, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "fdpass-test", str(mnt)], check=True)
+    try:
+        (mnt / "inner").mkdir()
+        p = mnt / "inner" / "file.txt"
+        p.write_text("x")
+        fd = os.open(p, os.O_RDWR)
+        try:
+            send, _ = check_both_sides(live, [fd], "REGULAR")
+            assert send[0]["file_path"] == str(p)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_unlinked_file(live, tmp_path):
+    p = tmp_path / "gone.txt"
+    p.write_text("x")
+    fd = os.open(p, os.O_RDONLY)
+    os.unlink(p)
+    try:
+        send, _ = check_both_sides(live, [fd])
+        assert send[0]["file_path"] == f"{p} (deleted)"
+    finally:
+        os.close(fd)
+
+
+def test_non_utf8_name(live, tmp_path):
+    p = os.fsencode(tmp_path) + b"/bad-\xff\xfe-name"
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        send, _ = check_both_sides(live, [fd])
+        assert send[0]["file_path"].endswith("/bad-\\xff\\xfe-name")
+    finally:
+        os.close(fd)
+
+
+def test_long_path_over_512_bytes(live, tmp_path):
+    d = tmp_path
+    for i in range(6):
+        d = d / (f"{i}" * 100)
+    d.mkdir(parents=True)
+    p = d / "leaf.txt"
+    p.write_text("x")
+    assert len(str(p)) > 600
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        send, _ = check_both_sides(live, [fd])
+        assert send[0]["file_path"] == str(p)
+    finally:
+        os.close(fd)
+
+
+def test_path_deeper_than_walk_bound_says_so(live, tmp_path):
+    from fdpass.collector.probes import Probes  # noqa: F401  (bound documented there)
+
+    depth = 60  # PATH_DEPTH is 40
+    rel = "/".join(f"d{i}" for i in range(depth))
+    os.makedirs(tmp_path / rel)
+    p = tmp_path / rel / "deep.txt"
+    p.write_text("x")
+    fd = os.open(p, os.O_RDONLY)
+    a, b = socket.socketpair()
+    try:
+        socket.send_fds(a, [b"x"], [fd])
+        events = live.for_socks(a, count=1)
+        assert len(events) == 1
+        e = events[0]
+        assert e["path_truncated"] is True
+        assert e["file_path"].startswith(".../")  # never a plausible absolute path
+        assert str(p).endswith(e["file_path"][3:])
+        assert e["file_ino"] == os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_two_scm_rights_cmsgs_in_one_message(live):
+    r, w = os.pipe()
+    f = os.open("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd", os.O_RDONLY)
+    a, b = socket.socketpair()
+    try:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f])),
+               (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))]
+        a.sendmsg([b"x"], anc)
+        _m, got, _fl, _ = socket.recv_fds(b, 16, 8)
+        events = live.for_socks(a, b, count=6)
+        send = [e for e in events if e["direction"] == "SEND"]
+        recv = [e for e in events if e["direction"] == "RECV"]
+        assert [e["fd"] for e in send] == [f, r, w]
+        assert [e["fd_index"] for e in send] == [0, 1, 2] and {e["fd_count"] for e in send} == {3}
+        assert [e["fd"] for e in recv] == got
+        for fd in got:
+            os.close(fd)
+    finally:
+        for fd in (r, w, f):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_sendmmsg_reports_only_messages_sent_and_recvmmsg(live):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    f1 = os.open("/etc/passwd", os.O_RDONLY)
+    r, w = os.pipe()
+    try:
+        # The third message carries a bad fd: the kernel sends the first two,
+        # then stops, and sendmmsg returns 2.
+        sent = W.sendmmsg(a, [(b"m0", W.rights([f1])), (b"m1", W.rights([r, w])), (b"m2", W.rights([9999]))])
+        assert sent == 2
+        received = W.recvmmsg(b, 4, flags=socket.MSG_DONTWAIT)
+        assert [len(x[1]) for x in received] == [1, 2]
+        events = live.for_socks(a, b, count=6)
+        send = [e for e in events if e["direction"] == "SEND"]
+        recv = [e for e in events if e["direction"] == "RECV"]
+        assert [(e["msg_index"], e["fd_index"], e["fd"]) for e in send] == [(0, 0, f1), (1, 0, r), (1, 1, w)]
+        assert {e["syscall"] for e in send} == {"SENDMMSG"} and {e["ret"] for e in send} == {2}
+        new = [fd for x in received for fd in x[1]]
+        assert [(e["msg_index"], e["fd"]) for e in recv] == [(0, new[0]), (1, new[1]), (1, new[2])]
+        assert {e["syscall"] for e in recv} == {"RECVMMSG"}
+        for e, fd in zip(recv, new):
+            assert_matches(e, fd)
+        for fd in new:
+            os.close(fd)
+    finally:
+        for fd in (f1, r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_failed_sendmsg_emits_nothing(live):
+    a, b = socket.socketpair()
+    a.shutdown(socket.SHUT_WR)
+    f = os.open("/etc/passwd", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            socket.send_fds(a, [b"x"], [f])
+        # a later, successful transfer on another pair proves the probes are live
+        c, d = socket.socketpair()
+        socket.send_fds(c, [b"x"], [f])
+        assert len(live.for_socks(c, count=1)) == 1
+        assert live.matching(lambda e: e["sock_ino"] == ino(a)) == []
+        c.close()
+        d.close()
+    finally:
+        os.close(f)
+        a.close()
+        b.close()
+
+
+def test_msg_ctrunc_flagged(live):
+    a, b = socket.socketpair()
+    fds = [os.open("/etc/passwd", os.O_RDONLY) for _ in range(3)]
+    try:
+        socket.send_fds(a, [b"x"], fds)
+        _m, anc, flags, _ = b.recvmsg(16, socket.CMSG_LEN(4))  # room for one fd only
+        assert flags & socket.MSG_CTRUNC
+        got = W.parse_rights(b"".join(W.cmsg(lv, ty, data) for lv, ty, data in anc))
+        assert len(got) == 1
+        events = live.for_socks(b, count=1)
+        assert len(events) == 1, events
+        assert events[0]["msg_ctrunc"] is True and events[0]["fd"] == got[0] and events[0]["fd_count"] == 1
+        os.close(got[0])
+    finally:
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_garbage_and_truncated_control_buffers(live):
+    a, b = socket.socketpair()
+    f = os.open("/etc/passwd", os.O_RDONLY)
+    good = W.rights([f])
+    cases = [
+        os.urandom(64),                       # random bytes
+        good[:18],                            # cut inside the first fd
+        good,                                 # valid cmsg but controllen shorter than cmsg_len
+        W.cmsg(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"\xff\xff\xff\x7f"),  # bad fd number
+        b"\xff" * 8 + b"\1\0\0\0\1\0\0\0" + b"\0" * 8,  # absurd cmsg_len
+    ]
+    try:
+        for i, ctrl in enumerate(cases):
+            controllen = 19 if i == 2 else None
+            try:
+                W.sendmsg_raw(a, b"x", ctrl, controllen)
+            except OSError:
+                pass
+            else:  # the kernel accepted it: then it must have passed fds we report
+                pytest.fail(f"kernel accepted garbage control case {i}")
+        c, d = socket.socketpair()
+        socket.send_fds(c, [b"x"], [f])
+        assert len(live.for_socks(c, count=1)) == 1
+        assert live.matching(lambda e: e["sock_ino"] == ino(a)) == []
+        c.close()
+        d.close()
+    finally:
+        os.close(f)
+        a.close()
+        b.close()
+
+
+def test_many_threads_no_lost_or_mixed_events(live, tmp_path):
+    threads, per_thread = 8, 150
+    results: dict[int, tuple] = {}
+
+    def worker(i: int):
+        p = tmp_path / f"t{i}.txt"
+        p.write_text(str(i))
+        fd = os.open(p, os.O_RDONLY)
+        a, b = socket.socketpair()
+        for _ in range(per_thread):
+            socket.send_fds(a, [b"x"], [fd])
+            _m, got, _f, _ = socket.recv_fds(b, 4, 2)
+            os.close(got[0])
+        results[i] = (threading.get_native_id(), ino(a), ino(b), str(p), fd, a, b)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    all_inos = {r[1] for r in results.values()} | {r[2] for r in results.values()}
+    live.wait(lambda e: e["sock_ino"] in all_inos, 2 * threads * per_thread, timeout=30)
+    for tid, ia, ib, path, fd, a, b in results.values():
+        send = live.matching(lambda e: e["sock_ino"] == ia)
+        recv = live.matching(lambda e: e["sock_ino"] == ib)
+        assert len(send) == per_thread and len(recv) == per_thread
+        assert {e["file_path"] for e in send + recv} == {path}
+        assert {e["tid"] for e in send + recv} == {tid}
+        assert {e["fd"] for e in send} == {fd}
+        assert len({e["event_id"] for e in send + recv}) == 2 * per_thread
+        os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_tmux_client_hands_its_terminal_to_the_server(live, tmp_path):
+    """A workload we did not write: a tmux client passes its stdin to the server."""
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.fail("tmux is not installed (scripts/setup installs it)")
+    sock = tmp_path / "tmux.sock"
+    stdin_file = tmp_path / "client-stdin"
+    stdin_file.write_text("")
+    env = dict(os.environ, TMUX="", TERM="xterm")
+    with open(stdin_file) as stdin:
+        subprocess.run([tmux, "-S", str(sock), "new-session", "-d", "sleep 30"], stdin=stdin, env=env,
+                       check=True, timeout=20)
+        subprocess.run([tmux, "-S", str(sock), "list-sessions"], stdin=stdin, env=env, check=True,
+                       timeout=20, capture_output=True)
+    try:
+        want = str(stdin_file)
+        events = live.wait(lambda e: e["file_path"] == want and e["comm"].startswith("tmux"), 4, timeout=10)
+        send = [e for e in events if e["direction"] == "SEND"]
+        recv = [e for e in events if e["direction"] == "RECV"]
+        assert send and recv, events
+        st = os.stat(stdin_file)
+        for e in events:
+            assert (e["file_ino"], e["file_dev"]) == (st.st_ino, st.st_dev)
+        # each SEND's peer socket is the socket some RECV came in on
+        assert {e["peer_sock_ino"] for e in send} & {e["sock_ino"] for e in recv}
+    finally:
+        subprocess.run([tmux, "-S", str(sock), "kill-server"], capture_output=True)
