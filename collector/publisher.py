@@ -225,7 +225,9 @@ class KafkaPublisher:
         self.dropped = 0
         self.spooled = 0  # events that went through the spool
         self.replayed = 0  # spooled events handed back to the producer
-        self._lock = threading.Lock()  # guards the spool
+        # Guards the spool. Re-entrant so that a delivery callback served
+        # inside a producer call made under the lock cannot deadlock.
+        self._lock = threading.RLock()
         self._spooling = self._spool.has_unread()  # events from an earlier run go first
         self._held = None  # a spool record the producer refused (queue full): retried first
         self._last_progress = time.monotonic()
@@ -499,6 +501,9 @@ class KafkaPublisher:
 
     def stats(self) -> dict:
         closed = self._closed
+        with self._lock:
+            pending = self._undelivered_at_close if closed else self._spool.pending
+            spool_bytes = self._spool.bytes_used
         return {
             "delivered": self.delivered,
             "failed": self.failed,
@@ -507,8 +512,8 @@ class KafkaPublisher:
             "spooled": self.spooled,
             "replayed": self.replayed,
             "queued": 0 if closed else len(self._producer),
-            "spool_pending": self._undelivered_at_close if closed else self._spool.pending,
-            "spool_bytes": self._spool.bytes_used,
+            "spool_pending": pending,
+            "spool_bytes": spool_bytes,
             "spooling": self._spooling,
         }
 
