@@ -25,8 +25,15 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the full usage is what --help is for."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fdpass",
         description="Trace file descriptors passed between processes over unix sockets "
         "(SCM_RIGHTS) with eBPF; store them in ClickHouse for forensic SQL.",

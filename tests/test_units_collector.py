@@ -1,0 +1,116 @@
+"""Pure logic of the collector: record layout, BTF parsing, path rendering, enrichment."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from fdpass.collector import records as R
+from fdpass.collector.btf import BTF, BTFError
+from fdpass.collector.enrich import WallClock, container_id_from_cgroup
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_python_decoder_matches_the_c_header_layout(tmp_path):
+    """Compile bpf/fdpass.h with the host compiler and compare every offset."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("a C compiler is needed to check the record layout")
+    names = [f[0] for f in R.FdpHeader._fields_ if not f[0].startswith("_")]
+    prog = ['#include <stdio.h>', '#include <stddef.h>', '#include "fdpass.h"', "int main(void) {"]
+    prog.append('printf("sizeof %zu\\n", sizeof(struct fdp_event));')
+    prog.append('printf("path %zu\\n", offsetof(struct fdp_event, path));')
+    for n in names:
+        prog.append(f'printf("{n} %zu %zu\\n", offsetof(struct fdp_event, {n}), sizeof(((struct fdp_event*)0)->{n}));')
+    prog.append("return 0; }")
+    src = tmp_path / "layout.c"
+    src.write_text("\n".join(prog))
+    subprocess.run([cc, "-I", os.path.join(REPO, "bpf"), "-o", str(tmp_path / "layout"), str(src)], check=True)
+    out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True, check=True).stdout
+    c = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in out.splitlines()}
+    assert c["sizeof"][0] == ctypes.sizeof(R.FdpEvent)
+    assert c["path"][0] == R.HEADER_SIZE
+    for n in names:
+        field = getattr(R.FdpHeader, n)
+        assert c[n] == [field.offset, field.size], n
+
+
+def test_btf_offsets_of_this_kernel_and_missing_members():
+    btf = BTF.load()
+    assert btf.offsetof("dentry", "d_name.name") > btf.offsetof("dentry", "d_parent")
+    assert btf.sizeof("upid") >= 12
+    with pytest.raises(BTFError, match="no member"):
+        btf.offsetof("dentry", "no_such_member")
+    with pytest.raises(BTFError, match="not in this kernel"):
+        btf.offsetof("no_such_struct_fdpass", "x")
+
+
+def test_btf_rejects_garbage_and_missing_file(tmp_path):
+    with pytest.raises(BTFError, match="bad magic"):
+        BTF(b"\0" * 64)
+    with pytest.raises(BTFError, match="no BTF"):
+        BTF.load(str(tmp_path / "missing"))
+
+
+def _rec(**kw) -> R.FdpHeader:
+    r = R.FdpHeader()
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+@pytest.mark.parametrize(
+    "kw, raw, want",
+    [
+        ({}, b"passwd\0etc\0", "/etc/passwd"),
+        ({}, b"", "/"),
+        ({"flags": R.F_DELETED}, b"x\0tmp\0", "/tmp/x (deleted)"),
+        ({"flags": R.F_PATH_TRUNC}, b"c\0b\0", ".../b/c"),
+        ({"flags": R.F_DNAME, "sb_magic": R.SOCKFS_MAGIC, "file_ino": 7}, b"\0", "socket:[7]"),
+        ({"flags": R.F_DNAME, "sb_magic": R.PIPEFS_MAGIC, "file_ino": 9}, b"\0", "pipe:[9]"),
+        ({"flags": R.F_DNAME, "sb_magic": R.ANON_INODE_FS_MAGIC}, b"[eventfd]\0", "anon_inode:[eventfd]"),
+        ({"flags": R.F_DNAME, "sb_magic": 0x01021994}, b"memfd:a\0", "/memfd:a (deleted)"),
+        ({"flags": R.F_NO_FILE}, b"", ""),
+        ({}, b"n\xff\0", "/n\\xff"),
+    ],
+)
+def test_render_path(kw, raw, want):
+    assert R.render_path(_rec(**kw), raw) == want
+
+
+def test_kernel_dev_to_st_dev():
+    assert R.kernel_dev_to_st_dev((8 << 20) | 1) == os.makedev(8, 1)
+    assert R.kernel_dev_to_st_dev((259 << 20) | 300) == os.makedev(259, 300)
+
+
+def test_decode_rejects_short_records():
+    buf = ctypes.create_string_buffer(10)
+    with pytest.raises(ValueError, match="shorter"):
+        R.decode(ctypes.addressof(buf), 10)
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("0::/system.slice/docker-" + "a" * 64 + ".scope", "a" * 64),
+        ("0::/kubepods/besteffort/pod1/" + "b" * 64, "b" * 64),
+        ("0::/system.slice/cri-containerd-" + "c" * 64 + ".scope", "c" * 64),
+        ("0::/user.slice/user-0.slice/session-1.scope", None),
+        ("", None),
+    ],
+)
+def test_container_id_from_cgroup(text, want):
+    assert container_id_from_cgroup(text) == want
+
+
+def test_wall_clock_converts_monotonic_to_utc():
+    import time
+
+    clock = WallClock()
+    now_mono = time.monotonic_ns()
+    assert abs(clock.to_wall(now_mono) - time.time_ns()) < 50_000_000
