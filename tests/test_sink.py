@@ -259,9 +259,9 @@ def test_insert_failure_commits_nothing_and_loses_nothing(kafka_broker, open_sto
     c.command("RENAME TABLE fdpass.events TO fdpass.events_away")  # the table is gone: every insert fails
     evs = events(5000)
     produce(kafka_broker.bootstrap, topic, *encode_all(evs))
-    wait_until(lambda: sink.sink.worker.retrying, 30, "the writer to start retrying")
+    wait_until(lambda: sink.sink.retrying, 30, "the writer to start retrying")
     time.sleep(3)  # several failed attempts
-    assert sink.sink.worker.retrying
+    assert sink.sink.retrying
     assert all(o < 0 for o in committed_offsets(kafka_broker.bootstrap, group, topic, 2).values())
     assert sink.sink.stats["rows"] == 0
     c.command("RENAME TABLE fdpass.events_away TO fdpass.events")  # fixed
