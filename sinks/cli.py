@@ -90,6 +90,14 @@ def _setup_logging(verbose: bool) -> None:
     if not root.handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("fdpass").setLevel(logging.DEBUG if verbose else logging.INFO)
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    # clickhouse-connect and urllib3 log every failed HTTP attempt at WARNING;
+    # fdpass says once per attempt what failed and what it does about it.
+    for name in ("clickhouse_connect", "urllib3"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def run_sink(args) -> int:
@@ -133,6 +141,7 @@ def run_query(args) -> int:
     from fdpass.sinks import format as fmt
     from fdpass.sinks.store import open_store, parse_dsn
 
+    _quiet_libraries()
     spec = parse_dsn(args.clickhouse)
     if spec.kind == "chdb" and not os.path.isdir(spec.path):
         raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")

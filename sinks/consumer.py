@@ -271,7 +271,9 @@ class Sink:
         cfg = self.cfg
         conf = self._kafka_conf()
         dlq_topic = cfg.dlq_topic or cfg.topic + ".dlq"
-        main_client = self.store.client()
+        main_client = self._retrying(self.store.client, "connecting to ClickHouse")
+        if main_client is None:
+            return 1
         alters = self._retrying(lambda: ddl.ensure_schema(main_client, ddl.Options(database=self.store.database)),
                                 "creating the schema")
         if alters is None:
@@ -341,10 +343,14 @@ class Sink:
         """Run a store call, retrying while the store is unreachable; None if stopped first."""
         from clickhouse_connect.driver.exceptions import OperationalError
 
+        from fdpass.sinks.store import StoreUnavailable
+
+        # A server may come back; an embedded store that cannot open will not.
+        transient = (OperationalError, StoreUnavailable) if self.store.spec.kind == "http" else (OperationalError,)
         for attempt, delay in enumerate(backoff_delays(), 1):
             try:
                 return fn()
-            except OperationalError as e:
+            except transient as e:
                 log.warning("%s: ClickHouse unavailable (%s); retry %d in %.1fs", what, short(e), attempt, delay)
                 if self.stop.wait(delay):
                     return None

@@ -126,8 +126,9 @@ def _acquire(path: str) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"store {path} is in use by another fdpass process (pid {_holder_pid(path)}); "
-                            "stop it, or query it through that process") from None
+            raise UserError(f"store {path} is in use by another fdpass process (pid {_holder_pid(path)}): "
+                            "chDB opens a store from one process at a time; stop that process, "
+                            "or point --clickhouse at another store") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"PID: {os.getpid()}\n".encode())
         _held[path] = [fd, 1]
