@@ -138,8 +138,8 @@ _SMALL = [_varint_loop(z) for z in range(1 << 14)]  # string lengths, small ints
 def _varint(z: int) -> bytes:
     if z < 1 << 14:
         return _SMALL[z]
-    if z < 1 << 28:
-        return _varint_loop(z)
+    if z < 1 << 28:  # two 7-bit groups with continuation bits, then z >> 14 (< 2**14)
+        return _LOW14[z & 0x3FFF] + _SMALL[z >> 14]
     high = z >> 28
     tail = _HIGH_MEMO.get(high)
     if tail is None:
