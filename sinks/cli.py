@@ -63,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--topic", default="fdpass.events")
     p.add_argument("--group", default="fdpass-sink", help="consumer group (run N sinks with one group to share partitions)")
     p.add_argument("--dlq-topic", help="dead-letter topic (default: TOPIC.dlq)")
+    p.add_argument("--kafka-config", metavar="FILE",
+                   help="librdkafka properties, key=value lines (SASL, TLS...); also FDPASS_KAFKA_<PROP> "
+                        "environment variables. Never put secrets on the command line")
     _add_store_args(p)
     p.add_argument("--batch-rows", type=_positive_int, default=50_000, help="close a batch at this many messages (%(default)s)")
     p.add_argument("--batch-bytes", type=_bytes, default=32 << 20, help="... or at this many bytes (32M)")
@@ -105,7 +108,7 @@ def run_sink(args) -> int:
     import threading
 
     from fdpass.schemas import clickhouse as ddl
-    from fdpass.sinks.consumer import Sink, SinkConfig
+    from fdpass.sinks.consumer import Sink, SinkConfig, kafka_properties
     from fdpass.sinks.store import open_store
 
     _setup_logging(args.verbose)
@@ -126,7 +129,7 @@ def run_sink(args) -> int:
     cfg = SinkConfig(
         bootstrap=args.kafka, topic=args.topic, group=args.group, dlq_topic=args.dlq_topic,
         batch_rows=args.batch_rows, batch_bytes=args.batch_bytes, batch_age=args.batch_age,
-        status_every=args.status_every,
+        status_every=args.status_every, kafka_conf=kafka_properties(args.kafka_config),
     )
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:
         if args.ttl_days is not None:

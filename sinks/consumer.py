@@ -42,16 +42,18 @@ from fdpass.sinks.writer import Batch, StoreError, Writer, backoff_delays, short
 
 log = logging.getLogger("fdpass.sink")
 
-KAFKA_ENV_PREFIX = "FDPASS_KAFKA_"
+def kafka_properties(config_file: str | None = None) -> dict:
+    """librdkafka properties from --kafka-config FILE and FDPASS_KAFKA_* variables.
 
-
-def kafka_conf_from_env(environ=os.environ) -> dict:
-    """librdkafka properties from FDPASS_KAFKA_* (FDPASS_KAFKA_SASL_MECHANISM -> sasl.mechanism).
-
-    Security settings (SASL, TLS) come this way so secrets never sit on argv.
+    The same sources and rules as the collector's publisher (one place for
+    them: fdpass.collector.publisher), so SASL/TLS settings and secrets never
+    come from argv.
     """
-    return {k[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): v
-            for k, v in environ.items() if k.startswith(KAFKA_ENV_PREFIX)}
+    from fdpass.collector import publisher
+
+    props = publisher.read_properties_file(config_file) if config_file else {}
+    props.update(publisher.properties_from_env())
+    return props
 
 
 def _client_conf(conf: dict) -> dict:
@@ -79,7 +81,7 @@ class SinkConfig:
     writers: int = 2
     max_inflight: int = 4  # batches cut but not yet committed, over all writers
     status_every: float = 10.0
-    kafka_conf: dict = field(default_factory=dict)
+    kafka_conf: dict = field(default_factory=dict)  # from kafka_properties(); overrides the defaults
     table: str = "events"
 
 
@@ -242,7 +244,6 @@ class Sink:
             "heartbeat.interval.ms": 2000,
             "max.partition.fetch.bytes": 8 << 20,
             "queued.max.messages.kbytes": 256 << 10,
-            **kafka_conf_from_env(),
             **self.cfg.kafka_conf,
         }
 

@@ -19,6 +19,12 @@ judge of what is undecodable (see writer.py).
 
 Python only checks each message's 10-byte header here (magic, known
 fingerprint): that is what decides the writer schema.
+
+Where ClickHouse is more lenient than the codec (known, measured): bytes
+left over after a complete record, and strings that are not UTF-8, are
+stored (ClickHouse's String is bytes; its Avro reader stops at the end of
+the record) where codec.decode would say corrupt_body. Every field of such a
+row was read from its own message; nothing is shifted or invented.
 """
 
 from __future__ import annotations
