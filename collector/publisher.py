@@ -324,7 +324,8 @@ class KafkaPublisher:
     def _poll_inline(self) -> None:
         # While events flow, the publishing thread serves delivery reports
         # itself, a thousand at a time: far cheaper than handing the GIL to
-        # the background thread for each batch (measured: 1.7x on one core).
+        # the background thread for each batch (measured on one core: 52k ->
+        # 72k events/s before the codec got faster).
         self._since_poll = 0
         if self._poll_lock.acquire(blocking=False):
             try:
@@ -388,8 +389,9 @@ class KafkaPublisher:
             self._replay(waiting)
 
     def _replay(self, waiting: int) -> None:
-        # Leave half of the queue to new events' worth of headroom; replay in
-        # spool order, and only stop spooling once nothing is left unread.
+        # Fill the producer's queue up to half its bound (the other half is
+        # headroom); replay in spool order, and only stop spooling once
+        # nothing is left unread, so new events never overtake spooled ones.
         # At most 10k per tick, so the publish thread never waits long on the lock.
         room = min(self.queue_max_messages // 2 - waiting, 10_000)
         with self._lock:
