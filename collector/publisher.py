@@ -296,14 +296,18 @@ class KafkaPublisher:
 
     # --- publishing -------------------------------------------------------------
     def publish(self, event: dict) -> None:
-        """Encode and publish one event; key = its host_id (per-host order)."""
+        """Encode and publish one event; key = its host_id (per-host order).
+
+        Raises codec.EncodeError (a ValueError) if the event does not fit the schema.
+        """
+        value = codec.encode(event)  # first: it checks host_id is there and a string
         host_id = event["host_id"]
         key = self._keys.get(host_id)
         if key is None:
             if len(self._keys) > 1024:  # a relay of many hosts: keep the memo bounded
                 self._keys.clear()
             key = self._keys[host_id] = host_id.encode()
-        self.publish_encoded(key, codec.encode(event))
+        self.publish_encoded(key, value)
 
     def publish_encoded(self, key: bytes, value: bytes) -> None:
         if self._closed:

@@ -308,3 +308,15 @@ def test_add_arguments_into_a_group_shows_in_help_without_warnings():
     args = parser.parse_args(["--kafka", "127.0.0.1:9092", "--no-create-topic", "--spool-max-bytes", "1000"])
     assert (args.topic, args.create_topic, args.spool_max_bytes, args.spool_dir) == \
         ("fdpass.events", False, 1000, "/var/lib/fdpass/spool")
+
+
+def test_event_that_does_not_fit_the_schema_is_refused_before_publishing(kafka_broker, tmp_path):
+    p = make_publisher(kafka_broker, new_topic(), tmp_path / "spool")
+    try:
+        bad = events_for(1)[0]
+        del bad["host_id"]
+        with pytest.raises(codec.EncodeError, match="host_id"):
+            p.publish(bad)
+        assert p.stats()["queued"] == 0 and p.stats()["spooled"] == 0
+    finally:
+        p.close(5)
