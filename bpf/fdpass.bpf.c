@@ -10,7 +10,8 @@
  * Flow, per traced syscall:
  *   enter: one user read of msg_control/msg_controllen; no control data ->
  *          leave at once. Otherwise remember (msghdr pointer, socket fd) by
- *          thread id in `pending`.
+ *          thread id (a slot array indexed by tid, with a hash map for the
+ *          rare slot collision: a hash update costs ~300 ns, a slot ~10).
  *   exit:  forget the pending entry; if the call failed, stop (a failed
  *          sendmsg passed nothing). Otherwise fill the per-task part of the
  *          record once and tail-call `walk`.
@@ -58,10 +59,15 @@
 
 struct pending {
     u64 msgvec;  /* user pointer: msghdr, or mmsghdr array */
+    u64 tid;     /* owner of a slot; 0 = free (u64: BPF cmpxchg is 64-bit here) */
     s32 sock_fd;
     u8 syscall;
     u8 direction;
 };
+
+#ifndef PENDING_SLOTS
+#define PENDING_SLOTS 65536 /* power of two */
+#endif
 
 struct work {
     struct fdp_event ev; /* shared header; per-fd fields overwritten */
@@ -81,7 +87,23 @@ struct work {
     s32 fds[FDS_SLOTS];
 };
 
-BPF_HASH(pending, u32, struct pending, 16384);
+/* Per-process facts that cost ~10 reads to gather and rarely change: kept by
+ * tgid, and trusted only while the task's real_parent and nsproxy pointers
+ * are still the ones they were read through (reparenting, setns and unshare
+ * all replace one of them). */
+struct proc_info {
+    u64 real_parent;
+    u64 nsproxy;
+    u32 ppid;
+    u32 mntns_id;
+    u32 netns_id;
+    u32 pidns_id;
+};
+
+BPF_ARRAY(pending_slots, struct pending, PENDING_SLOTS);
+BPF_HASH(pending_spill, u32, struct pending, 16384);
+BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup at 0 */
+BPF_TABLE("lru_hash", u32, struct proc_info, procs, 8192);
 BPF_PERCPU_ARRAY(work, struct work, 1);
 BPF_PERCPU_ARRAY(stats, u64, FDP_STAT_N);
 BPF_ARRAY(seqno, u64, 1);
@@ -121,9 +143,52 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
     if (filtered_out())
         return;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending p = {.msgvec = msgvec, .sock_fd = sock_fd, .syscall = syscall, .direction = direction};
-    if (pending.update(&tid, &p) != 0)
+    struct pending p = {.msgvec = msgvec, .sock_fd = sock_fd, .tid = tid, .syscall = syscall, .direction = direction};
+    u32 idx = tid & (PENDING_SLOTS - 1);
+    struct pending *slot = pending_slots.lookup(&idx);
+    if (!slot)
+        return;
+    /* Claim the slot atomically: two CPUs may find it free at once. */
+    if (slot->tid == tid || __sync_val_compare_and_swap(&slot->tid, 0, (u64)tid) == 0) {
+        slot->msgvec = p.msgvec;
+        slot->sock_fd = p.sock_fd;
+        slot->syscall = p.syscall;
+        slot->direction = p.direction;
+        return;
+    }
+    /* Another live thread holds the slot (e.g. blocked in recvmsg). */
+    u32 zero = 0;
+    u64 *n = spilled.lookup(&zero);
+    if (pending_spill.update(&tid, &p) != 0)
         stat_inc(FDP_STAT_PENDING_FULL);
+    else {
+        stat_inc(FDP_STAT_SPILLED);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+    }
+}
+
+/* Take this thread's pending entry, if any. */
+static __always_inline int take_pending(struct pending *out) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u32 idx = tid & (PENDING_SLOTS - 1);
+    struct pending *slot = pending_slots.lookup(&idx);
+    if (slot && slot->tid == tid) {
+        *out = *slot;
+        slot->tid = 0;
+        return 1;
+    }
+    u32 zero = 0;
+    u64 *n = spilled.lookup(&zero);
+    if (!n || *n == 0)
+        return 0;
+    struct pending *pp = pending_spill.lookup(&tid);
+    if (!pp)
+        return 0;
+    *out = *pp;
+    pending_spill.delete(&tid);
+    __sync_fetch_and_add(n, -1);
+    return 1;
 }
 
 /* Enough room for one cmsghdr carrying one int? Anything less cannot pass an fd. */
@@ -179,8 +244,40 @@ static __always_inline u64 fd_file(struct work *w, s32 fd) {
 static __always_inline void load_fd_table(struct work *w, u64 task) {
     u64 files = KREAD(u64, task, OFF_TASK_FILES);
     u64 fdt = KREAD(u64, files, OFF_FILES_FDT);
+#if OFF_FDTABLE_FD == OFF_FDTABLE_MAX_FDS + 8
+    struct { u32 max_fds; u32 pad; u64 fd; } t = {};  /* adjacent: one read */
+    bpf_probe_read_kernel(&t, sizeof(t), (void *)(fdt + OFF_FDTABLE_MAX_FDS));
+    w->max_fds = t.max_fds;
+    w->fd_array = t.fd;
+#else
     w->max_fds = KREAD(u32, fdt, OFF_FDTABLE_MAX_FDS);
     w->fd_array = KREAD(u64, fdt, OFF_FDTABLE_FD);
+#endif
+}
+
+/* struct path is { vfsmount *mnt; dentry *dentry; } on every kernel: one read. */
+struct kpath {
+    u64 mnt;
+    u64 dentry;
+};
+
+static __always_inline struct proc_info *proc_info(u64 task, u32 tgid) {
+    u64 parent = KREAD(u64, task, OFF_TASK_REAL_PARENT);
+    u64 nsproxy = KREAD(u64, task, OFF_TASK_NSPROXY);
+    struct proc_info *pi = procs.lookup(&tgid);
+    if (pi && pi->real_parent == parent && pi->nsproxy == nsproxy)
+        return pi;
+    struct proc_info fresh = {.real_parent = parent, .nsproxy = nsproxy};
+    fresh.ppid = KREAD(u32, parent, OFF_TASK_TGID);
+    fresh.mntns_id = KREAD(u32, KREAD(u64, nsproxy, OFF_NSPROXY_MNT_NS), OFF_MNT_NAMESPACE_INUM);
+    fresh.netns_id = KREAD(u32, KREAD(u64, nsproxy, OFF_NSPROXY_NET_NS), OFF_NET_INUM);
+    /* The active pid namespace: thread_pid->numbers[level].ns (fixed for a task's life) */
+    u64 tpid = KREAD(u64, task, OFF_TASK_THREAD_PID);
+    u32 level = KREAD(u32, tpid, OFF_PID_LEVEL);
+    u64 pidns = KREAD(u64, tpid, OFF_PID_NUMBERS + (u64)(level & 31) * SIZEOF_UPID + OFF_UPID_NS);
+    fresh.pidns_id = KREAD(u32, pidns, OFF_PID_NAMESPACE_INUM);
+    procs.update(&tgid, &fresh);
+    return procs.lookup(&tgid);
 }
 
 /* Fill the per-task, per-syscall part of the record. Returns 0 to go on. */
@@ -210,18 +307,15 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     ev->gid = uid_gid >> 32;
     ev->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-    u64 parent = KREAD(u64, task, OFF_TASK_REAL_PARENT);
-    ev->ppid = KREAD(u32, parent, OFF_TASK_TGID);
-    bpf_probe_read_kernel(ev->parent_comm, sizeof(ev->parent_comm), (void *)(parent + OFF_TASK_COMM));
-
-    u64 nsproxy = KREAD(u64, task, OFF_TASK_NSPROXY);
-    ev->mntns_id = KREAD(u32, KREAD(u64, nsproxy, OFF_NSPROXY_MNT_NS), OFF_MNT_NAMESPACE_INUM);
-    ev->netns_id = KREAD(u32, KREAD(u64, nsproxy, OFF_NSPROXY_NET_NS), OFF_NET_INUM);
-    /* The active pid namespace: thread_pid->numbers[level].ns */
-    u64 tpid = KREAD(u64, task, OFF_TASK_THREAD_PID);
-    u32 level = KREAD(u32, tpid, OFF_PID_LEVEL);
-    u64 pidns = KREAD(u64, tpid, OFF_PID_NUMBERS + (u64)(level & 31) * SIZEOF_UPID + OFF_UPID_NS);
-    ev->pidns_id = KREAD(u32, pidns, OFF_PID_NAMESPACE_INUM);
+    struct proc_info *pi = proc_info(task, ev->pid);
+    if (!pi)
+        return -1;
+    ev->ppid = pi->ppid;
+    ev->mntns_id = pi->mntns_id;
+    ev->netns_id = pi->netns_id;
+    ev->pidns_id = pi->pidns_id;
+    /* Read every time: the parent may have exec'd since it was cached. */
+    bpf_probe_read_kernel(ev->parent_comm, sizeof(ev->parent_comm), (void *)(pi->real_parent + OFF_TASK_COMM));
 
     ev->sock_fd = p->sock_fd;
     ev->sock_ino = KREAD(u64, KREAD(u64, sfile, OFF_FILE_F_INODE), OFF_INODE_I_INO);
@@ -242,9 +336,10 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     ev->kind = FDP_KIND_FD;
     ev->flags = peer_flag;
 
-    u64 fs = KREAD(u64, task, OFF_TASK_FS);
-    w->root_mnt = KREAD(u64, fs, OFF_FS_ROOT_MNT);
-    w->root_dentry = KREAD(u64, fs, OFF_FS_ROOT_DENTRY);
+    struct kpath root = {};
+    bpf_probe_read_kernel(&root, sizeof(root), (void *)(KREAD(u64, task, OFF_TASK_FS) + OFF_FS_ROOT));
+    w->root_mnt = root.mnt;
+    w->root_dentry = root.dentry;
 
     w->msgvec = p->msgvec;
     w->is_mmsg = p->syscall == FDP_SYS_SENDMMSG || p->syscall == FDP_SYS_RECVMMSG;
@@ -371,9 +466,9 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
     u64 sb = KREAD(u64, inode, OFF_INODE_I_SB);
     ev->file_dev = KREAD(u32, sb, OFF_SUPER_BLOCK_S_DEV);
     ev->sb_magic = (u32)KREAD(u64, sb, OFF_SUPER_BLOCK_S_MAGIC);
-    u64 dentry = KREAD(u64, file, OFF_FILE_F_PATH_DENTRY);
-    u64 vfsmnt = KREAD(u64, file, OFF_FILE_F_PATH_MNT);
-    walk_path(w, dentry, vfsmnt);
+    struct kpath fp = {};
+    bpf_probe_read_kernel(&fp, sizeof(fp), (void *)(file + OFF_FILE_F_PATH));
+    walk_path(w, fp.dentry, fp.mnt);
     emit(ctx, w, w->ev.path_len);
 }
 
@@ -399,8 +494,12 @@ static __always_inline void load_msg(struct work *w) {
         u32 n = w->nfds;
         if (off + 16 > h.controllen)
             goto parsed;
-        struct { u64 len; s32 level; s32 type; } ch = {};
-        if (bpf_probe_read_user(&ch, sizeof(ch), (void *)(h.control + off)) != 0)
+        /* Header and the first two fds in one read when the buffer holds
+         * them (the common 1-2 fd case then costs one user read, not two). */
+        struct { u64 len; s32 level; s32 type; s32 fd[2]; } ch = {};
+        int inline_fds = off + sizeof(ch) <= h.controllen &&
+                         bpf_probe_read_user(&ch, sizeof(ch), (void *)(h.control + off)) == 0;
+        if (!inline_fds && bpf_probe_read_user(&ch, 16, (void *)(h.control + off)) != 0)
             goto parsed;
         if (ch.len < 16 || ch.len > h.controllen - off)
             goto parsed;
@@ -410,8 +509,14 @@ static __always_inline void load_msg(struct work *w) {
                 cnt = SCM_MAX_FD - n;
                 w->msg_flags |= FDP_F_FDS_TRUNC;
             }
-            if (cnt > 0 && cnt <= 255 && n <= 255)
+            if (inline_fds && cnt <= 2) {
+                if (cnt > 0)
+                    w->fds[n & 255] = ch.fd[0];
+                if (cnt > 1)
+                    w->fds[(n + 1) & 255] = ch.fd[1];
+            } else if (cnt > 0 && cnt <= 255 && n <= 255) {
                 bpf_probe_read_user(&w->fds[n & 255], (cnt & 255) * 4, (void *)(h.control + off + 16));
+            }
             w->nfds = n + cnt;
         }
         w->cmsg_off = off + ((ch.len + 7) & ~7ULL);
@@ -456,12 +561,9 @@ int walk(void *ctx) {
 }
 
 static __always_inline int on_exit(void *ctx, long ret) {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending *pp = pending.lookup(&tid);
-    if (!pp)
+    struct pending p = {};
+    if (!take_pending(&p))
         return 0;
-    struct pending p = *pp;
-    pending.delete(&tid);
     if (ret < 0)
         return 0;
     if ((p.syscall == FDP_SYS_SENDMMSG || p.syscall == FDP_SYS_RECVMMSG) && ret == 0)

@@ -88,6 +88,7 @@ struct fdp_event {
 #define FDP_STAT_RB_DROPS 1      /* records lost: ring buffer full */
 #define FDP_STAT_PENDING_FULL 2  /* syscalls not traced: pending map full */
 #define FDP_STAT_BUDGET 3        /* syscalls whose fds outran the tail-call budget */
-#define FDP_STAT_N 4
+#define FDP_STAT_SPILLED 4       /* pending entries that took the spill map (slot collision) */
+#define FDP_STAT_N 5
 
 #endif

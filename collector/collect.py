@@ -57,11 +57,12 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 
 class Collector:
     def __init__(self, output: Callable[[dict], None], filters: Filters | None = None,
-                 ringbuf_pages: int = 1024, on_attached: Callable[[], None] | None = None):
+                 ringbuf_pages: int = 1024, on_attached: Callable[[], None] | None = None,
+                 tuning: dict[str, int] | None = None):
         self.output = output
         self.counters = Counters()
         self.enricher = Enricher()
-        self.probes = Probes(filters, ringbuf_pages=ringbuf_pages)
+        self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning)
         self.probes.open(self._on_record)
         self._stop = threading.Event()
         if on_attached:
@@ -99,6 +100,7 @@ class Collector:
             "kernel_ringbuf_drops": k["ringbuf_drops"],
             "kernel_pending_full": k["pending_full"],
             "kernel_budget_exhausted": k["budget_exhausted"],
+            "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,
             "bad_records": self.counters.bad_records,
         }

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
-from fdpass.collector.btf import BTF
+from fdpass.collector.btf import BTF, BTFError
 from fdpass.errors import UserError
 
 # -D name -> (struct, member path) in the running kernel's BTF.
@@ -34,13 +34,11 @@ OFFSETS: dict[str, tuple[str, str]] = {
     "OFF_NSPROXY_NET_NS": ("nsproxy", "net_ns"),
     "OFF_MNT_NAMESPACE_INUM": ("mnt_namespace", "ns.inum"),
     "OFF_NET_INUM": ("net", "ns.inum"),
-    "OFF_FS_ROOT_MNT": ("fs_struct", "root.mnt"),
-    "OFF_FS_ROOT_DENTRY": ("fs_struct", "root.dentry"),
+    "OFF_FS_ROOT": ("fs_struct", "root"),
     "OFF_FILES_FDT": ("files_struct", "fdt"),
     "OFF_FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
     "OFF_FDTABLE_FD": ("fdtable", "fd"),
-    "OFF_FILE_F_PATH_MNT": ("file", "f_path.mnt"),
-    "OFF_FILE_F_PATH_DENTRY": ("file", "f_path.dentry"),
+    "OFF_FILE_F_PATH": ("file", "f_path"),
     "OFF_FILE_F_INODE": ("file", "f_inode"),
     "OFF_FILE_F_FLAGS": ("file", "f_flags"),
     "OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
@@ -73,11 +71,14 @@ TRACEPOINTS = tuple(
     for phase in ("enter", "exit")
 )
 
-STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted")
+STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled")
 
 
 def kernel_defines(btf: BTF) -> dict[str, int]:
     """Every OFF_*/SIZEOF_* the BPF C needs, from this kernel's BTF."""
+    # The C reads a struct path as {mnt, dentry} in one go.
+    if (btf.offsetof("path", "mnt"), btf.offsetof("path", "dentry")) != (0, 8):
+        raise BTFError("struct path is not {mnt, dentry} on this kernel; fdpass does not support it yet")
     out = {name: btf.offsetof(s, m) for name, (s, m) in OFFSETS.items()}
     out.update({name: btf.sizeof(s) for name, s in SIZES.items()})
     return out
@@ -110,13 +111,15 @@ class Probes:
     """The compiled, attached probes and their ring buffer."""
 
     def __init__(self, filters: Filters | None = None, ringbuf_pages: int = 1024,
-                 walk_steps: int = 8, path_depth: int = 40):
+                 walk_steps: int = 8, path_depth: int = 40, tuning: dict[str, int] | None = None):
+        """tuning: extra -D values for the BPF C (e.g. PENDING_SLOTS), for tests and benchmarks."""
         _check_privileges()
         bcc = _import_bcc()
         self.filters = filters or Filters()
         btf = BTF.load()
         defines = kernel_defines(btf)
         defines.update(RINGBUF_PAGES=ringbuf_pages, WALK_STEPS=walk_steps, PATH_DEPTH=path_depth)
+        defines.update(tuning or {})
         if self.filters.pid is not None:
             defines["FILTER_PID"] = self.filters.pid
         if self.filters.mntns:

@@ -391,6 +391,9 @@ class KafkaPublisher:
                     self._spooling = True
         if self._spooling and not stalled:
             self._replay(waiting)
+        if self._spooling:
+            with self._lock:
+                self._spool.sync_if_due()
 
     def _replay(self, waiting: int) -> None:
         # Fill the producer's queue up to half its bound (the other half is

@@ -18,9 +18,10 @@ than anything in the spool.
 
 fsync policy: records go to the kernel with one write(2) each (a process
 crash loses nothing); the file is fsync'ed when a segment is sealed, on
-close, and at most once per `fsync_interval` seconds while appending (default
-1 s), so a power loss or kernel crash loses at most that last second of
-spooled events. The directory is fsync'ed when segments are created.
+close, and otherwise once per `fsync_interval` seconds (default 1 s) while
+there is unsynced data (on append, and from the publisher's background
+thread via sync_if_due), so a power loss or kernel crash loses at most about
+the last second of spooled events. The directory is fsync'ed when segments are created.
 
 Bound: `max_bytes` over all segment files. When an append would pass it the
 spool refuses the record (append returns False) and the caller drops it:
@@ -261,6 +262,14 @@ class Spool:
         seg.records = len(blobs)
         seg.sealed = True
         return len(blobs)
+
+    def sync_if_due(self) -> None:
+        """fsync appended data older than `fsync_interval` (the publisher calls
+        this periodically, so the last records of a burst are synced too)."""
+        if self._dirty and self._write_fd is not None and time.monotonic() - self._last_fsync >= self.fsync_interval:
+            os.fsync(self._write_fd)
+            self._last_fsync = time.monotonic()
+            self._dirty = False
 
     # --- reading ---------------------------------------------------------------
     def read(self) -> tuple[Segment, bytes, bytes] | None:

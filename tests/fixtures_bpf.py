@@ -40,12 +40,12 @@ def require_bpf() -> None:
 class LiveCollector:
     """The real Collector draining in a background thread, keeping every event."""
 
-    def __init__(self, filters=None):
+    def __init__(self, filters=None, tuning=None):
         from fdpass.collector.collect import Collector
 
         self.events: list[dict] = []
         self._lock = threading.Lock()
-        self.collector = Collector(self._add, filters)
+        self.collector = Collector(self._add, filters, tuning=tuning)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self.final_stats: dict | None = None

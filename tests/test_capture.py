@@ -353,8 +353,7 @@ def test_garbage_and_truncated_control_buffers(live):
         b.close()
 
 
-def test_many_threads_no_lost_or_mixed_events(live, tmp_path):
-    threads, per_thread = 8, 150
+def many_threads_transfer(live, tmp_path, threads: int = 8, per_thread: int = 150):
     results: dict[int, tuple] = {}
 
     def worker(i: int):
@@ -388,6 +387,38 @@ def test_many_threads_no_lost_or_mixed_events(live, tmp_path):
         b.close()
 
 
+def test_many_threads_no_lost_or_mixed_events(live, tmp_path):
+    many_threads_transfer(live, tmp_path)
+
+
+def test_many_threads_when_every_pending_slot_collides(tmp_path):
+    """One pending slot, held by a thread blocked in recvmsg: every other
+    thread's syscalls take the spill map, and still nothing is lost or mixed."""
+    from tests.fixtures_bpf import LiveCollector, require_bpf
+
+    require_bpf()
+    lc = LiveCollector(tuning={"PENDING_SLOTS": 1})
+    xa, xb = socket.socketpair()
+    got: list[int] = []
+    blocker = threading.Thread(target=lambda: got.extend(socket.recv_fds(xb, 4, 2)[1]))
+    try:
+        blocker.start()
+        time.sleep(0.2)  # let it block inside recvmsg, holding the slot
+        many_threads_transfer(lc, tmp_path, threads=4, per_thread=100)
+        with open("/etc/passwd") as f:
+            socket.send_fds(xa, [b"x"], [f.fileno()])
+        blocker.join(10)
+        events = lc.for_socks(xb, count=1)
+        assert [(e["direction"], e["fd"]) for e in events] == [("RECV", got[0])]
+        os.close(got[0])
+    finally:
+        stats = lc.close()
+        xa.close()
+        xb.close()
+    assert stats["kernel_pending_full"] == 0
+    assert stats["kernel_pending_spilled"] >= 4 * 100 * 2  # the spill path really ran
+
+
 def test_tmux_client_hands_its_terminal_to_the_server(live, tmp_path):
     """A workload we did not write: a tmux client passes its stdin to the server."""
     tmux = shutil.which("tmux")
@@ -415,3 +446,24 @@ def test_tmux_client_hands_its_terminal_to_the_server(live, tmp_path):
         assert {e["peer_sock_ino"] for e in send} & {e["sock_ino"] for e in recv}
     finally:
         subprocess.run([tmux, "-S", str(sock), "kill-server"], capture_output=True)
+
+
+def test_namespace_change_after_first_transfer_is_seen(live):
+    """The per-process cache in the probe must notice unshare(CLONE_NEWNS)."""
+    child = r"""
+import os, socket, ctypes
+a, b = socket.socketpair()
+f = os.open("/etc/passwd", os.O_RDONLY)
+before = os.stat("/proc/self/ns/mnt").st_ino
+socket.send_fds(a, [b"x"], [f])
+if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:
+    raise OSError(ctypes.get_errno(), "unshare")
+after = os.stat("/proc/self/ns/mnt").st_ino
+socket.send_fds(a, [b"x"], [f])
+print(os.fstat(a.fileno()).st_ino, before, after)
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    sock, before, after = (int(x) for x in out.split())
+    assert before != after
+    events = live.wait(lambda e: e["sock_ino"] == sock, 2)
+    assert [e["mntns_id"] for e in events] == [before, after]
