@@ -100,21 +100,27 @@ def main() -> int:
         # -- ceilings -------------------------------------------------------------
         decoded = [codec.decode(v) for v in values]
         cols = conversion.events_to_columns(decoded)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for i in range(0, n, ref_batch):
             client.insert("fdpass.events", [c[i:i + ref_batch] for c in cols], column_names=list(FIELD_NAMES),
                           column_oriented=True)
         ceiling_cols = n / (time.perf_counter() - t)
+        cpu_cols = (time.process_time() - cpu) / n * 1e6
         client.command("TRUNCATE TABLE fdpass.events")
         settings = {"input_format_avro_allow_missing_fields": 1}
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for i in range(0, n, ref_batch):
             data = conversion.avro_container(CURRENT_VERSION, values[i:i + ref_batch])
             client.raw_insert("fdpass.events", insert_block=data, fmt="Avro", settings=settings)
         ceiling_avro = n / (time.perf_counter() - t)
+        cpu_avro = (time.process_time() - cpu) / n * 1e6
         client.command("TRUNCATE TABLE fdpass.events")
-        print(f"ceiling, columns (clickhouse-connect insert of column lists): {ceiling_cols:>10,.0f} rows/s")
-        print(f"ceiling, Avro    (clickhouse-connect raw insert, no Kafka):   {ceiling_avro:>10,.0f} rows/s", flush=True)
+        print(f"load average before the sink runs: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+              "(rates swing with other work on the machine; CPU us/row is steadier)")
+        print(f"ceiling, columns (clickhouse-connect insert of column lists): {ceiling_cols:>10,.0f} rows/s  "
+              f"{cpu_cols:5.1f} CPU us/row")
+        print(f"ceiling, Avro    (clickhouse-connect raw insert, no Kafka):   {ceiling_avro:>10,.0f} rows/s  "
+              f"{cpu_avro:5.1f} CPU us/row", flush=True)
 
         # -- the sink ---------------------------------------------------------------
         results = []
@@ -128,19 +134,20 @@ def main() -> int:
             th.start()
             while not sink.assigned_history:
                 time.sleep(0.01)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             while sink.stats["rows"] < n:
                 time.sleep(0.01)
                 if not th.is_alive():
                     raise SystemExit("sink stopped early")
             dt = time.perf_counter() - t
+            cpu_sink = (time.process_time() - cpu) / n * 1e6
             sink.stop.set()
             th.join(60)
             got = client.query("SELECT count(), uniqExact(event_id) FROM fdpass.events").result_rows[0]
             assert got == (n, n), got
             rate = n / dt
             results.append((rows, rate))
-            print(f"sink e2e, --batch-rows {rows:>6}: {rate:>10,.0f} rows/s  "
+            print(f"sink e2e, --batch-rows {rows:>6}: {rate:>10,.0f} rows/s  {cpu_sink:5.1f} CPU us/row  "
                   f"= {rate / ceiling_cols:.2f}x columns ceiling, {rate / ceiling_avro:.2f}x Avro ceiling "
                   f"({sink.stats['batches']} batches)", flush=True)
         best = max(results, key=lambda r: r[1])

@@ -184,7 +184,8 @@ def cluster_statements(opts: Options = Options(), cluster: str = "{cluster}", fi
     ]
 
 
-def migrate_statements(existing: dict[str, str], opts: Options = Options(), fields: tuple[Field, ...] = FIELDS) -> list[str]:
+def migrate_statements(existing: dict[str, str], opts: Options = Options(), fields: tuple[Field, ...] = FIELDS,
+                       table: str = TABLE, cluster: str | None = None) -> list[str]:
     """ALTERs that bring an existing events table up to the contract.
 
     `existing` maps column name -> ClickHouse type as system.columns reports
@@ -195,7 +196,7 @@ def migrate_statements(existing: dict[str, str], opts: Options = Options(), fiel
     never automatic.
     """
     out = []
-    table = f"{opts.database}.{TABLE}"
+    table = f"{opts.database}.{table}" + (f" ON CLUSTER '{cluster}'" if cluster else "")
     prev = None
     present = set(existing)
     for f in fields:
@@ -219,7 +220,26 @@ def ensure_schema(client, opts: Options = Options()) -> list[str]:
     """Create or migrate the schema through a clickhouse-connect client; returns the ALTERs it ran.
 
     Idempotent: running it again on an up-to-date store does nothing.
+    On a cluster (events is a Distributed table made with cluster_statements)
+    nothing is altered: the columns live in the replicated events_local
+    tables on every node, which an ALTER of the Distributed front would not
+    reach. The needed ALTERs are raised as ClusterSchemaOutdated for the
+    operator to run ON CLUSTER.
     """
+    engine = client.query(
+        "SELECT engine FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": opts.database, "t": TABLE},
+    ).result_rows
+    if engine and engine[0][0] == "Distributed":
+        rows = client.query(
+            "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": opts.database, "t": TABLE},
+        ).result_rows
+        existing = dict(rows)
+        if migrate_statements(existing, opts):
+            raise ClusterSchemaOutdated(migrate_statements(existing, opts, table=f"{TABLE}_local", cluster="{cluster}")
+                                        + migrate_statements(existing, opts, cluster="{cluster}"))
+        return []
     for stmt in create_statements(opts):
         client.command(stmt)
     rows = client.query(
@@ -230,6 +250,13 @@ def ensure_schema(client, opts: Options = Options()) -> list[str]:
     for stmt in alters:
         client.command(stmt)
     return alters
+
+
+class ClusterSchemaOutdated(RuntimeError):
+    def __init__(self, alters: list[str]):
+        self.alters = alters
+        super().__init__("the cluster's events table lacks contract columns; run (with your cluster's name): "
+                         + "; ".join(alters))
 
 
 if __name__ == "__main__":  # print the DDL: `python -m fdpass.schemas.clickhouse [--cluster NAME]`

@@ -227,6 +227,7 @@ class Sink:
         self.paused = False
         self.stats = {"rows": 0, "dead": 0, "batches": 0, "replayed": 0, "skipped_done": 0, "commits": 0}
         self.assigned_history: list[set[int]] = []  # for tests and logs: every assignment received
+        self.committed_offsets: dict[int, int] = {}  # partition -> next offset to store (committed or start)
         self._consumer = None
 
     # -- set-up -------------------------------------------------------------------
@@ -275,8 +276,11 @@ class Sink:
         main_client = self._retrying(self.store.client, "connecting to ClickHouse")
         if main_client is None:
             return 1
-        alters = self._retrying(lambda: ddl.ensure_schema(main_client, ddl.Options(database=self.store.database)),
-                                "creating the schema")
+        try:
+            alters = self._retrying(lambda: ddl.ensure_schema(main_client, ddl.Options(database=self.store.database)),
+                                    "creating the schema")
+        except ddl.ClusterSchemaOutdated as e:
+            raise UserError(str(e)) from None
         if alters is None:
             return 1
         for stmt in alters:
@@ -332,12 +336,31 @@ class Sink:
         self._status(None)
         return rc
 
+    def lag(self) -> int | None:
+        """Messages in Kafka not yet stored, over the assigned partitions (cached watermarks: no broker call)."""
+        from confluent_kafka import TopicPartition
+
+        if self._consumer is None or not self.buffers:
+            return None
+        total = 0
+        try:
+            committed = self.committed_offsets
+            for p in self.buffers:
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(self.cfg.topic, p), cached=True)
+                if high >= 0 and p in committed:
+                    total += max(0, high - committed[p])
+        except Exception:  # noqa: BLE001 - a status line must never stop the sink
+            return None
+        return total
+
     def _status(self, rate) -> None:
         s = self.stats
+        lag = self.lag()
         log.info("sink: %d rows stored%s, %d dead letters %s, %d batches (%d re-formed, %d already stored), "
-                 "partitions %s%s",
+                 "partitions %s%s%s",
                  s["rows"], f" ({rate:,.0f}/s)" if rate is not None else "", s["dead"], dict(self.dlq.counts),
                  s["batches"], s["replayed"], s["skipped_done"], sorted(self.buffers),
+                 f", lag {lag}" if lag is not None else "",
                  ", PAUSED (writer retrying)" if self.retrying else "")
 
     def _retrying(self, fn, what: str):
@@ -446,6 +469,7 @@ class Sink:
             try:
                 self._consumer.commit(offsets=[TopicPartition(b.topic, b.partition, b.last + 1)], asynchronous=False)
                 self.stats["commits"] += 1
+                self.committed_offsets[b.partition] = b.last + 1
             except KafkaException as e:
                 # Not fatal: the batch is stored and recorded done; a replay skips it.
                 log.warning("commit of %s failed: %s", b.describe(), e)
@@ -466,6 +490,7 @@ class Sink:
             if plan and plan[0].first < start:
                 start = plan[0].first
             self.buffers[tp.partition] = PartitionBuffer(tp.topic, tp.partition, plan)
+            self.committed_offsets[tp.partition] = start
             tp.offset = start
             log.info("assigned %s[%d] from offset %d%s", tp.topic, tp.partition, start,
                      f"; re-forming {len(plan)} recorded batches {[(r.first, r.last) for r in plan[:3]]}" if plan else "")

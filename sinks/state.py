@@ -82,7 +82,8 @@ class BatchLog:
         self.client.command(
             f"INSERT INTO {self.table} (topic, partition, first_offset, last_offset, messages, phase, sink) VALUES "
             f"({_quote(self.topic)}, {int(partition)}, {int(first)}, {int(last)}, {int(messages)}, "
-            f"{_quote(phase)}, {_quote(self.sink_id)})"
+            f"{_quote(phase)}, {_quote(self.sink_id)})",
+            settings={"insert_distributed_sync": 1},  # a cluster: visible to every sink on return
         )
 
     def intent(self, partition: int, first: int, last: int, messages: int) -> None:

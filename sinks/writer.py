@@ -99,7 +99,11 @@ class Writer:
         # Older writer schemas lack the newer columns: ClickHouse fills them
         # with the column defaults (the Avro defaults of fields.py's additions)
         # instead of refusing the file.
-        self.insert_settings = {"input_format_avro_allow_missing_fields": 1, **(insert_settings or {})}
+        # insert_distributed_sync: on a cluster (events is Distributed) the
+        # insert returns only when every shard has its rows, so "stored" means
+        # stored and a retried batch is deduplicated by each shard's token.
+        self.insert_settings = {"input_format_avro_allow_missing_fields": 1, "insert_distributed_sync": 1,
+                                **(insert_settings or {})}
         self._decoder = codec.Decoder()
 
     # -- one batch ---------------------------------------------------------------

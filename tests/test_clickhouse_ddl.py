@@ -117,3 +117,20 @@ def test_dsn(dsn, kind, path, host, port, db):
 def test_bad_dsn(dsn, msg):
     with pytest.raises(UserError, match=msg):
         parse_dsn(dsn)
+
+
+def test_cluster_migration_alters_render_on_cluster_and_parse(open_store):
+    """On a cluster the sink never ALTERs the Distributed front; it names these ON CLUSTER ALTERs instead.
+
+    (chDB has no cluster defined, so a real Distributed table cannot be made
+    here; the statements are checked with ClickHouse's parser.)
+    """
+    c = open_store().client()
+    existing = {f.name: ddl.column_type(f) for f in V1_FIELDS} | {"time": "DateTime64(9, 'UTC')"}
+    alters = (ddl.migrate_statements(existing, table="events_local", cluster="{cluster}")
+              + ddl.migrate_statements(existing, cluster="{cluster}"))
+    assert alters[0] == "ALTER TABLE fdpass.events_local ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS msg_index Int32 AFTER probe"
+    assert len(alters) == 2 * (len(FIELDS) - len(V1_FIELDS))
+    for a in alters:
+        c.query("SELECT formatQuery({q:String})", parameters={"q": a})
+    assert "events_local ON CLUSTER" in str(ddl.ClusterSchemaOutdated(alters))
