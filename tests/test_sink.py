@@ -99,13 +99,14 @@ def test_kill_9_three_times_while_working(kafka_broker, store_dir, tmp_path):
     print("rows at each kill:", at_kill, "re-formed ranges:", log_path.read_text().count("re-forming"))
 
 
-def test_replay_re_forms_the_recorded_range(kafka_broker, open_store):
-    """The trap, made deterministic: a batch inserted but never committed is re-formed exactly.
+def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
+    """The trap, made deterministic: batches stored but never committed are re-formed exactly.
 
-    A 'previous run' records and inserts offsets 0-299 as one batch and dies
-    before marking it done or committing. The new run cuts batches of 64:
-    without the recorded range it would insert 0-63, 64-127, ... with new
-    tokens and double all 300 rows.
+    A 'previous run' stored offsets 0-299 as one batch (recorded, inserted,
+    died before marking it done) and 300-399 as another (recorded, inserted,
+    marked done, died before the commit). The new run cuts batches of 64:
+    without the recorded ranges it would insert 0-63, 64-127, ... with new
+    tokens and double all 400 rows.
     """
     from confluent_kafka import Consumer
 
@@ -122,21 +123,25 @@ def test_replay_re_forms_the_recorded_range(kafka_broker, open_store):
                   "enable.auto.commit": False})
     c.subscribe([topic])
     msgs = []
-    wait_until(lambda: msgs.extend(m for m in c.consume(500, 0.5) if m.error() is None) or len(msgs) >= 300, 30, "300 msgs")
+    wait_until(lambda: msgs.extend(m for m in c.consume(500, 0.5) if m.error() is None) or len(msgs) >= 400, 30, "400 msgs")
     c.close()  # no commit: the 'crash'
-    first300 = msgs[:300]
     log = BatchLog(client, "fdpass", topic)
     w = Writer(client, "fdpass", "events", log, dead_letters=None)
     log.intent(0, 0, 299, 300)
-    assert w._insert_group(2, first300, f"{topic}/0/0-299/v2") == (300, [])  # the writer's own token scheme
-    assert client.query("SELECT count() FROM fdpass.events").result_rows == [(300,)]
+    assert w._insert_group(2, msgs[:300], f"{topic}/0/0-299/v2") == (300, [])  # the writer's own token scheme
+    log.intent(0, 300, 399, 100)
+    assert w._insert_group(2, msgs[300:400], f"{topic}/0/300-399/v2") == (100, [])
+    log.done(0, 300, 399, 100)
+    assert client.query("SELECT count() FROM fdpass.events").result_rows == [(400,)]
 
     sink = ThreadSink(store, SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group,
                                         batch_rows=64, batch_age=0.2)).start()
     wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 1), 60, "all committed")
     assert sink.stop() == 0
     assert client.query("SELECT count(), uniqExact(event_id) FROM fdpass.events").result_rows == [(500, 500)]
-    assert sink.sink.stats["replayed"] == 1
+    stats = sink.sink.stats
+    assert (stats["replayed"], stats["skipped_done"]) == (2, 1)
+    assert stats["rows"] == 300 + 100  # 0-299 sent again (dropped by its token); 400-499 new; 300-399 not sent
 
 
 def test_poison_messages_go_to_the_dlq_with_their_reason(kafka_broker, store_dir, tmp_path):
@@ -192,26 +197,42 @@ def test_two_sinks_in_one_group_share_the_partitions(kafka_broker, open_store):
 
     Each sink has its own Kafka consumer (own group member) and its own
     ClickHouse clients; only the store is shared -- as two sink processes
-    share one ClickHouse server.
+    share one ClickHouse server. Events keep arriving while B joins (A's
+    partitions are revoked and split) and while A leaves (B takes them all).
     """
     topic, group = unique("t-two"), unique("g-two")
     create_topic(kafka_broker.bootstrap, topic, 4)
     store = open_store()
-    cfg = SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group, batch_rows=2000, batch_age=0.2,
+    cfg = SinkConfig(bootstrap=kafka_broker.bootstrap, topic=topic, group=group, batch_rows=500, batch_age=0.1,
                      kafka_conf={"session.timeout.ms": 6000})
+    values, keys = encode_all(events(N))
+    chunks = [(values[i:i + 1000], keys[i:i + 1000]) for i in range(0, N, 1000)]
+
+    def feed(k):
+        for v, key in chunks[k * 5:(k + 1) * 5]:
+            produce(kafka_broker.bootstrap, topic, v, key)
+
     a = ThreadSink(store, cfg).start()
     wait_until(lambda: a.sink.assigned_history, 60, "sink A assigned")
+    feed(0)
     b = ThreadSink(store, cfg).start()
-    wait_until(lambda: b.sink.assigned_history and a.sink.buffers and b.sink.buffers
-               and len(a.sink.buffers) + len(b.sink.buffers) == 4, 60, "partitions split between A and B")
-    evs = events(N)
-    produce(kafka_broker.bootstrap, topic, *encode_all(evs))
-    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 4), 90, "all committed", interval=0.5)
+    feeder = threading.Thread(target=feed, args=(1,))
+    feeder.start()  # arriving while the group rebalances
+    wait_until(lambda: b.sink.buffers and a.sink.buffers and len(a.sink.buffers) + len(b.sink.buffers) == 4,
+               60, "partitions split between A and B")
+    feeder.join()
     pa, pb = set(a.sink.buffers), set(b.sink.buffers)
-    assert a.stop() == 0 and b.stop() == 0
+    feed(2)
+    wait_until(lambda: a.sink.stats["rows"] > 0 and b.sink.stats["rows"] > 0, 60, "both sinks storing")
+    feeder = threading.Thread(target=feed, args=(3,))
+    feeder.start()
+    assert a.stop() == 0  # A leaves mid-stream: B gets every partition
+    feeder.join()
+    wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 4), 90, "all committed", interval=0.5)
+    assert b.stop() == 0
     assert pa and pb and not (pa & pb) and pa | pb == {0, 1, 2, 3}
+    assert b.sink.assigned_history[-1] == {0, 1, 2, 3}
     assert a.sink.stats["rows"] > 0 and b.sink.stats["rows"] > 0
-    assert a.sink.stats["rows"] + b.sink.stats["rows"] == N
     c = store.client()
     assert c.query("SELECT count(), uniqExact(event_id) FROM fdpass.events").result_rows == [(N, N)]
 
