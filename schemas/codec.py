@@ -238,7 +238,7 @@ def compile_record_writer(schema: dict, header: bytes):
         else:
             get = f"e[{field['name']!r}]"
         if typ == "boolean":
-            value = f"(b'\\x01' if {{v}} else b'\\x00')"
+            value = "(b'\\x01' if {v} else b'\\x00')"
         else:
             # The writer's memo (or enum table) is probed inline: a dict.get is
             # far cheaper than a Python call, and encoded values are never b"".

@@ -104,3 +104,16 @@ def test_one_process_per_spool_dir(tmp_path):
         Spool(tmp_path)
     s.close()
     Spool(tmp_path).close()
+
+
+def test_unsynced_appends_are_synced_once_the_interval_passed(tmp_path):
+    import time
+
+    s = Spool(tmp_path, fsync_interval=0.5)
+    s.append(b"k", b"v")  # the first append may sync (interval since open); the second must wait
+    s.append(b"k", b"w")
+    assert s._dirty
+    time.sleep(0.55)
+    s.sync_if_due()
+    assert not s._dirty
+    s.close()
