@@ -143,9 +143,11 @@ def test_outage_of_20s_loses_nothing_and_keeps_order(kafka_broker, tmp_path):
         time.sleep(3)
         kafka_broker.stop()
         down_at = time.monotonic()
-        time.sleep(20)
-        during = p.stats()
-        kafka_broker.start()
+        try:
+            time.sleep(20)
+            during = p.stats()
+        finally:  # later tests share this broker
+            kafka_broker.start()
         outage = time.monotonic() - down_at
         time.sleep(5)
     finally:
