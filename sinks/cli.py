@@ -107,7 +107,6 @@ def run_sink(args) -> int:
     import signal
     import threading
 
-    from fdpass.schemas import clickhouse as ddl
     from fdpass.sinks.consumer import Sink, SinkConfig, kafka_properties
     from fdpass.sinks.store import open_store
 
@@ -129,12 +128,9 @@ def run_sink(args) -> int:
     cfg = SinkConfig(
         bootstrap=args.kafka, topic=args.topic, group=args.group, dlq_topic=args.dlq_topic,
         batch_rows=args.batch_rows, batch_bytes=args.batch_bytes, batch_age=args.batch_age,
-        status_every=args.status_every, kafka_conf=kafka_properties(args.kafka_config),
+        status_every=args.status_every, kafka_conf=kafka_properties(args.kafka_config), ttl_days=args.ttl_days,
     )
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:
-        if args.ttl_days is not None:
-            c = store.client()
-            ddl.ensure_schema(c, ddl.Options(database=store.database, ttl_days=args.ttl_days))
         return Sink(cfg, store, stop=stop, abandon=abandon).run()
 
 

@@ -83,6 +83,7 @@ class SinkConfig:
     status_every: float = 10.0
     kafka_conf: dict = field(default_factory=dict)  # from kafka_properties(); overrides the defaults
     table: str = "events"
+    ttl_days: int | None = None  # applied when the table is created
 
 
 @dataclass
@@ -277,7 +278,8 @@ class Sink:
         if main_client is None:
             return 1
         try:
-            alters = self._retrying(lambda: ddl.ensure_schema(main_client, ddl.Options(database=self.store.database)),
+            alters = self._retrying(lambda: ddl.ensure_schema(
+                main_client, ddl.Options(database=self.store.database, ttl_days=cfg.ttl_days)),
                                     "creating the schema")
         except ddl.ClusterSchemaOutdated as e:
             raise UserError(str(e)) from None
