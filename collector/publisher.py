@@ -231,6 +231,7 @@ class KafkaPublisher:
         self._spooling = self._spool.has_unread()  # events from an earlier run go first
         self._held = None  # a spool record the producer refused (queue full): retried first
         self._last_progress = time.monotonic()
+        self._delivered_at_tick = 0
         self._closed = False
         self._drop_window = (0, 0)  # (second, drops logged in it)
         self._drops_unlogged = 0
@@ -307,7 +308,21 @@ class KafkaPublisher:
             if len(self._keys) > 1024:  # a relay of many hosts: keep the memo bounded
                 self._keys.clear()
             key = self._keys[host_id] = host_id.encode()
-        self.publish_encoded(key, value)
+        # publish_encoded(key, value), inlined: this is the collector's hot path.
+        if self._closed:
+            raise RuntimeError("publish after close()")
+        self._since_poll += 1
+        if self._since_poll >= POLL_EVERY:
+            self._poll_inline()
+        if not self._spooling:
+            try:
+                self._producer.produce(self.topic, value, key)
+                return
+            except BufferError:
+                pass
+        with self._lock:
+            self._spooling = True
+            self._to_spool(key, value)
 
     def publish_encoded(self, key: bytes, value: bytes) -> None:
         if self._closed:
@@ -379,8 +394,9 @@ class KafkaPublisher:
     def _tick(self) -> None:
         now = time.monotonic()
         waiting = len(self._producer)
-        if waiting == 0:
+        if waiting == 0 or self.delivered != self._delivered_at_tick:
             self._last_progress = now
+            self._delivered_at_tick = self.delivered
         stalled = now - self._last_progress > self.stall_seconds
         if stalled and not self._spooling:
             with self._lock:
@@ -423,8 +439,7 @@ class KafkaPublisher:
     # --- librdkafka callbacks (run in the background thread or in close()) ------
     def _on_delivery(self, err, msg) -> None:
         if err is None:
-            self.delivered += 1
-            self._last_progress = time.monotonic()
+            self.delivered += 1  # _tick turns a change of this count into progress
         elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             self._purged.append((msg.key(), msg.value()))
         else:
@@ -433,7 +448,6 @@ class KafkaPublisher:
     def _on_spool_delivery(self, err, msg, seg) -> None:
         if err is None:
             self.delivered += 1
-            self._last_progress = time.monotonic()
             with self._lock:
                 self._spool.settle(seg)
         elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
