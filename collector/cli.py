@@ -60,16 +60,20 @@ def _mntns_list(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("collect", help="trace passed fds on this host (root)", description=COLLECT_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    out = p.add_argument_group("output (choose one)")
-    out.add_argument("--jsonl", action="store_true", help="write one JSON object per event on stdout")
+def add_filter_arguments(p) -> None:
     filt = p.add_argument_group("filters (applied in the kernel)")
     filt.add_argument("--pid", type=_positive_int, help="only this process (thread group id)")
     filt.add_argument("--mntns", type=_mntns_list, metavar="INODE[,INODE...]",
                       help="only tasks in these mount namespaces")
     filt.add_argument("--container", metavar="ID", help="only tasks in this container (id or its prefix)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("collect", help="trace passed fds on this host (root)", description=COLLECT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    out = p.add_argument_group("output (choose one)")
+    out.add_argument("--jsonl", action="store_true", help="write one JSON object per event on stdout")
+    add_filter_arguments(p)
     p.add_argument("--duration", type=_duration, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
     p.add_argument("--ringbuf-pages", type=_positive_int, default=1024, metavar="N",
                    help="kernel ring buffer size in 4 KiB pages, a power of two (default 1024 = 4 MiB)")
@@ -90,7 +94,7 @@ def register(sub) -> None:
     d.set_defaults(func=run_doctor)
 
 
-def _filters(args):
+def filters_from_args(args):
     from fdpass.collector.collect import mntns_of_container
     from fdpass.collector.probes import Filters
 
@@ -120,7 +124,7 @@ def run_collect(args) -> int:
         raise UserError("choose one output: --jsonl or --kafka HOST:PORT")
     if args.ringbuf_pages & (args.ringbuf_pages - 1):
         raise UserError(f"--ringbuf-pages {args.ringbuf_pages}: must be a power of two")
-    filters = _filters(args)
+    filters = filters_from_args(args)
 
     from fdpass.collector.collect import Collector
 

@@ -16,6 +16,7 @@ from fdpass.errors import UserError
 
 EPILOG = """\
 examples:
+  fdpass run                             record on this host into embedded ClickHouse (Ctrl-C stops)
   fdpass doctor                          check this kernel and machine
   fdpass collect --jsonl                 print every passed fd as JSON lines
   fdpass collect --jsonl --pid 1234      only what process 1234 sends/receives
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fdpass.collector import cli as collector_cli
 
     collector_cli.register(sub)
+    from fdpass import run as run_cli
+
+    run_cli.register(sub)
     try:
         from fdpass.sinks import cli as sinks_cli
     except ImportError:  # the sink is optional while it is being built
