@@ -49,3 +49,12 @@ def test_bad_arguments():
     assert out.returncode == 1 and "--port must be a number" in out.stderr
     out = run("bogus")
     assert out.returncode == 1 and "unknown argument 'bogus'" in out.stderr
+
+
+def test_start_never_wipes_a_directory_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    out = run("--port", str(free_port()), "--data", str(precious), "start")
+    assert out.returncode == 1 and "refusing to wipe it" in out.stderr
+    assert (precious / "thesis.txt").read_text() == "years of work"
