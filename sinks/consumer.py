@@ -247,6 +247,9 @@ class Sink:
             "max.partition.fetch.bytes": 8 << 20,
             "queued.max.messages.kbytes": 256 << 10,
             **self.cfg.kafka_conf,
+            # Eager rebalancing: the callbacks below assign/revoke whole sets
+            # (cooperative assignment would need incremental_assign).
+            "partition.assignment.strategy": "range,roundrobin",
         }
 
     def _ensure_dlq_topic(self, conf: dict, topic: str) -> None:
@@ -313,6 +316,11 @@ class Sink:
             while not self.stop.is_set():
                 self._check_fatal()
                 self._commit_finished()
+                now = time.monotonic()
+                if now - last_status >= cfg.status_every:
+                    rate = (self.stats["rows"] - last_rows) / (now - last_status)
+                    last_status, last_rows = now, self.stats["rows"]
+                    self._status(rate)
                 if self._backpressure():
                     continue
                 msgs = consumer.consume(num_messages=min(10000, cfg.batch_rows), timeout=0.1)
@@ -322,11 +330,10 @@ class Sink:
                 for buf in list(self.buffers.values()):
                     while (b := buf.cut(now, self.limits)) is not None:
                         self._submit(b)
-                if now - last_status >= cfg.status_every:
-                    rate = (self.stats["rows"] - last_rows) / (now - last_status)
-                    last_status, last_rows = now, self.stats["rows"]
-                    self._status(rate)
             rc = self._drain()
+        except BaseException:
+            self.abandon.set()  # failing: writers stop retrying; nothing more is committed
+            raise
         finally:
             for w in self.writers:
                 w.inbox.put(None)
@@ -504,7 +511,7 @@ class Sink:
         for b in self.pending:
             if b.partition in revoked:
                 b.cancelled = True  # not started: skipped; retrying: abandoned; writing: finishes
-        while any(b.partition in revoked for b in self.pending):
+        while any(b.partition in revoked for b in self.pending) and self._fatal() is None:
             self._commit_finished(wait=0.2)  # commits what was written while we still own it
         for p in revoked:
             self.buffers.pop(p, None)
