@@ -33,10 +33,13 @@ The state is keyed by topic and partition, not by consumer group: the ranges
 describe what is in *this table*, whoever wrote it.
 
 Limits (stated, not hidden): a consumer that keeps inserting after it lost
-its partitions (stalled beyond max.poll.interval.ms, a "zombie") can record
-a range that overlaps the new owner's; the sink checks ownership before each
-write and the overlap is logged, but ClickHouse offers no fencing to make
-that impossible. Ranges are kept 30 days (TTL), far beyond any restart.
+its partitions (stalled beyond max.poll.interval.ms -- a "zombie" -- wakes
+up in the middle of a write) can record a range that overlaps the new
+owner's. The sink cancels a partition's queued batches as soon as it learns
+of the revocation, and overlapping ranges are logged when read back, but
+ClickHouse offers no fencing to make the overlap impossible. Ranges are kept
+30 days (TTL), far beyond any restart. Surviving a power cut (not only a
+kill) needs fsync_after_insert on both tables, ClickHouse's usual trade-off.
 """
 
 from __future__ import annotations
