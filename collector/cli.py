@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES
 from fdpass.errors import UserError
 
 COLLECT_HELP = """\
@@ -75,8 +76,8 @@ def register(sub) -> None:
     out.add_argument("--jsonl", action="store_true", help="write one JSON object per event on stdout")
     add_filter_arguments(p)
     p.add_argument("--duration", type=_duration, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
-    p.add_argument("--ringbuf-pages", type=_positive_int, default=1024, metavar="N",
-                   help="kernel ring buffer size in 4 KiB pages, a power of two (default 1024 = 4 MiB)")
+    p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
+                   help="kernel ring buffer size in 4 KiB pages, a power of two (default 4096 = 16 MiB, ~90k records: about two seconds of a reader falling behind at full rate)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     try:
         from fdpass.collector import publisher

@@ -17,7 +17,7 @@ from typing import Callable
 
 from fdpass.collector import records as R
 from fdpass.collector.enrich import Enricher
-from fdpass.collector.probes import Filters, Probes
+from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, Filters, Probes
 from fdpass.errors import UserError
 
 log = logging.getLogger("fdpass.collect")
@@ -57,7 +57,7 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 
 class Collector:
     def __init__(self, output: Callable[[dict], None], filters: Filters | None = None,
-                 ringbuf_pages: int = 1024, on_attached: Callable[[], None] | None = None,
+                 ringbuf_pages: int = DEFAULT_RINGBUF_PAGES, on_attached: Callable[[], None] | None = None,
                  tuning: dict[str, int] | None = None):
         self.output = output
         self.counters = Counters()

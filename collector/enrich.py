@@ -4,6 +4,7 @@ container id. Lookups are cached so a busy sender costs one dict hit."""
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import socket
@@ -90,6 +91,12 @@ class LRU(OrderedDict):
             self.popitem(last=False)
 
 
+# The record fields _task_part() reads: equal values give an equal task part.
+_TASK_FIELDS = ("cgroup_id", "sock_ino", "peer_sock_ino", "pid", "tid", "ppid", "uid", "gid", "mntns_id",
+                "pidns_id", "netns_id", "sock_fd", "direction", "syscall", "comm", "parent_comm")
+_TASK_KEY = operator.itemgetter(*(R.Record._fields.index(n) for n in _TASK_FIELDS))
+
+
 class Enricher:
     """Makes contract events (dicts keyed by schemas.fields names) from records."""
 
@@ -101,6 +108,8 @@ class Enricher:
         self._exe: LRU = LRU(4096)  # (pid, comm) -> (exe, expires)
         self._container: LRU = LRU(4096)  # cgroup_id -> container id
         self._id_prefix = f"{self.host.host_id}:{self.host.boot_id}:"
+        self._parts: dict = {}
+        self._parts_expire = 0.0
 
     def exe(self, pid: int, comm: str) -> str | None:
         key = (pid, comm)
@@ -124,13 +133,13 @@ class Enricher:
             self._container.put(cgroup_id, cid)
         return cid
 
-    def event(self, rec: R.FdpHeader, raw_path: bytes) -> dict:
+    def _task_part(self, rec: R.Record) -> dict:
+        """Every field that is the same for all fds of one syscall, in contract order."""
         direction = R.DIRECTIONS.get(rec.direction, "SEND")
-        comm = rec.comm.decode("utf-8", "backslashreplace")
-        flags = rec.flags
+        comm = rec.comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
         return {
-            "event_id": f"{self._id_prefix}{rec.ktime_ns}:{rec.tid}:{direction}:{rec.msg_index}:{rec.fd_index}",
-            "time_ns": self.clock.to_wall(rec.ktime_ns),
+            "event_id": None,
+            "time_ns": None,
             "host": self.host.host,
             "host_id": self.host.host_id,
             "boot_id": self.host.boot_id,
@@ -143,7 +152,7 @@ class Enricher:
             "uid": rec.uid,
             "gid": rec.gid,
             "comm": comm,
-            "parent_comm": rec.parent_comm.decode("utf-8", "backslashreplace"),
+            "parent_comm": rec.parent_comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"),
             "exe": self.exe(rec.pid, comm),
             "mntns_id": rec.mntns_id,
             "pidns_id": rec.pidns_id,
@@ -152,20 +161,40 @@ class Enricher:
             "container_id": self.container_id(rec.pid, rec.cgroup_id),
             "sock_fd": rec.sock_fd,
             "sock_ino": rec.sock_ino,
-            "peer_sock_ino": rec.peer_sock_ino if flags & R.F_PEER else None,
-            "fd": rec.fd,
-            "fd_index": rec.fd_index,
-            "fd_count": rec.fd_count,
-            "file_path": R.render_path(rec, raw_path),
-            "file_ino": rec.file_ino,
-            "file_dev": R.kernel_dev_to_st_dev(rec.file_dev),
-            "file_type": "UNKNOWN" if flags & R.F_NO_FILE else R.file_type(rec.i_mode, rec.sb_magic),
-            "file_flags": rec.file_flags,
-            "ret": rec.ret,
-            "probe": "tracepoint",
-            "msg_index": rec.msg_index,
-            "seq": rec.seq,
-            "path_truncated": bool(flags & R.F_PATH_TRUNC),
-            "fds_truncated": bool(flags & R.F_FDS_TRUNC),
-            "msg_ctrunc": bool(flags & R.F_CTRUNC),
+            "peer_sock_ino": rec.peer_sock_ino if rec.flags & R.F_PEER else None,
         }
+
+    def event(self, rec: R.Record, raw_path: bytes) -> dict:
+        # A busy sender repeats the same task, socket and syscall: build that
+        # part once (it needs /proc lookups and string decoding) and copy it.
+        # The cache is emptied every EXE_TTL_S so exe follows an exec.
+        key = (_TASK_KEY(rec), rec.flags & R.F_PEER)
+        now = time.monotonic()
+        if now >= self._parts_expire:
+            self._parts.clear()
+            self._parts_expire = now + self.EXE_TTL_S
+        part = self._parts.get(key)
+        if part is None:
+            if len(self._parts) >= 4096:
+                self._parts.clear()
+            part = self._parts[key] = self._task_part(rec)
+        e = part.copy()
+        flags = rec.flags
+        e["event_id"] = f"{self._id_prefix}{rec.ktime_ns}:{rec.tid}:{part['direction']}:{rec.msg_index}:{rec.fd_index}"
+        e["time_ns"] = self.clock.to_wall(rec.ktime_ns)
+        e["fd"] = rec.fd
+        e["fd_index"] = rec.fd_index
+        e["fd_count"] = rec.fd_count
+        e["file_path"] = R.render_path(rec, raw_path)
+        e["file_ino"] = rec.file_ino
+        e["file_dev"] = R.kernel_dev_to_st_dev(rec.file_dev)
+        e["file_type"] = "UNKNOWN" if flags & R.F_NO_FILE else R.file_type(rec.i_mode, rec.sb_magic)
+        e["file_flags"] = rec.file_flags
+        e["ret"] = rec.ret
+        e["probe"] = "tracepoint"
+        e["msg_index"] = rec.msg_index
+        e["seq"] = rec.seq
+        e["path_truncated"] = bool(flags & R.F_PATH_TRUNC)
+        e["fds_truncated"] = bool(flags & R.F_FDS_TRUNC)
+        e["msg_ctrunc"] = bool(flags & R.F_CTRUNC)
+        return e

@@ -71,6 +71,10 @@ TRACEPOINTS = tuple(
     for phase in ("enter", "exit")
 )
 
+# Records average ~180 bytes: 16 MiB holds ~90k, a couple of seconds of a
+# reader that falls behind a burst, for 16 MiB of locked kernel memory.
+DEFAULT_RINGBUF_PAGES = 4096
+
 STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled")
 
 
@@ -110,7 +114,7 @@ def _import_bcc():
 class Probes:
     """The compiled, attached probes and their ring buffer."""
 
-    def __init__(self, filters: Filters | None = None, ringbuf_pages: int = 1024,
+    def __init__(self, filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
                  walk_steps: int = 8, path_depth: int = 40, tuning: dict[str, int] | None = None):
         """tuning: extra -D values for the BPF C (e.g. PENDING_SLOTS), for tests and benchmarks."""
         _check_privileges()

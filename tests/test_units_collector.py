@@ -57,11 +57,28 @@ def test_btf_rejects_garbage_and_missing_file(tmp_path):
         BTF.load(str(tmp_path / "missing"))
 
 
-def _rec(**kw) -> R.FdpHeader:
-    r = R.FdpHeader()
-    for k, v in kw.items():
-        setattr(r, k, v)
-    return r
+def _rec(**kw) -> R.Record:
+    return R.Record(**{name: kw.get(name, b"" if name in ("comm", "parent_comm") else 0) for name in R.Record._fields})
+
+
+def test_decode_unpacks_what_ctypes_lays_out():
+    """The struct-module decoder reads each field where the C layout puts it."""
+    h = R.FdpHeader()
+    for i, (name, ctype) in enumerate(R.FdpHeader._fields_):
+        if name.startswith("_"):
+            continue
+        if name in ("comm", "parent_comm"):
+            setattr(h, name, f"{name}-x".encode())
+        else:
+            setattr(h, name, (i * 7919) % 250 + 1)
+    h.path_len = 4
+    buf = ctypes.create_string_buffer(bytes(h) + b"a\0b\0")
+    rec, raw = R.decode(ctypes.addressof(buf), R.HEADER_SIZE + 4)
+    for name in R.Record._fields:
+        want = getattr(h, name)
+        got = getattr(rec, name)
+        assert (got.rstrip(b"\0") if isinstance(got, bytes) else got) == want, name
+    assert raw == b"a\0b\0"
 
 
 @pytest.mark.parametrize(
