@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES
+from fdpass import logs
 from fdpass.errors import UserError
 
 COLLECT_HELP = """\
@@ -79,6 +79,8 @@ def register(sub) -> None:
     p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
                    help="kernel ring buffer size in 4 KiB pages, a power of two (default 4096 = 16 MiB, ~90k records: about two seconds of a reader falling behind at full rate)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
+    logs.add_arguments(p)
     try:
         from fdpass.collector import publisher
     except ImportError:
@@ -119,8 +121,7 @@ def _jsonl_output():
 
 
 def run_collect(args) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="fdpass collect: %(message)s", stream=sys.stderr)
+    logs.setup("collect", args.verbose, args.log_format)
     if args.jsonl == bool(args.kafka):
         raise UserError("choose one output: --jsonl or --kafka HOST:PORT")
     if args.ringbuf_pages & (args.ringbuf_pages - 1):
@@ -141,7 +142,15 @@ def run_collect(args) -> int:
     def attached() -> None:
         print("fdpass collect: probes attached (" + ", ".join(_tracepoints()) + ")", file=sys.stderr, flush=True)
 
-    collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages, on_attached=attached)
+    collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages)
+    if args.metrics:
+        from fdpass import metrics
+
+        sources = {"collect": collector.stats}
+        if publisher is not None:
+            sources["kafka"] = publisher.stats
+        metrics.serve(args.metrics, sources)
+    attached()  # after the metrics endpoint is up: "attached" means ready in every way
     try:
         stats = collector.run(duration=args.duration, tick=flush)
     finally:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 
+from fdpass import logs
 from fdpass.errors import UserError
 
 log = logging.getLogger("fdpass.run")
@@ -63,6 +64,8 @@ def register(sub) -> None:
                    help=f"... or after this many seconds (default {BATCH_AGE_S})")
     p.add_argument("--no-status", action="store_true", help="no status line even on a terminal")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
+    logs.add_arguments(p)
     add_filter_arguments(p)
     p.set_defaults(func=run)
 
@@ -105,6 +108,7 @@ class StoreWriter(threading.Thread):
         self.stored = 0
         self.dropped = 0
         self.failures = 0
+        self.last_insert_seconds = 0.0
         self.error: str | None = None
 
     def put(self, event_id: str, value: bytes) -> None:
@@ -145,9 +149,11 @@ class StoreWriter(threading.Thread):
             token = f"run/{batch[0][0]}/{n}"
             delays = backoff_delays()
             while True:
+                started = time.monotonic()
                 try:
                     self.client.raw_insert(self.table, insert_block=data, fmt="Avro", settings={
                         "insert_deduplication_token": token, "input_format_avro_allow_missing_fields": 1})
+                    self.last_insert_seconds = time.monotonic() - started
                     break
                 except Exception as e:  # any store failure: keep the batch, wait, retry
                     self.failures += 1
@@ -164,8 +170,7 @@ class StoreWriter(threading.Thread):
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="fdpass run: %(message)s", stream=sys.stderr)
+    logs.setup("run", args.verbose, args.log_format)
     if args.batch_rows <= 0 or args.batch_age <= 0:
         raise UserError("--batch-rows and --batch-age must be greater than 0")
     from fdpass.collector.cli import filters_from_args
@@ -194,7 +199,15 @@ def run(args) -> int:
 
         attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
                                  file=sys.stderr, flush=True)
-        collector = Collector(output, filters, on_attached=attached)
+        collector = Collector(output, filters)
+        if args.metrics:
+            from fdpass import metrics
+
+            metrics.serve(args.metrics, {"run": lambda: {
+                **collector.stats(), "stored": writer.stored, "store_backlog": len(writer.queue),
+                "dropped_store_backlog": writer.dropped, "store_failures": writer.failures,
+                "store_insert_seconds": writer.last_insert_seconds}})
+        attached()  # after the metrics endpoint is up
         status = StatusLine(collector, writer, store_dir, enabled=sys.stderr.isatty() and not args.no_status)
         try:
             stats = collector.run(duration=args.duration, tick=status.tick)

@@ -40,11 +40,15 @@ def query(store, sql, *extra):
 
 def test_run_stores_every_transfer_and_query_reads_them(tmp_path):
     require_bpf()
+    from tests.test_metrics_logs import free_port, scrape
+
     store = tmp_path / "store"
-    p = start_run(store)
+    port = free_port()
+    p = start_run(store, "--metrics", f"127.0.0.1:{port}")
     a, b = socket.socketpair()
     n = 30
     try:
+        before = scrape(port)
         with open("/etc/passwd") as f:
             for _ in range(n):
                 socket.send_fds(a, [b"x"], [f.fileno()])
@@ -54,7 +58,11 @@ def test_run_stores_every_transfer_and_query_reads_them(tmp_path):
         # while run holds the store, query says so clearly
         held = query(store, "SELECT 1")
         assert held.returncode != 0 and "in use" in held.stderr and "Traceback" not in held.stderr
-        time.sleep(0.5)
+        time.sleep(2.0)  # past one --batch-age: the rows are stored
+        after = scrape(port)
+        sent = 'fdpass_run_events_total{direction="SEND"}'
+        assert after[sent] - before[sent] >= n
+        assert after["fdpass_run_stored_total"] - before["fdpass_run_stored_total"] >= 2 * n
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
