@@ -36,6 +36,9 @@
 #ifndef PATH_DEPTH
 #define PATH_DEPTH 40      /* dentry components walked per path */
 #endif
+#ifndef RUN_ID
+#define RUN_ID 0          /* collector/probes.py numbers each start within a boot */
+#endif
 #ifndef WAKE_EVERY
 #define WAKE_EVERY 256     /* power of two */
 #endif
@@ -356,7 +359,7 @@ static __always_inline void emit(void *ctx, struct work *w, u32 path_len) {
     struct fdp_event *ev = &w->ev;
     u32 zero = 0;
     u64 *seq = seqno.lookup(&zero);
-    ev->seq = seq ? __sync_fetch_and_add(seq, 1) : 0;
+    ev->seq = ((u64)RUN_ID << 48) | (seq ? __sync_fetch_and_add(seq, 1) : 0);
     ev->path_len = path_len;
     u64 size = offsetof(struct fdp_event, path) + path_len;
     /* Keep the bound check and the use on one register, or clang may test a

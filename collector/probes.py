@@ -94,6 +94,33 @@ class Filters:
     mntns: tuple[int, ...] = ()
 
 
+RUN_COUNTER = "/run/fdpass/probe-loads"  # /run is per boot: numbering restarts with the kernel
+
+
+def next_run_id(path: str = RUN_COUNTER) -> int:
+    """Number this probe load within the boot (16 bits, the top of every seq).
+
+    Kept in a file under /run, which every boot empties; if it cannot be
+    kept, a random number still tells two loads apart with high odds."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.read(fd, 32).strip()
+            n = (int(raw) + 1 if raw.isdigit() else 1) & 0xFFFF
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, str(n).encode())
+            return n
+        finally:
+            os.close(fd)
+    except OSError:
+        return int.from_bytes(os.urandom(2), "little")
+
+
 def bpf_source_dir() -> str:
     return str(resources.files("fdpass.bpf"))
 
@@ -123,6 +150,8 @@ class Probes:
         btf = BTF.load()
         defines = kernel_defines(btf)
         defines.update(RINGBUF_PAGES=ringbuf_pages, WALK_STEPS=walk_steps, PATH_DEPTH=path_depth)
+        self.run_id = next_run_id()
+        defines["RUN_ID"] = self.run_id
         defines.update(tuning or {})
         if self.filters.pid is not None:
             defines["FILTER_PID"] = self.filters.pid

@@ -101,6 +101,8 @@ def test_regular_file_and_task_fields(live):
         assert e["parent_comm"] == c.read().strip()[:15]
     assert abs(e["time_ns"] - time.time_ns()) < 30e9
     assert e["event_id"].count(":") >= 6 and len({x["event_id"] for x in send + recv}) == 2
+    # seq: this probe load's run number on top, then a counter with no gaps here
+    assert {x["seq"] >> 48 for x in send + recv} == {live.collector.probes.run_id}
 
 
 def test_directory(live, tmp_path):

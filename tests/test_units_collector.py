@@ -131,3 +131,13 @@ def test_wall_clock_converts_monotonic_to_utc():
     clock = WallClock()
     now_mono = time.monotonic_ns()
     assert abs(clock.to_wall(now_mono) - time.time_ns()) < 50_000_000
+
+
+def test_run_ids_count_up_per_load_and_wrap(tmp_path):
+    from fdpass.collector.probes import next_run_id
+
+    path = str(tmp_path / "run" / "loads")
+    assert [next_run_id(path) for _ in range(3)] == [1, 2, 3]
+    with open(path, "w") as f:
+        f.write("65535")
+    assert next_run_id(path) == 0
