@@ -47,7 +47,7 @@ struct fdp_event {
     __u64 ktime_ns;      /* CLOCK_MONOTONIC at syscall exit */
     __u64 seq;           /* RUN_ID << 48 | n: every emission attempt of this probe load
                             takes the next n, so a gap in n is a lost record; RUN_ID
-                            counts collector starts within the boot */
+                            (15 bits) counts collector starts within the boot */
     __u64 cgroup_id;
     __u64 sock_ino;
     __u64 peer_sock_ino; /* valid when FDP_F_PEER */

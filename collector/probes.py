@@ -94,11 +94,13 @@ class Filters:
     mntns: tuple[int, ...] = ()
 
 
+RUN_ID_MASK = 0x7FFF
 RUN_COUNTER = "/run/fdpass/probe-loads"  # /run is per boot: numbering restarts with the kernel
 
 
 def next_run_id(path: str = RUN_COUNTER) -> int:
-    """Number this probe load within the boot (16 bits, the top of every seq).
+    """Number this probe load within the boot: 15 bits, the top of every seq
+    below the sign bit (Avro's long is signed: seq must stay under 2**63).
 
     Kept in a file under /run, which every boot empties; if it cannot be
     kept, a random number still tells two loads apart with high odds."""
@@ -110,7 +112,7 @@ def next_run_id(path: str = RUN_COUNTER) -> int:
 
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = os.read(fd, 32).strip()
-            n = (int(raw) + 1 if raw.isdigit() else 1) & 0xFFFF
+            n = (int(raw) + 1 if raw.isdigit() else 1) & RUN_ID_MASK
             os.lseek(fd, 0, os.SEEK_SET)
             os.ftruncate(fd, 0)
             os.write(fd, str(n).encode())
@@ -118,7 +120,7 @@ def next_run_id(path: str = RUN_COUNTER) -> int:
         finally:
             os.close(fd)
     except OSError:
-        return int.from_bytes(os.urandom(2), "little")
+        return int.from_bytes(os.urandom(2), "little") & RUN_ID_MASK
 
 
 def bpf_source_dir() -> str:

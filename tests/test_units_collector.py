@@ -139,5 +139,5 @@ def test_run_ids_count_up_per_load_and_wrap(tmp_path):
     path = str(tmp_path / "run" / "loads")
     assert [next_run_id(path) for _ in range(3)] == [1, 2, 3]
     with open(path, "w") as f:
-        f.write("65535")
-    assert next_run_id(path) == 0
+        f.write("32767")
+    assert next_run_id(path) == 0  # 15 bits: seq = run << 48 | n stays a valid Avro long
