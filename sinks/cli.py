@@ -75,12 +75,17 @@ def register(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run_sink)
 
+    from fdpass import questions
+
     q = sub.add_parser(
-        "query", help="run SQL on the event store",
-        description="Run SQL on the fdpass store (table fdpass.events). An aligned table by default; "
-                    "--json (JSON lines) or --csv for programs.",
+        "query", help="ask the event store a named forensic question, or run SQL",
+        description="Ask the fdpass store (table fdpass.events) a named question, or run SQL. An aligned "
+                    "table by default; --json (JSON lines) or --csv for programs.",
+        epilog=questions.QUERY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    q.add_argument("sql", metavar="SQL", help='e.g. "SELECT host, count() FROM fdpass.events GROUP BY host"')
+    q.add_argument("sql", metavar="QUESTION|SQL",
+                   help='a question below, or SQL, e.g. "SELECT host, count() FROM fdpass.events GROUP BY host"')
+    questions.add_arguments(q)
     _add_store_args(q)
     fmt = q.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON lines")
@@ -144,17 +149,20 @@ def run_sink(args) -> int:
 def run_query(args) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
+    from fdpass import questions
     from fdpass.sinks import format as fmt
     from fdpass.sinks.store import open_store, parse_dsn
 
     _quiet_libraries()
+    questions.from_args(args.sql, args)  # bad question options: say so before opening anything
     spec = parse_dsn(args.clickhouse)
     if spec.kind == "chdb" and not os.path.isdir(spec.path):
         raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:
         client = store.client()
+        sql, params = questions.from_args(args.sql, args) or (args.sql, None)
         try:
-            result = client.query(args.sql)
+            result = client.query(sql, parameters=params)
         except ClickHouseError as e:
             first = " ".join(str(e).split())
             raise UserError(f"ClickHouse: {first[:500]}") from None

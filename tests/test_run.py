@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -85,3 +86,58 @@ def test_run_bad_store_is_one_clear_line(tmp_path):
     r = subprocess.run(FDPASS + ["run", "--store", str(f / "sub"), "--duration", "1"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "--store" in r.stderr and "Traceback" not in r.stderr
+
+
+RECEIVER = r"""
+import ctypes, os, socket, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS: a mount namespace of its own
+    raise OSError(ctypes.get_errno(), "unshare")
+s = socket.socket(fileno=int(sys.argv[1]))
+print(os.getpid(), os.stat("/proc/self/ns/mnt").st_ino, flush=True)
+_, fds, _, _ = socket.recv_fds(s, 16, 8)
+print(" ".join(map(str, fds)), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_run_then_transfers_and_cross_container_show_both_ends(tmp_path):
+    """Known transfers between this process and a child in a new mount
+    namespace: `query transfers` and `query cross-container` return exactly those."""
+    require_bpf()
+    store = tmp_path / "store"
+    p = start_run(store)
+    a, b = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", RECEIVER, str(b.fileno())], pass_fds=[b.fileno()],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    files = [os.open("/etc/passwd", os.O_RDONLY), os.open(str(tmp_path), os.O_RDONLY), os.memfd_create("handoff")]
+    try:
+        child_pid, child_ns = (int(x) for x in child.stdout.readline().split())
+        socket.send_fds(a, [b"x"], files)
+        received = [int(x) for x in child.stdout.readline().split()]
+        child.stdin.write("\n")
+        child.stdin.close()
+        child.wait(10)
+        time.sleep(1.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for fd in files:
+            os.close(fd)
+        a.close()
+        b.close()
+    assert child_ns != os.stat("/proc/self/ns/mnt").st_ino
+    want = [(os.getpid(), fd, child_pid, new) for fd, new in zip(files, received)]
+    for question in ("transfers", "cross-container"):
+        r = query(store, question, "--pid", str(child_pid), "--json")
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in r.stdout.splitlines()]
+        got = [(x["sender_pid"], x["sender_fd"], x["receiver_pid"], x["receiver_fd"]) for x in rows]
+        assert got == want, (question, rows)
+        if question == "transfers":
+            assert {x["status"] for x in rows} == {"delivered"}
+        else:
+            assert {x["receiver_mntns"] for x in rows} == {child_ns}
+            assert {x["sender_mntns"] for x in rows} == {os.stat("/proc/self/ns/mnt").st_ino}

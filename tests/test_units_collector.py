@@ -141,3 +141,13 @@ def test_run_ids_count_up_per_load_and_wrap(tmp_path):
     with open(path, "w") as f:
         f.write("32767")
     assert next_run_id(path) == 0  # 15 bits: seq = run << 48 | n stays a valid Avro long
+
+
+def test_largest_seq_still_encodes():
+    from fdpass.collector.probes import RUN_ID_MASK
+    from fdpass.schemas import codec
+    from fdpass.schemas.synthetic import make_event
+
+    e = make_event(1)
+    e["seq"] = (RUN_ID_MASK << 48) | ((1 << 48) - 1)
+    assert codec.decode(codec.encode(e))["seq"] == e["seq"]

@@ -1,0 +1,265 @@
+"""Named forensic questions for `fdpass query NAME`, each one parameterised SQL.
+
+Every user value reaches ClickHouse as a bound query parameter
+({name:Type}); the SQL text is assembled only from the fixed fragments in
+this file, so quotes or SQL in a value are data, never SQL.
+
+Pairing a SEND with its RECV. A passed descriptor is the same open file on
+both sides (file_dev, file_ino), travels from the sender's socket to its peer
+(SEND.peer_sock_ino = RECV.sock_ino) at the same place in the SCM_RIGHTS
+list (fd_index). The same file sent twice over one socket gives two SENDs
+and two RECVs with equal keys; unix sockets deliver in order, so the k-th
+SEND of a key pairs with the k-th RECV of that key (row_number() over each
+side, ordered by time and sequence). Ranks are computed before any filter
+that could remove one side of a pair (time, process, container), so a
+filter never shifts the pairing. A SEND without its RECV is "undelivered"
+(still queued, the receiver closed the socket, or the receiver's
+MSG_CTRUNC dropped it).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fdpass.errors import UserError
+
+TABLE = "fdpass.events"
+
+# Key of a transfer on each side (see the module docstring).
+_SEND_KEY = "host_id, boot_id, peer_sock_ino, file_dev, file_ino, fd_index"
+_RECV_KEY = "host_id, boot_id, sock_ino, file_dev, file_ino, fd_index"
+
+_TRANSFERS = f"""
+WITH
+  -- time is MATERIALIZED: * leaves it out
+  s AS (SELECT *, time, row_number() OVER (PARTITION BY {_SEND_KEY} ORDER BY time_ns, seq) AS k
+        FROM {TABLE} WHERE direction = 'SEND' AND peer_sock_ino IS NOT NULL AND {{pushdown}}),
+  r AS (SELECT *, time, row_number() OVER (PARTITION BY {_RECV_KEY} ORDER BY time_ns, seq) AS k
+        FROM {TABLE} WHERE direction = 'RECV' AND {{pushdown}})
+SELECT
+  s.time AS sent, r.time AS received, s.host AS host,
+  s.pid AS sender_pid, s.comm AS sender_comm, ifNull(s.container_id, '') AS sender_container, s.fd AS sender_fd,
+  r.pid AS receiver_pid, r.comm AS receiver_comm, ifNull(r.container_id, '') AS receiver_container,
+  r.fd AS receiver_fd, s.file_path AS file, s.file_type AS type,
+  if(r.event_id IS NULL, 'undelivered', 'delivered') AS status
+FROM s LEFT JOIN r
+  ON s.host_id = r.host_id AND s.boot_id = r.boot_id AND s.peer_sock_ino = r.sock_ino
+ AND s.file_dev = r.file_dev AND s.file_ino = r.file_ino AND s.fd_index = r.fd_index AND s.k = r.k
+WHERE {{after}}
+ORDER BY sent, s.seq
+LIMIT {{{{limit:UInt32}}}}
+SETTINGS join_use_nulls = 1
+"""
+
+_CROSS = _TRANSFERS.replace(
+    "WHERE {after}",
+    "WHERE r.event_id IS NOT NULL AND (ifNull(s.container_id, '') != ifNull(r.container_id, '') "
+    "OR s.mntns_id != r.mntns_id) AND {after}",
+).replace(
+    "s.file_path AS file,",
+    "s.mntns_id AS sender_mntns, r.mntns_id AS receiver_mntns, s.file_path AS file,",
+)
+
+_EVENTS = f"""
+SELECT time, host, direction, syscall, pid, comm, exe, ifNull(container_id, '') AS container,
+       sock_ino, peer_sock_ino, fd, fd_index, fd_count, file_path, file_type
+FROM {TABLE}
+WHERE {{pushdown}} AND {{after}}
+ORDER BY time, seq
+LIMIT {{{{limit:UInt32}}}}
+"""
+
+_TIMELINE = f"""
+SELECT time, direction, pid, comm, fd, file_path, sock_ino, peer_sock_ino
+FROM {TABLE}
+WHERE {{pushdown}} AND {{after}}
+ORDER BY time, seq
+LIMIT {{{{limit:UInt32}}}}
+"""
+
+# seq = run << 48 | n (bpf/fdpass.h): n has no holes unless records were lost.
+_GAPS = f"""
+WITH
+  ev AS (SELECT host, boot_id, bitShiftRight(seq, 48) AS run, bitAnd(seq, 0xFFFFFFFFFFFF) AS n, time
+         FROM {TABLE} WHERE {{pushdown}}),
+  stepped AS (SELECT host, boot_id, run, n, time,
+                     lagInFrame(n, 1, toUInt64(0) - 1) OVER w AS prev_n,
+                     lagInFrame(time, 1, time) OVER w AS prev_time
+              FROM ev WINDOW w AS (PARTITION BY host, boot_id, run ORDER BY n
+                                   ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW))
+SELECT host, boot_id, run, prev_time AS from_time, time AS to_time,
+       'records lost (kernel drops, bounds or a broken pipeline)' AS what,
+       n - prev_n - 1 AS missing
+FROM stepped
+WHERE n > prev_n + 1 AND prev_n != toUInt64(0) - 1 AND {{after}}
+UNION ALL
+SELECT host, boot_id, run, min(time) AS from_time, min(time) AS to_time,
+       'records lost at the start of a collector run' AS what, min(n) AS missing
+FROM ev GROUP BY host, boot_id, run HAVING min(n) > 0
+UNION ALL
+SELECT host, boot_id, run, prev_end AS from_time, start AS to_time,
+       'collector restarted: transfers between these times were not watched' AS what, NULL AS missing
+FROM (SELECT host, boot_id, run, min(time) AS start,
+             lagInFrame(max(time), 1, min(time)) OVER (PARTITION BY host, boot_id ORDER BY run
+                                                       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS prev_end,
+             row_number() OVER (PARTITION BY host, boot_id ORDER BY run) AS i
+      FROM ev GROUP BY host, boot_id, run)
+WHERE i > 1
+ORDER BY host, from_time
+LIMIT {{{{limit:UInt32}}}}
+"""
+
+
+@dataclass(frozen=True)
+class Question:
+    name: str
+    help: str
+    sql: str
+    needs: tuple[str, ...] = ()  # options that must be given
+    # options applied before pairing/ranking (safe: they select whole pairs)
+    pushdown: tuple[str, ...] = ()
+    # options applied to the result
+    after: tuple[str, ...] = ()
+
+
+# option -> (SQL fragment with {param}, parameter type). The fragment is the
+# only SQL an option contributes; its value is bound as a parameter.
+def _frag(prefix: str) -> dict[str, tuple[str, str]]:
+    p = prefix
+    return {
+        "host": (f"({p}host = {{host:String}} OR {p}host_id = {{host:String}})", "String"),
+        "since": (f"{p}time >= parseDateTime64BestEffort({{since:String}}, 9, 'UTC')", "String"),
+        "until": (f"{p}time < parseDateTime64BestEffort({{until:String}}, 9, 'UTC')", "String"),
+        "path": (f"{p}file_path LIKE {{path:String}}", "String"),
+        "dev": (f"{p}file_dev = {{dev:Int64}}", "Int64"),
+        "ino": (f"{p}file_ino = {{ino:Int64}}", "Int64"),
+        "pid": (f"{p}pid = {{pid:Int32}}", "Int32"),
+        "comm": (f"{p}comm = {{comm:String}}", "String"),
+        "exe": (f"{p}exe LIKE {{exe:String}}", "String"),
+        "container": (f"startsWith(ifNull({p}container_id, ''), {{container:String}})", "String"),
+    }
+
+
+# Process filters on a transfer match either side: who sent it or who received it.
+def _either(frag: str) -> str:
+    return f"(({frag.replace('{p}', 's.')}) OR ({frag.replace('{p}', 'r.')}))"
+
+
+_PROCESS_EITHER = {
+    "pid": "{p}pid = {pid:Int32}",
+    "comm": "{p}comm = {comm:String}",
+    "exe": "{p}exe LIKE {exe:String}",
+    "container": "startsWith(ifNull({p}container_id, ''), {container:String})",
+}
+
+_FILE_OPTS = ("host", "path", "dev", "ino")
+_TIME_OPTS = ("since", "until")
+
+QUESTIONS: dict[str, Question] = {q.name: q for q in (
+    Question("transfers", "each SEND joined to its RECV: sender, receiver, file, fds on both sides; "
+             "unmatched sends shown as undelivered", _TRANSFERS,
+             pushdown=_FILE_OPTS, after=_TIME_OPTS + tuple(_PROCESS_EITHER)),
+    Question("cross-container", "transfers whose sender and receiver are in different containers or "
+             "mount namespaces", _CROSS, pushdown=_FILE_OPTS, after=_TIME_OPTS + tuple(_PROCESS_EITHER)),
+    Question("file", "every event of a file: --path PATTERN (SQL LIKE, %% matches anything) or --dev/--ino",
+             _EVENTS, pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
+    Question("process", "every event of a process: --pid, --comm or --exe (LIKE pattern)",
+             _EVENTS, pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
+    Question("host", "every event of one host (name or host_id)", _EVENTS, needs=("host",),
+             pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
+    Question("timeline", "one host's transfers in time order, compact", _TIMELINE, needs=("host",),
+             pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
+    Question("gaps", "where events are missing: lost records (sequence holes) and collector restarts",
+             _GAPS, pushdown=("host",), after=("since", "until")),
+)}
+
+OPTION_NAMES = ("host", "since", "until", "path", "dev", "ino", "pid", "comm", "exe", "container")
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def absolute_time(text: str, now: float | None = None) -> str:
+    """'2h', '30m', '7d' ago -> ISO UTC; anything else is passed to ClickHouse's best-effort parser."""
+    m = _RELATIVE.match(text.strip())
+    if not m:
+        return text
+    ts = (now if now is not None else time.time()) - int(m.group(1)) * _UNITS[m.group(2)]
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def build(name: str, options: dict, limit: int = 1000) -> tuple[str, dict]:
+    """(SQL, bound parameters) for a named question and its options."""
+    q = QUESTIONS.get(name)
+    if q is None:
+        raise UserError(f"unknown question {name!r}; known: {', '.join(QUESTIONS)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    for k in q.needs:
+        if k not in given:
+            raise UserError(f"`fdpass query {name}` needs --{k}")
+    unusable = [k for k in given if k not in q.pushdown and k not in q.after]
+    if unusable:
+        raise UserError(f"`fdpass query {name}` does not take " + ", ".join(f"--{k}" for k in unusable))
+    if limit <= 0:
+        raise UserError("--limit must be greater than 0")
+    params: dict = {"limit": limit}
+    for k in ("since", "until"):
+        if k in given:
+            given[k] = absolute_time(str(given[k]))
+    pushdown, after = ["1"], ["1"]
+    plain = _frag("")
+    paired = q.sql in (_TRANSFERS, _CROSS)
+    for k, v in given.items():
+        params[k] = v
+        if k in q.pushdown:
+            pushdown.append(plain[k][0])
+        elif paired and k in _PROCESS_EITHER:
+            after.append(_either(_PROCESS_EITHER[k]))
+        elif paired:
+            after.append(_frag("s.")[k][0])
+        else:
+            after.append(plain[k][0])
+    sql = q.sql.format(pushdown=" AND ".join(pushdown), after=" AND ".join(after))
+    return sql, params
+
+
+QUERY_EPILOG = "questions:\n" + "\n".join(f"  {q.name:<16} {q.help}" for q in QUESTIONS.values()) + """
+
+examples:
+  fdpass query transfers --path /etc/shadow --since 24h
+  fdpass query cross-container --host node-7
+  fdpass query process --comm containerd --json
+  fdpass query gaps
+  fdpass query "SELECT comm, count() FROM fdpass.events GROUP BY comm ORDER BY 2 DESC"
+"""
+
+
+def add_arguments(parser) -> None:
+    """Options of the named questions, on the `fdpass query` parser."""
+    g = parser.add_argument_group("options of the named questions (values are bound, never spliced into SQL)")
+    g.add_argument("--host", help="host name or host_id")
+    g.add_argument("--since", help="from this time: ISO/any date ClickHouse parses, or 30m/2h/7d ago")
+    g.add_argument("--until", help="before this time (same forms as --since)")
+    g.add_argument("--path", help="file path, SQL LIKE pattern (%% matches anything)")
+    g.add_argument("--dev", type=int, help="file device (st_dev)")
+    g.add_argument("--ino", type=int, help="file inode")
+    g.add_argument("--pid", type=int, help="process id (sender or receiver for transfers)")
+    g.add_argument("--comm", help="task name")
+    g.add_argument("--exe", help="executable path, LIKE pattern")
+    g.add_argument("--container", help="container id or its prefix")
+    g.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
+
+
+def from_args(what: str, args) -> tuple[str, dict] | None:
+    """(SQL, parameters) if `what` names a question; None if it is SQL (then no question options)."""
+    options = {k: getattr(args, k, None) for k in OPTION_NAMES}
+    if what in QUESTIONS:
+        return build(what, options, args.limit)
+    used = [f"--{k}" for k, v in options.items() if v is not None]
+    if used:
+        if re.fullmatch(r"[a-z-]+", what.strip()):
+            raise UserError(f"unknown question {what!r}; known: {', '.join(QUESTIONS)}")
+        raise UserError(f"{', '.join(used)} apply to named questions, not to SQL; put conditions in the SQL")
+    return None
