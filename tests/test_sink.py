@@ -61,7 +61,7 @@ def test_kill_9_three_times_while_working(kafka_broker, store_dir, tmp_path):
     values, keys = encode_all(events(N))
     rng = random.Random()
 
-    def producer():  # ~15 s of steady arrivals, so every kill lands mid-stream
+    def producer():  # ~25 s of steady arrivals, so every kill lands mid-stream
         from confluent_kafka import Producer
 
         p = Producer({"bootstrap.servers": kafka_broker.bootstrap, "enable.idempotence": True, "linger.ms": 5})
@@ -69,7 +69,7 @@ def test_kill_9_three_times_while_working(kafka_broker, store_dir, tmp_path):
             for v, k in zip(values[i:i + 200], keys[i:i + 200]):
                 p.produce(topic, v, key=k)
             p.flush(30)
-            time.sleep(0.15)
+            time.sleep(0.25)
         assert p.flush(30) == 0
 
     feeder = threading.Thread(target=producer, daemon=True)
@@ -90,7 +90,11 @@ def test_kill_9_three_times_while_working(kafka_broker, store_dir, tmp_path):
         assert n == u, f"duplicates after a kill: {n} rows, {u} distinct event_ids"
         at_kill.append(n)
     feeder.join(60)
+    seen = len(log_path.read_text())
     sink = SinkProcess(kafka_broker.bootstrap, topic, store_dir, log_path, *args, env=FAST_GROUP_ENV).start()
+    # (the earlier runs may have stored everything already: wait until this one
+    # is up, so the SIGTERM below tests a clean stop rather than a start-up)
+    wait_until(lambda: "assigned" in log_path.read_text()[seen:], 60, "the last run's partition assignment")
     wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, partitions), 120,
                "every offset committed after the last restart", interval=1)
     assert sink.stop() == 0
