@@ -186,3 +186,34 @@ def test_doctor_reports_every_check():
     for name in ("privileges", "BTF", "tracepoints", "kprobes", "fentry", "bcc", "kernel headers", "probes"):
         assert name in r.stdout
     assert "fdpass can run here." in r.stdout
+
+
+def test_container_filter_and_container_id_from_a_real_cgroup():
+    """A child in a cgroup named like Docker's (docker-<64 hex>.scope) and a
+    mount namespace of its own: --container selects exactly it, and its
+    events carry the container id."""
+    require_bpf()
+    from fdpass.collector.collect import mntns_of_container
+    from fdpass.collector.probes import Filters
+
+    unified = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
+    cid = os.urandom(32).hex()
+    cg = os.path.join(unified, f"docker-{cid}.scope")
+    os.mkdir(cg)
+    child, pid, child_ns = start_child(newns=True)
+    lc = None
+    try:
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+        assert mntns_of_container(cid[:12]) == (child_ns,)
+        lc = LiveCollector(Filters(mntns=mntns_of_container(cid[:12])))
+        go(child)
+        local_transfer()
+        events = lc.wait(lambda e: True, 6, timeout=10)
+        assert len(events) == 6
+        assert {(e["pid"], e["container_id"]) for e in events} == {(pid, cid)}
+    finally:
+        finish(child)
+        if lc:
+            lc.close()
+        os.rmdir(cg)
