@@ -113,12 +113,20 @@ class Writer:
             return
         groups: dict[int, list] = {}
         dead: list[tuple] = []
+        # The header check, inlined for the common case (runs once per message).
+        by_fp, magic, hlen = conversion.VERSION_BY_FP, conversion.MAGIC, conversion.HEADER_LEN
         for msg in batch.messages:
-            v = conversion.header_version(msg.value())
-            if isinstance(v, str):
-                dead.append((msg, v, self._codec_detail(msg.value())))
+            value = msg.value()
+            v = by_fp.get(value[2:hlen]) if value is not None and len(value) >= hlen and value[:2] == magic else None
+            if v is None:
+                reason = conversion.header_version(value)
+                dead.append((msg, reason, self._codec_detail(value)))
+                continue
+            group = groups.get(v)
+            if group is None:
+                groups[v] = [msg]
             else:
-                groups.setdefault(v, []).append(msg)
+                group.append(msg)
         try:
             self.batch_log.intent(batch.partition, batch.first, batch.last, len(batch.messages))
         except Exception as e:
