@@ -57,7 +57,7 @@ def main() -> int:
     from fdpass.schemas.avro import CURRENT_VERSION
     from fdpass.schemas.fields import FIELD_NAMES
     from fdpass.sinks import conversion
-    from fdpass.sinks.consumer import Sink, SinkConfig
+    from fdpass.sinks.consumer import Sink, SinkConfig, tune_gc
     from fdpass.sinks.store import open_store
 
     tmp = Path(tempfile.mkdtemp(prefix="fdpass-bench-sink-"))
@@ -92,6 +92,7 @@ def main() -> int:
         assert p.flush(120) == 0
         print(f"produced to {topic} ({args.partitions} partitions) in {time.perf_counter() - t:.1f}s", flush=True)
 
+        tune_gc()  # as `fdpass sink` does
         store = open_store(f"chdb://{tmp / 'store'}")
         client = store.client()
         ddl.ensure_schema(client)

@@ -56,6 +56,19 @@ def kafka_properties(config_file: str | None = None) -> dict:
     return props
 
 
+def tune_gc() -> None:
+    """Process-wide: fewer cyclic-GC passes (for the sink's process, not a library caller's).
+
+    The sink allocates one Message object per event and holds up to a few
+    batches of them; with the default thresholds the cyclic GC rescans those
+    over and over (measured: ~15 % of the sink's CPU). They hold no cycles.
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
+
+
 def _client_conf(conf: dict) -> dict:
     """The connection part of a consumer's properties (for the admin client and the DLQ producer)."""
     return {k: v for k, v in conf.items()
