@@ -67,7 +67,7 @@ def register(sub) -> None:
                    help="librdkafka properties, key=value lines (SASL, TLS...); also FDPASS_KAFKA_<PROP> "
                         "environment variables. Never put secrets on the command line")
     _add_store_args(p)
-    p.add_argument("--batch-rows", type=_positive_int, default=50_000, help="close a batch at this many messages (%(default)s)")
+    p.add_argument("--batch-rows", type=_positive_int, default=100_000, help="close a batch at this many messages (%(default)s)")
     p.add_argument("--batch-bytes", type=_bytes, default=32 << 20, help="... or at this many bytes (32M)")
     p.add_argument("--batch-age", type=_positive_float, default=1.0, help="... or after this many seconds (%(default)s)")
     p.add_argument("--ttl-days", type=int, default=None, help="drop events older than this (applied when the table is created)")
