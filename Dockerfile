@@ -1,0 +1,96 @@
+# The fdpass image: collector (`collect`), sink (`sink`), `query`, `doctor`.
+#
+#   docker build -t fdpass .
+#   docker run --rm --privileged --pid host ... fdpass collect --kafka kafka:9092   (see docker-compose.yml)
+#
+# What is in it and why:
+# - Debian bookworm, its python3 (3.11) and python3-bpfcc (bcc 0.26). bcc's
+#   Python bindings are not on PyPI; Debian's are linked into the virtualenv
+#   alone (a .pth pointing at a folder holding only the bcc package, as
+#   scripts/setup does), so no other system package leaks into the venv.
+# - No compiler. bcc compiles the BPF C at start-up with the clang/LLVM
+#   libraries libbpfcc links (libclang-cpp14, libllvm14), not with a clang
+#   binary. What it needs besides is a kernel headers tree (see below).
+# - fdpass and its dependencies from PyPI, wheels only (--only-binary): if a
+#   dependency had no wheel for the platform the build fails here instead of
+#   silently wanting gcc.
+#
+# Kernel headers, and why both a host mount and a baked-in fallback:
+# bcc refuses to compile without a headers tree, but fdpass never takes a
+# struct layout from headers: every offset comes from the running kernel's BTF
+# (collector/btf.py). So the tree only has to satisfy the compiler, and any
+# version does. The host's /lib/modules + /usr/src are mounted (read-only) in
+# docker-compose.yml and the DaemonSet and are used when the host has a tree
+# for its kernel (a matching tree is never worse). Many hosts have none (cloud
+# images, Firecracker VMs like ours), so the image also carries Debian's
+# generic linux-headers (6.1, ~80 MB merged) at /opt/fdpass/kernel-headers,
+# used through BCC_KERNEL_SOURCE when the host has nothing. That keeps the
+# host requirement to what the README says: BTF and the syscall tracepoints.
+# The headers are installed in a throw-away stage, because Debian's
+# linux-headers package depends on gcc; only the merged tree is copied over.
+
+ARG DEBIAN_IMAGE=debian:bookworm-slim
+
+FROM ${DEBIAN_IMAGE} AS headers
+ARG DEBIAN_FRONTEND=noninteractive
+# Debian splits a headers tree into linux-headers-VER-ARCH (generated files,
+# .config) and linux-headers-VER-common (the sources). bcc's BCC_KERNEL_SOURCE
+# wants one tree, so they are merged (arch files on top). The scripts/ and
+# tools/ symlinks point into linux-kbuild, which is not copied: bcc needs
+# neither.
+RUN set -eux; \
+    arch="$(dpkg --print-architecture)"; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends "linux-headers-${arch}"; \
+    arch_dir="$(ls -d /usr/src/linux-headers-*-"${arch}" | sort -V | tail -n 1)"; \
+    common_dir="${arch_dir%-*}-common"; \
+    mkdir /kernel-headers; \
+    cp -a "${common_dir}/." /kernel-headers/; \
+    cp -a "${arch_dir}/." /kernel-headers/; \
+    rm -f /kernel-headers/scripts /kernel-headers/tools; \
+    test -f /kernel-headers/include/linux/kconfig.h; \
+    test -d /kernel-headers/include/generated
+
+FROM ${DEBIAN_IMAGE}
+ARG DEBIAN_FRONTEND=noninteractive
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends python3 python3-venv python3-bpfcc ca-certificates; \
+    rm -rf /var/lib/apt/lists/*
+
+# The virtualenv, seeing Debian's bcc and nothing else of the system's packages.
+RUN set -eux; \
+    python3 -m venv /opt/fdpass/venv; \
+    mkdir -p /opt/fdpass/bcc-only; \
+    ln -s /usr/lib/python3/dist-packages/bcc /opt/fdpass/bcc-only/bcc; \
+    site="$(/opt/fdpass/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+    echo /opt/fdpass/bcc-only > "${site}/fdpass-bcc.pth"; \
+    /opt/fdpass/venv/bin/python -c 'import bcc'
+
+# Only what the package is built from (see .dockerignore), so that editing
+# tests or docs does not invalidate this layer's cache.
+COPY pyproject.toml README.md /src/
+COPY fdpass /src/fdpass
+COPY bpf /src/bpf
+COPY collector /src/collector
+COPY schemas /src/schemas
+COPY sinks /src/sinks
+RUN set -eux; \
+    /opt/fdpass/venv/bin/pip install --no-cache-dir --upgrade pip; \
+    /opt/fdpass/venv/bin/pip wheel --no-cache-dir --no-deps -w /tmp/wheels /src; \
+    /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: /tmp/wheels/fdpass-*.whl; \
+    rm -rf /tmp/wheels /src; \
+    /opt/fdpass/venv/bin/fdpass --help >/dev/null
+
+COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers
+COPY deploy/docker/entrypoint.sh /usr/local/bin/fdpass-entrypoint
+
+ENV PATH=/opt/fdpass/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# Root: loading BPF programs needs it (or CAP_BPF + CAP_PERFMON, see
+# deploy/kubernetes/daemonset.yaml). The sink and query need no privilege;
+# run them with --user if you like.
+WORKDIR /var/lib/fdpass
+ENTRYPOINT ["/usr/local/bin/fdpass-entrypoint"]
+CMD ["--help"]
