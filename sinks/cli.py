@@ -72,6 +72,10 @@ def register(sub) -> None:
     p.add_argument("--batch-age", type=_positive_float, default=1.0, help="... or after this many seconds (%(default)s)")
     p.add_argument("--ttl-days", type=int, default=None, help="drop events older than this (applied when the table is created)")
     p.add_argument("--status-every", type=_positive_float, default=10.0, help="seconds between status lines")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9465)")
+    from fdpass import logs
+
+    logs.add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run_sink)
 
@@ -93,14 +97,6 @@ def register(sub) -> None:
     q.set_defaults(func=run_query, format="table")
 
 
-def _setup_logging(verbose: bool) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("fdpass").setLevel(logging.DEBUG if verbose else logging.INFO)
-    _quiet_libraries()
-
-
 def _quiet_libraries() -> None:
     # clickhouse-connect and urllib3 log every failed HTTP attempt at WARNING;
     # fdpass says once per attempt what failed and what it does about it.
@@ -115,7 +111,10 @@ def run_sink(args) -> int:
     from fdpass.sinks.consumer import Sink, SinkConfig, kafka_properties, tune_gc
     from fdpass.sinks.store import open_store
 
-    _setup_logging(args.verbose)
+    from fdpass import logs
+
+    logs.setup("sink", args.verbose, args.log_format)
+    _quiet_libraries()
     log = logging.getLogger("fdpass.sink")
     stop, abandon = threading.Event(), threading.Event()
 
@@ -137,7 +136,12 @@ def run_sink(args) -> int:
     )
     tune_gc()
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:
-        return Sink(cfg, store, stop=stop, abandon=abandon).run()
+        sink = Sink(cfg, store, stop=stop, abandon=abandon)
+        if args.metrics:
+            from fdpass import metrics
+
+            metrics.serve(args.metrics, {"sink": sink.metrics})
+        return sink.run()
 
 
 def run_query(args) -> int:

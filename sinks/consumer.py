@@ -210,7 +210,9 @@ class _WriterThread(threading.Thread):
         attempt = 0
         while True:
             try:
+                started = time.monotonic()
                 self.writer.write(b)
+                b.write_seconds = time.monotonic() - started
                 b.written = True
                 if attempt:
                     log.info("store is back: %s written after %d failed attempts", b.describe(), attempt)
@@ -245,6 +247,8 @@ class Sink:
         self.assigned_history: list[set[int]] = []  # for tests and logs: every assignment received
         self.committed_offsets: dict[int, int] = {}  # partition -> next offset to store (committed or start)
         self._consumer = None
+        self.last_batch = (0, 0.0)  # rows and seconds of the last stored batch (for metrics)
+        self._lag: int | None = None
 
     # -- set-up -------------------------------------------------------------------
     def _kafka_conf(self) -> dict:
@@ -321,17 +325,20 @@ class Sink:
             w.start()
         consumer = self._consumer = Consumer(conf)
         consumer.subscribe([cfg.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
-        log.info("sink: %s -> %s (group %s, dead letters to %s; batches of %d rows / %d MiB / %.1fs)",
+        log.info("%s -> %s (group %s, dead letters to %s; batches of %d rows / %d MiB / %.1fs)",
                  cfg.topic, self.store.spec.describe(), cfg.group, dlq_topic, cfg.batch_rows, cfg.batch_bytes >> 20,
                  cfg.batch_age)
         rc = 0
-        last_status = time.monotonic()
+        last_status = last_lag = time.monotonic()
         last_rows = 0
         try:
             while not self.stop.is_set():
                 self._check_fatal()
                 self._commit_finished()
                 now = time.monotonic()
+                if now - last_lag >= 1.0:
+                    self._refresh_lag()
+                    last_lag = now
                 if now - last_status >= cfg.status_every:
                     rate = (self.stats["rows"] - last_rows) / (now - last_status)
                     last_status, last_rows = now, self.stats["rows"]
@@ -361,26 +368,56 @@ class Sink:
         return rc
 
     def lag(self) -> int | None:
-        """Messages in Kafka not yet stored, over the assigned partitions (cached watermarks: no broker call)."""
+        """Messages in Kafka not yet stored over the assigned partitions, as of the last second.
+
+        Computed in the consumer thread (_refresh_lag): confluent-kafka
+        serialises calls on one consumer, and a scrape thread asking it
+        directly would starve behind the consume loop.
+        """
+        return self._lag
+
+    def _refresh_lag(self) -> None:
         from confluent_kafka import TopicPartition
 
         if self._consumer is None or not self.buffers:
-            return None
+            self._lag = None
+            return
         total = 0
         try:
             committed = self.committed_offsets
             for p in self.buffers:
+                # cached: the high watermark from the last fetch response, no broker call
                 _, high = self._consumer.get_watermark_offsets(TopicPartition(self.cfg.topic, p), cached=True)
                 if high >= 0 and p in committed:
                     total += max(0, high - committed[p])
-        except Exception:  # noqa: BLE001 - a status line must never stop the sink
-            return None
-        return total
+        except Exception:  # noqa: BLE001 - a status figure must never stop the sink
+            self._lag = None
+            return
+        self._lag = total
+
+    def metrics(self) -> dict:
+        """Flat counters and gauges for --metrics (fdpass.metrics reads them at scrape time)."""
+        s = self.stats
+        out = {
+            "rows_stored": s["rows"], "dead_letters": s["dead"], "batches": s["batches"],
+            "batches_reformed": s["replayed"], "batches_already_stored": s["skipped_done"], "commits": s["commits"],
+            "batches_in_flight": len(self.pending),
+            "retrying_batches_in_flight": sum(w.retrying for w in getattr(self, "writers", [])),
+            "last_batch_size": self.last_batch[0], "insert_latency_seconds": self.last_batch[1],
+            "partitions_assigned_size": len(self.buffers),
+        }
+        lag = self.lag()
+        if lag is not None:
+            out["consumer_lag"] = lag
+        dlq = getattr(self, "dlq", None)
+        for reason, n in (dlq.counts.items() if dlq else ()):
+            out[f"dead_letters_{reason}"] = n
+        return out
 
     def _status(self, rate) -> None:
         s = self.stats
         lag = self.lag()
-        log.info("sink: %d rows stored%s, %d dead letters %s, %d batches (%d re-formed, %d already stored), "
+        log.info("%d rows stored%s, %d dead letters %s, %d batches (%d re-formed, %d already stored), "
                  "partitions %s%s%s",
                  s["rows"], f" ({rate:,.0f}/s)" if rate is not None else "", s["dead"], dict(self.dlq.counts),
                  s["batches"], s["replayed"], s["skipped_done"], sorted(self.buffers),
@@ -490,6 +527,7 @@ class Sink:
             self.stats["dead"] += b.dead
             self.stats["replayed"] += b.replay
             self.stats["skipped_done"] += b.done_before
+            self.last_batch = (len(b.messages), getattr(b, "write_seconds", 0.0))
             try:
                 self._consumer.commit(offsets=[TopicPartition(b.topic, b.partition, b.last + 1)], asynchronous=False)
                 self.stats["commits"] += 1

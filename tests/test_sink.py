@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -44,9 +45,16 @@ def test_n_events_land_exactly_once(kafka_broker, store_dir, tmp_path):
     create_topic(kafka_broker.bootstrap, topic, 4)
     evs = events(N)
     produce(kafka_broker.bootstrap, topic, *encode_all(evs))
+    from tests.fixtures_kafka import free_port
+
+    port = free_port()
     sink = SinkProcess(kafka_broker.bootstrap, topic, store_dir, tmp_path / "sink.log",
-                       "--group", unique("g"), env=FAST_GROUP_ENV).start()
+                       "--group", unique("g"), "--metrics", f"127.0.0.1:{port}", env=FAST_GROUP_ENV).start()
     sink.wait_for_log(f"sink: {N} rows stored", timeout=90)
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert f"fdpass_sink_rows_stored_total {float(N)}" in scrape, scrape
+    assert "fdpass_sink_consumer_lag 0.0" in scrape
+    assert "fdpass_sink_insert_latency_seconds" in scrape
     assert sink.stop() == 0, sink.log()[-3000:]
     assert counts(store_dir) == (N, N)
     ids = {r["event_id"] for r in query_json(store_dir, "SELECT event_id FROM fdpass.events")}
