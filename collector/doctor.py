@@ -86,6 +86,12 @@ def check_bcc() -> Check:
 
 
 def check_headers() -> Check:
+    custom = os.environ.get("BCC_KERNEL_SOURCE")  # bcc's own override (the container image sets it)
+    if custom:
+        if os.path.isdir(os.path.join(custom, "include")):
+            return Check("kernel headers", "OK", f"BCC_KERNEL_SOURCE={custom} (only for bcc's compiler; layouts come from BTF)")
+        return Check("kernel headers", "FAIL", f"BCC_KERNEL_SOURCE={custom} has no include/ directory",
+                     "point BCC_KERNEL_SOURCE at a kernel headers tree, or unset it")
     build = f"/lib/modules/{platform.release()}/build"
     if not os.path.exists(os.path.join(build, "include")):
         return Check("kernel headers", "FAIL", f"{build} is missing; bcc refuses to compile without a headers tree",

@@ -24,7 +24,9 @@ def _read(path: str, default: str = "") -> str:
 
 class HostInfo:
     def __init__(self) -> None:
-        self.host = socket.gethostname()
+        # FDPASS_HOSTNAME: the node's name when the collector runs in a
+        # container with a UTS namespace of its own (Kubernetes: spec.nodeName).
+        self.host = os.environ.get("FDPASS_HOSTNAME") or socket.gethostname()
         self.host_id = _read("/etc/machine-id") or _read("/var/lib/dbus/machine-id") or "unknown"
         self.boot_id = _read("/proc/sys/kernel/random/boot_id") or "unknown"
         self.kernel = os.uname().release

@@ -232,6 +232,8 @@ def test_k8s_collector_daemonset(k8s):
     env = {e["name"]: e for e in c["env"]}
     assert env["KAFKA_BOOTSTRAP"]["valueFrom"]["configMapKeyRef"]["name"] == "fdpass-kafka"
     assert env["FDPASS_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    # events name the node, not the pod
+    assert env["FDPASS_HOSTNAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     sc = c["securityContext"]
     if not sc.get("privileged"):
         assert {"BPF", "PERFMON"} <= set(sc["capabilities"]["add"])

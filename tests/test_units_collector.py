@@ -151,3 +151,12 @@ def test_largest_seq_still_encodes():
     e = make_event(1)
     e["seq"] = (RUN_ID_MASK << 48) | ((1 << 48) - 1)
     assert codec.decode(codec.encode(e))["seq"] == e["seq"]
+
+
+def test_hostname_override(monkeypatch):
+    from fdpass.collector.enrich import HostInfo
+
+    monkeypatch.setenv("FDPASS_HOSTNAME", "node-7")
+    assert HostInfo().host == "node-7"
+    monkeypatch.delenv("FDPASS_HOSTNAME")
+    assert HostInfo().host == __import__("socket").gethostname()
