@@ -265,6 +265,9 @@ class Sink:
             "heartbeat.interval.ms": 2000,
             "max.partition.fetch.bytes": 8 << 20,
             "queued.max.messages.kbytes": 64 << 10,  # librdkafka prefetch bound (its default)
+            # A sink started before the collector created the topic (or added
+            # partitions) sees it within 10 s, not librdkafka's default 5 min.
+            "topic.metadata.refresh.interval.ms": 10000,
             **self.cfg.kafka_conf,
             # Eager rebalancing: the callbacks below assign/revoke whole sets
             # (cooperative assignment would need incremental_assign).
