@@ -9,6 +9,8 @@ skip into a failure.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -88,3 +90,22 @@ def live():
     lc = LiveCollector()
     yield lc
     lc.close()
+
+
+FDPASS = [sys.executable, "-m", "fdpass.cli"]
+
+
+def spawn_attached(*args: str, timeout: float = 90) -> subprocess.Popen:
+    """Start `fdpass ARGS...` and return once it says "probes attached" on
+    stderr (the rest of stderr stays readable); fail with what it printed."""
+    p = subprocess.Popen(FDPASS + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        line = p.stderr.readline()
+        seen.append(line)
+        if "probes attached" in line:
+            return p
+        if (not line and p.poll() is not None) or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"fdpass {' '.join(args)} did not attach: " + "".join(seen))

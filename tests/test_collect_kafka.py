@@ -8,35 +8,22 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-from tests.fixtures_bpf import require_bpf
+from tests.fixtures_bpf import require_bpf, spawn_attached
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kafka]
 
-FDPASS = [sys.executable, "-m", "fdpass.cli"]
 # Both collectors see the same syscalls, but each probe reads the clock and
 # takes a sequence number of its own.
 PER_COLLECTOR = {"event_id", "time_ns", "seq"}
 
 
 def start_collector(*args):
-    p = subprocess.Popen(FDPASS + ["collect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    seen = []
-    while True:
-        line = p.stderr.readline()
-        seen.append(line)
-        if "probes attached" in line:
-            return p
-        if not line and p.poll() is not None or time.monotonic() > deadline:
-            p.kill()
-            pytest.fail("collector did not attach: " + "".join(seen))
+    return spawn_attached("collect", *args)
 
 
 def stop(p) -> tuple[str, str]:

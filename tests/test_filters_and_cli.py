@@ -12,11 +12,9 @@ import time
 
 import pytest
 
-from tests.fixtures_bpf import LiveCollector, require_bpf
+from tests.fixtures_bpf import FDPASS, LiveCollector, require_bpf, spawn_attached
 
 pytestmark = pytest.mark.bpf
-
-FDPASS = [sys.executable, "-m", "fdpass.cli"]
 
 # A child that waits for "go" on stdin, then passes /etc/passwd over a fresh
 # socketpair `rounds` times and prints its pid and the sender socket inode.
@@ -114,14 +112,8 @@ def test_collect_jsonl_cli_end_to_end():
     require_bpf()
     from fdpass.schemas.fields import FIELD_NAMES
 
-    p = subprocess.Popen(FDPASS + ["collect", "--jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = spawn_attached("collect", "--jsonl")
     try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while "probes attached" not in line:
-            line = p.stderr.readline()
-            assert line or p.poll() is None, "collector exited before attaching"
-            assert time.monotonic() < deadline
         sock = local_transfer()
         time.sleep(0.3)
         p.send_signal(signal.SIGTERM)

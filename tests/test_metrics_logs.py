@@ -7,8 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -16,9 +14,7 @@ import pytest
 
 from fdpass import metrics
 from fdpass.errors import UserError
-from tests.fixtures_bpf import require_bpf
-
-FDPASS = [sys.executable, "-m", "fdpass.cli"]
+from tests.fixtures_bpf import require_bpf, spawn_attached
 
 
 def free_port() -> int:
@@ -52,18 +48,14 @@ def transfers(n: int) -> None:
 def test_collect_metrics_move_during_a_run():
     require_bpf()
     port = free_port()
-    p = subprocess.Popen(FDPASS + ["collect", "--jsonl", "--metrics", f"127.0.0.1:{port}", "--log-format", "json"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = spawn_attached("collect", "--jsonl", "--metrics", f"127.0.0.1:{port}", "--log-format", "json")
     try:
-        deadline = time.monotonic() + 60
-        while "probes attached" not in p.stderr.readline():
-            assert p.poll() is None and time.monotonic() < deadline
         before = scrape(port)
         transfers(20)
         time.sleep(0.5)
         after = scrape(port)
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()

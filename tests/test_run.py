@@ -12,26 +12,13 @@ import time
 
 import pytest
 
-from tests.fixtures_bpf import require_bpf
+from tests.fixtures_bpf import FDPASS, require_bpf, spawn_attached
 
 pytestmark = pytest.mark.bpf
 
-FDPASS = [sys.executable, "-m", "fdpass.cli"]
-
 
 def start_run(store, *extra):
-    p = subprocess.Popen(FDPASS + ["run", "--store", str(store), *extra], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    seen = []
-    while True:
-        line = p.stderr.readline()
-        seen.append(line)
-        if "probes attached" in line:
-            return p
-        if (not line and p.poll() is not None) or time.monotonic() > deadline:
-            p.kill()
-            pytest.fail("fdpass run did not start: " + "".join(seen))
+    return spawn_attached("run", "--store", str(store), *extra)
 
 
 def query(store, sql, *extra):
