@@ -94,7 +94,7 @@ class Config:
 
         col = Collector(lambda e: None)
         self.fds = entry_fds(col.probes.bpf)
-        t = threading.Thread(target=col.run, kwargs={"install_signals": False}, daemon=True)
+        t = threading.Thread(target=col.run, daemon=True)
         t.start()
 
         def close():

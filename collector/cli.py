@@ -150,6 +150,7 @@ def run_collect(args) -> int:
         if publisher is not None:
             sources["kafka"] = publisher.stats
         metrics.serve(args.metrics, sources)
+    collector.stop_on_signals()
     attached()  # after the metrics endpoint is up: "attached" means ready in every way
     try:
         stats = collector.run(duration=args.duration, tick=flush)

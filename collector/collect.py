@@ -105,12 +105,15 @@ class Collector:
             "bad_records": self.counters.bad_records,
         }
 
-    def run(self, duration: float | None = None, tick: Callable[[], None] | None = None,
-            install_signals: bool = True) -> dict:
-        """Drain until stopped, --duration elapses or SIGINT/SIGTERM; then a last drain."""
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: self._stop.set())
+    def stop_on_signals(self) -> None:
+        """SIGINT/SIGTERM stop the loop after a last drain. Commands call this
+        before they announce "probes attached", so a signal sent the moment
+        the line appears is never the default (fatal, nothing flushed) one."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+
+    def run(self, duration: float | None = None, tick: Callable[[], None] | None = None) -> dict:
+        """Drain until stopped or --duration elapses; then a last drain."""
         deadline = time.monotonic() + duration if duration else None
         while not self._stop.is_set():
             self.probes.drain(50)

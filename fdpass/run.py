@@ -207,6 +207,7 @@ def run(args) -> int:
                 **collector.stats(), "stored": writer.stored, "store_backlog": len(writer.queue),
                 "dropped_store_backlog": writer.dropped, "store_failures": writer.failures,
                 "store_insert_seconds": writer.last_insert_seconds}})
+        collector.stop_on_signals()
         attached()  # after the metrics endpoint is up
         status = StatusLine(collector, writer, store_dir, enabled=sys.stderr.isatty() and not args.no_status)
         try:

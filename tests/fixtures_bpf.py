@@ -57,7 +57,7 @@ class LiveCollector:
             self.events.append(event)
 
     def _run(self) -> None:
-        self.final_stats = self.collector.run(install_signals=False)
+        self.final_stats = self.collector.run()
 
     def matching(self, pred) -> list[dict]:
         with self._lock:
