@@ -355,13 +355,13 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     return 0;
 }
 
-static __always_inline void emit(void *ctx, struct work *w, u32 path_len) {
+/* Send w->ev (header + ev.path_len bytes of path) to user space. */
+static __always_inline void emit(void *ctx, struct work *w) {
     struct fdp_event *ev = &w->ev;
     u32 zero = 0;
     u64 *seq = seqno.lookup(&zero);
     ev->seq = ((u64)RUN_ID << 48) | (seq ? __sync_fetch_and_add(seq, 1) : 0);
-    ev->path_len = path_len;
-    u64 size = offsetof(struct fdp_event, path) + path_len;
+    u64 size = offsetof(struct fdp_event, path) + ev->path_len;
     /* Keep the bound check and the use on one register, or clang may test a
      * copy and the verifier sees an unbounded size. */
     asm volatile("" : "+r"(size));
@@ -459,7 +459,8 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
     u64 file = fd_file(w, fd);
     if (!file) {
         ev->flags |= FDP_F_NO_FILE;
-        emit(ctx, w, 0);
+        ev->path_len = 0;
+        emit(ctx, w);
         return;
     }
     u64 inode = KREAD(u64, file, OFF_FILE_F_INODE);
@@ -472,7 +473,7 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
     struct kpath fp = {};
     bpf_probe_read_kernel(&fp, sizeof(fp), (void *)(file + OFF_FILE_F_PATH));
     walk_path(w, fp.dentry, fp.mnt);
-    emit(ctx, w, w->ev.path_len);
+    emit(ctx, w);
 }
 
 /* Read message msg_idx's control data: collect its SCM_RIGHTS fds in order
@@ -559,7 +560,8 @@ int walk(void *ctx) {
     ev->fd_count = w->msg_idx < w->nmsgs ? 0 : (u16)(w->nfds - w->fd_pos);
     ev->flags = FDP_F_FDS_TRUNC;
     ev->ncomp = 0;
-    emit(ctx, w, 0);
+    ev->path_len = 0;
+    emit(ctx, w);
     return 0;
 }
 

@@ -39,7 +39,7 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _duration(text: str) -> float:
+def seconds_arg(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -75,7 +75,7 @@ def register(sub) -> None:
     out = p.add_argument_group("output (choose one)")
     out.add_argument("--jsonl", action="store_true", help="write one JSON object per event on stdout")
     add_filter_arguments(p)
-    p.add_argument("--duration", type=_duration, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
+    p.add_argument("--duration", type=seconds_arg, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
     p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
                    help="kernel ring buffer size in 4 KiB pages, a power of two (default 4096 = 16 MiB, ~90k records: about two seconds of a reader falling behind at full rate)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")

@@ -57,7 +57,7 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 
 class Collector:
     def __init__(self, output: Callable[[dict], None], filters: Filters | None = None,
-                 ringbuf_pages: int = DEFAULT_RINGBUF_PAGES, on_attached: Callable[[], None] | None = None,
+                 ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
                  tuning: dict[str, int] | None = None):
         self.output = output
         self.counters = Counters()
@@ -65,8 +65,6 @@ class Collector:
         self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning)
         self.probes.open(self._on_record)
         self._stop = threading.Event()
-        if on_attached:
-            on_attached()
 
     def _on_record(self, data: int, size: int) -> None:
         try:

@@ -144,14 +144,15 @@ class Probes:
     """The compiled, attached probes and their ring buffer."""
 
     def __init__(self, filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                 walk_steps: int = 8, path_depth: int = 40, tuning: dict[str, int] | None = None):
-        """tuning: extra -D values for the BPF C (e.g. PENDING_SLOTS), for tests and benchmarks."""
+                 tuning: dict[str, int] | None = None):
+        """tuning: -D values overriding the BPF C's defaults (PENDING_SLOTS,
+        WALK_STEPS, PATH_DEPTH, WAKE_EVERY), for tests and benchmarks."""
         _check_privileges()
         bcc = _import_bcc()
         self.filters = filters or Filters()
         btf = BTF.load()
         defines = kernel_defines(btf)
-        defines.update(RINGBUF_PAGES=ringbuf_pages, WALK_STEPS=walk_steps, PATH_DEPTH=path_depth)
+        defines["RINGBUF_PAGES"] = ringbuf_pages
         self.run_id = next_run_id()
         defines["RUN_ID"] = self.run_id
         defines.update(tuning or {})

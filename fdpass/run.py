@@ -52,13 +52,13 @@ examples:
 
 
 def register(sub) -> None:
-    from fdpass.collector.cli import add_filter_arguments
+    from fdpass.collector.cli import add_filter_arguments, seconds_arg
 
     p = sub.add_parser("run", help="record on this host into embedded ClickHouse (no servers)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=DEFAULT_STORE, metavar="DIR",
                    help=f"embedded ClickHouse directory (default {DEFAULT_STORE})")
-    p.add_argument("--duration", type=_duration, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--duration", type=seconds_arg, metavar="SECONDS", help="stop after this long")
     p.add_argument("--batch-rows", type=int, default=BATCH_ROWS, help=f"insert at this many events (default {BATCH_ROWS})")
     p.add_argument("--batch-age", type=float, default=BATCH_AGE_S,
                    help=f"... or after this many seconds (default {BATCH_AGE_S})")
@@ -68,12 +68,6 @@ def register(sub) -> None:
     logs.add_arguments(p)
     add_filter_arguments(p)
     p.set_defaults(func=run)
-
-
-def _duration(text: str) -> float:
-    from fdpass.collector.cli import _duration as d
-
-    return d(text)
 
 
 def _dir_size(path: str) -> int:
