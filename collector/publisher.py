@@ -20,6 +20,18 @@ Where an event can be, in order:
    from it and written at the front of the spool; the next publisher on the
    same spool directory replays it first (also after a process restart).
 
+Start-up: bad input is a one-line UserError before anything runs: a --kafka
+entry that is not HOST:PORT, a host name that does not resolve, an unreadable
+or bad properties file, bad librdkafka properties, and a topic that does not
+exist with --no-create-topic when the broker answered. Kafka not answering
+within `connect_timeout` (an outage: the address resolves, nobody answers) is
+not an error: one WARNING line names the address and the spool directory, the
+publisher runs and spools every event, and a background thread retries the
+topic check (and creation) until the broker answers, warning every 30 s
+meanwhile; only then does the spool start draining to Kafka, in order. A
+collector (re)started while Kafka is down therefore records from its first
+second and loses nothing.
+
 Delivery is at-least-once: a crash can replay spooled events Kafka already
 had, and events purged at close while in flight may have reached the broker.
 Consumers drop duplicates by event_id (deterministic per event).
@@ -40,6 +52,8 @@ import argparse
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -78,6 +92,13 @@ REQUIRED = {
 }
 
 POLL_EVERY = 1000  # publishes between inline polls of delivery reports
+# Kafka unreachable at start: how often the background topic check warns that
+# it still is, and how long each of its metadata requests waits.
+START_WARN_EVERY = 30.0  # s
+START_RETRY_TIMEOUT = 2.0  # s
+_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT,
+              KafkaError.REQUEST_TIMED_OUT, KafkaError.BROKER_NOT_AVAILABLE,
+              KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_CONTROLLER}
 SERVE_INTERVAL = 0.05  # s; the background thread's period
 
 _SECRET_WORDS = ("password", "secret", "token", ".pem", "jaas", "credential", "private")
@@ -154,19 +175,82 @@ def properties_from_env(environ: dict | None = None) -> dict:
     return props
 
 
+def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
+    """The (host, port) entries of a --kafka value; UserError (one line) for one that is not HOST:PORT.
+
+    Accepts what librdkafka accepts: comma-separated HOST:PORT, an optional
+    PROTOCOL:// prefix, and [IPv6]:PORT.
+    """
+    servers = []
+    for item in bootstrap.split(","):
+        entry = item.strip()
+        addr = entry.split("://", 1)[1] if "://" in entry else entry
+        if addr.startswith("["):  # [IPv6]:PORT
+            host, sep, port = addr[1:].partition("]:")
+        else:
+            host, sep, port = addr.rpartition(":")
+            if ":" in host:  # a bare IPv6 address: which colon starts the port?
+                sep = ""
+        if (not sep or not host or any(c.isspace() for c in host)
+                or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
+            what = f"{entry!r} in {bootstrap!r}" if entry != bootstrap.strip() else repr(bootstrap)
+            raise UserError(f"--kafka {what} is not HOST:PORT (e.g. kafka-1.example:9092; IPv6 as [::1]:9092)")
+        servers.append((host, int(port)))
+    return servers
+
+
+def check_resolvable(servers: list[tuple[str, int]]) -> None:
+    """UserError naming the first host name that does not resolve.
+
+    A temporary DNS failure (EAI_AGAIN: no name server answered) is not bad
+    input but an outage; librdkafka keeps retrying the name, so it passes here.
+    """
+    for host, port in servers:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_AGAIN:
+                log.info("cannot resolve Kafka host %s right now (%s): treated as an outage", host, exc.strerror)
+                continue
+            raise UserError(f"Kafka host {host!r} (--kafka) does not resolve: {exc.strerror}; "
+                            "check the name") from None
+        except UnicodeError:  # a label too long or empty for IDNA
+            raise UserError(f"Kafka host {host!r} (--kafka) is not a valid host name") from None
+
+
+def _short_reason(text: str) -> str:
+    """librdkafka's error text without its broker prefix and state suffix:
+    "10.0.0.7:9092/bootstrap: Connect to ipv4#10.0.0.7:9092 failed: Connection refused (after 0ms in state
+    CONNECT)" -> "Connect to ipv4#10.0.0.7:9092 failed: Connection refused"."""
+    text = re.sub(r"^\S+/\S+: ", "", text)
+    return re.sub(r" \(after \d+ms in state \w+.*\)$", "", text)
+
+
+class _TopicProblem(Exception):
+    """The topic is not usable yet; `transient` when Kafka may just need time."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Kafka options of `fdpass collect`, on a parser (in a "Kafka" group) or an argument group."""
     # argparse hides (and deprecates) groups nested in groups: add straight
     # into a group we are given.
     g = parser.add_argument_group("Kafka") if isinstance(parser, argparse.ArgumentParser) else parser
     g.add_argument("--kafka", metavar="HOST:PORT[,HOST:PORT]",
-                   help="publish Avro events to these Kafka bootstrap servers")
+                   help="publish Avro events to these Kafka bootstrap servers. An entry that is not HOST:PORT "
+                        "or a host name that does not resolve stops fdpass at start; Kafka down at start does "
+                        "not: after a 10 s wait fdpass warns, records anyway, spools events to --spool-dir "
+                        "and sends them, in order, once Kafka answers")
     g.add_argument("--topic", default=DEFAULT_TOPIC, help="topic (default %(default)s)")
     g.add_argument("--kafka-config", metavar="FILE",
                    help="librdkafka properties, key=value lines (SASL, TLS...); also FDPASS_KAFKA_<PROP> "
                         "environment variables, e.g. FDPASS_KAFKA_SASL_PASSWORD. Never put secrets on the command line")
     g.add_argument("--spool-dir", default=DEFAULT_SPOOL_DIR,
-                   help="where events wait on disk while Kafka is unreachable (default %(default)s)")
+                   help="where events wait on disk while Kafka is unreachable, also when it is down at "
+                        "start (default %(default)s)")
     g.add_argument("--spool-max-bytes", type=int, default=DEFAULT_SPOOL_MAX_BYTES,
                    help="spool size bound; past it the newest events are dropped and counted (default 1 GiB)")
     g.add_argument("--partitions", type=int, default=6,
@@ -174,13 +258,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--replication", type=int, default=1,
                    help="replication factor when the topic has to be created (default %(default)s)")
     g.add_argument("--no-create-topic", dest="create_topic", action="store_false",
-                   help="fail if the topic does not exist instead of creating it")
+                   help="fail if the topic does not exist instead of creating it (Kafka down at start: "
+                        "events stay spooled, with an error logged, until the topic exists)")
 
 
 class KafkaPublisher:
     """Publishes events (Avro single-object encoded, key = host_id) to one topic.
 
     publish()/publish_encoded() are meant to be called from one thread.
+
+    The constructor raises UserError (one line) for bad input. When Kafka does
+    not answer within `connect_timeout` s it logs one warning and returns a
+    publisher that spools every event until Kafka answers and the topic is
+    checked (created if needed) in the background; see the module docstring.
     """
 
     def __init__(self, bootstrap: str, topic: str = DEFAULT_TOPIC, *, config: dict | None = None,
@@ -192,6 +282,12 @@ class KafkaPublisher:
         self.bootstrap = bootstrap
         self.queue_max_messages = queue_max_messages
         self.stall_seconds = stall_seconds
+        # Bad input first, before anything touches the disk or the network.
+        servers = parse_bootstrap(bootstrap)
+        if create_topic and (partitions < 1 or replication < 1):
+            raise UserError(f"--partitions and --replication must be >= 1 (got {partitions}, {replication})")
+        check_resolvable(servers)
+        self._partitions, self._replication, self._create_topic = partitions, replication, create_topic
         user = dict(config or {})
         for key, value in REQUIRED.items():
             if key in user and str(user[key]).lower() != str(value).lower():
@@ -209,14 +305,24 @@ class KafkaPublisher:
             self._spool = Spool(spool_dir, max_bytes=spool_max_bytes, segment_bytes=spool_segment_bytes)
         except (SpoolLocked, OSError) as exc:
             raise UserError(str(exc)) from None
+        # False until Kafka has answered and the topic exists: until then
+        # every event goes to the spool and nothing is replayed.
+        self._topic_ready = False
+        self._admin_error = ""  # librdkafka's last word on why Kafka does not answer
+        self._stop = threading.Event()
+        self._producer = None
         try:
-            self._check_topic(partitions, replication, create_topic, connect_timeout)
+            # Both clients before waiting on the network: a bad property is
+            # bad input and must not wait for (or be hidden by) an outage.
+            admin = self._new_admin()
             try:
-                self._producer = Producer({**self.config, "logger": _LIBRDKAFKA_LOG, "error_cb": self._on_error,
+                self._producer = Producer({**self.config, "logger": _ProducerLog(self), "error_cb": self._on_error,
                                            "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
             except KafkaException as exc:
                 raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
+            self._topic_ready = self._check_topic(admin, connect_timeout)
         except BaseException:
+            self._producer = None
             self._spool.close()
             raise
         self.delivered = 0
@@ -228,7 +334,8 @@ class KafkaPublisher:
         # Guards the spool. Re-entrant so that a delivery callback served
         # inside a producer call made under the lock cannot deadlock.
         self._lock = threading.RLock()
-        self._spooling = self._spool.has_unread()  # events from an earlier run go first
+        # Events from an earlier run go first; with Kafka not answering yet, all events wait in the spool.
+        self._spooling = self._spool.has_unread() or not self._topic_ready
         self._held = None  # a spool record the producer refused (queue full): retried first
         self._last_progress = time.monotonic()
         self._delivered_at_tick = 0
@@ -237,19 +344,28 @@ class KafkaPublisher:
         self._drops_unlogged = 0
         self._purged: list[tuple[bytes, bytes]] = []
         self._undelivered_at_close = 0
-        self._stop = threading.Event()
         self._poll_lock = threading.Lock()  # one thread serves librdkafka callbacks at a time
         self._since_poll = 0
         self._last_inline_poll = 0.0
         self._keys: dict[str, bytes] = {}  # host_id -> key bytes (a collector sees one or few)
         self._thread = threading.Thread(target=self._serve, name="fdpass-kafka", daemon=True)
         self._thread.start()
+        self._topic_thread = None
+        if not self._topic_ready:
+            started = time.monotonic() - connect_timeout
+            self._topic_thread = threading.Thread(target=self._await_topic, args=(admin, started),
+                                                  name="fdpass-kafka-topic", daemon=True)
+            self._topic_thread.start()
 
     # --- construction from the command line ------------------------------------
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: dict | None = None,
                   connect_timeout: float = 10.0) -> KafkaPublisher:
-        """The publisher `fdpass collect` asked for; UserError (one line) for bad input."""
+        """The publisher `fdpass collect` asked for; UserError (one line) for bad input.
+
+        Kafka not answering within `connect_timeout` s is not bad input: the
+        publisher warns once and runs, spooling, until Kafka answers.
+        """
         if not args.kafka:
             raise UserError("--kafka HOST:PORT is required to publish to Kafka")
         config = {}
@@ -263,37 +379,113 @@ class KafkaPublisher:
                    replication=args.replication, create_topic=getattr(args, "create_topic", True),
                    connect_timeout=connect_timeout)
 
-    def _check_topic(self, partitions: int, replication: int, create: bool, timeout: float) -> None:
-        """Fail early with one clear line: unreachable Kafka, bad config, missing topic."""
+    # --- the topic check: at start, and in the background while Kafka is down ----
+    def _new_admin(self) -> AdminClient:
         admin_conf = {k: v for k, v in self.config.items() if not _producer_only(k)}
         try:
-            admin = AdminClient({**admin_conf, "logger": _QUIET})
+            return AdminClient({**admin_conf, "logger": _QUIET, "error_cb": self._on_admin_error})
         except KafkaException as exc:
             raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
         except (ValueError, TypeError) as exc:
             raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc}")) from None
+
+    def _on_admin_error(self, err) -> None:
+        # "Connect to ipv4#10.0.0.7:9092 failed: Connection refused" says more than "1/1 brokers are down".
+        if err.code() != KafkaError._ALL_BROKERS_DOWN or not self._admin_error:
+            self._admin_error = _short_reason(_SCRUBBER.scrub(err.str()))
+
+    def _metadata(self, admin: AdminClient, timeout: float):
+        """Cluster metadata, or None when Kafka did not answer within `timeout` s."""
         try:
-            md = admin.list_topics(timeout=timeout)
+            return admin.list_topics(timeout=timeout)
         except KafkaException as exc:
-            raise UserError(f"Kafka at {self.bootstrap} did not answer within {timeout:.0f} s "
-                            f"({exc.args[0].str()}): check --kafka and that the broker is up") from None
+            if not self._admin_error:
+                self._admin_error = _SCRUBBER.scrub(exc.args[0].str())
+            return None
+        finally:
+            admin.poll(0)  # serves error_cb: the reason Kafka does not answer
+
+    def _check_topic(self, admin: AdminClient, timeout: float) -> bool:
+        """At start: True once the topic is there (created if missing and allowed).
+
+        UserError for bad input (a missing topic with --no-create-topic, a
+        topic Kafka refuses to create); False, after one warning, when Kafka
+        did not answer within `timeout` s: the caller spools and retries.
+        """
+        md = self._metadata(admin, timeout)
+        if md is not None:
+            try:
+                self._ensure_topic(admin, md, timeout)
+                return True
+            except _TopicProblem as exc:
+                if not exc.transient:
+                    raise UserError(str(exc)) from None
+                self._admin_error = str(exc)
+        log.warning("Kafka at %s did not answer within %.0f s (%s); events are spooled to %s and sent "
+                    "when it answers", self.bootstrap, timeout, self._admin_error or "no reason given",
+                    self._spool.dir)
+        return False
+
+    def _ensure_topic(self, admin: AdminClient, md, timeout: float) -> None:
+        """The topic exists when this returns; _TopicProblem otherwise."""
         topic = md.topics.get(self.topic)
         if topic is not None and topic.error is None:
             return
-        if not create:
-            raise UserError(f"topic {self.topic!r} does not exist on {self.bootstrap} "
-                            "(and --no-create-topic was given): create it or drop the flag")
-        if partitions < 1 or replication < 1:
-            raise UserError(f"--partitions and --replication must be >= 1 (got {partitions}, {replication})")
-        future = admin.create_topics([NewTopic(self.topic, partitions, replication)],
+        if not self._create_topic:
+            raise _TopicProblem(f"topic {self.topic!r} does not exist on {self.bootstrap} "
+                                "(and --no-create-topic was given): create it or drop the flag", transient=False)
+        future = admin.create_topics([NewTopic(self.topic, self._partitions, self._replication)],
                                      operation_timeout=timeout)[self.topic]
         try:
-            future.result(timeout=timeout)
-            log.info("created topic %s (%d partitions, replication %d)", self.topic, partitions, replication)
+            future.result(timeout=timeout + 5)
+            log.info("created topic %s (%d partitions, replication %d)", self.topic,
+                     self._partitions, self._replication)
         except KafkaException as exc:
             err = exc.args[0]
-            if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:  # lost a race with another collector
-                raise UserError(f"cannot create topic {self.topic!r} on {self.bootstrap}: {err.str()}") from None
+            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # lost a race with another collector
+                return
+            raise _TopicProblem(f"cannot create topic {self.topic!r} on {self.bootstrap}: {err.str()}",
+                                transient=err.code() in _TRANSIENT) from None
+        except TimeoutError:  # concurrent.futures.TimeoutError is TimeoutError since Python 3.11
+            raise _TopicProblem(f"Kafka at {self.bootstrap} did not confirm creating topic {self.topic!r} "
+                                f"within {timeout + 5:.0f} s", transient=True) from None
+
+    def _await_topic(self, admin: AdminClient, since: float) -> None:
+        """Background, while Kafka has not answered since start: retry the topic
+        check until it passes, then let the spool drain (see _tick)."""
+        next_warn = time.monotonic() + START_WARN_EVERY
+        said = ""
+        while not self._stop.is_set():
+            md = self._metadata(admin, START_RETRY_TIMEOUT)
+            problem = None
+            if md is not None:
+                try:
+                    self._ensure_topic(admin, md, 5.0)
+                except _TopicProblem as exc:
+                    problem = exc
+                else:
+                    with self._lock:
+                        waiting = self._spool.pending
+                    self._topic_ready = True
+                    log.warning("Kafka at %s answered after %.0f s: sending the %d events spooled to %s",
+                                self.bootstrap, time.monotonic() - since, waiting, self._spool.dir)
+                    return
+            now = time.monotonic()
+            text = str(problem) if problem is not None else ""
+            if now >= next_warn or (problem is not None and not problem.transient and text != said):
+                next_warn = now + START_WARN_EVERY
+                said = text
+                with self._lock:
+                    waiting = self._spool.pending
+                if problem is not None and not problem.transient:
+                    # Bad input found late (Kafka was down at start): say so
+                    # loudly, keep everything, and look again.
+                    log.error("%s; meanwhile %d events wait in %s", problem, waiting, self._spool.dir)
+                else:
+                    log.warning("Kafka at %s has still not answered after %.0f s (%s); %d events wait in %s",
+                                self.bootstrap, now - since, text or self._admin_error or "no reason given",
+                                waiting, self._spool.dir)
+            self._stop.wait(0.5 if problem is None else 5.0)
 
     # --- publishing -------------------------------------------------------------
     def publish(self, event: dict) -> None:
@@ -407,7 +599,7 @@ class KafkaPublisher:
                                 "spooling new events to %s", self.bootstrap, now - self._last_progress,
                                 waiting, self._spool.dir)
                     self._spooling = True
-        if self._spooling and not stalled:
+        if self._spooling and not stalled and self._topic_ready:
             self._replay(waiting)
         if self._spooling:
             with self._lock:
@@ -469,7 +661,12 @@ class KafkaPublisher:
 
     def _on_error(self, err) -> None:
         # Transport errors are expected during an outage; the producer retries.
-        # (Repeats within a minute are filtered out by _RepeatFilter.)
+        # (Repeats within a minute are filtered out by _RepeatFilter.) While
+        # Kafka has not answered since start, _await_topic already says so
+        # every 30 s: its transport errors would only repeat that.
+        if not self._topic_ready and err.code() in _TRANSIENT:
+            _LIBRDKAFKA_LOG.debug("Kafka: %s", err.str())
+            return
         _LIBRDKAFKA_LOG.warning("Kafka: %s", err.str())
 
     def _on_stats(self, stats_json: str) -> None:
@@ -506,6 +703,8 @@ class KafkaPublisher:
         self._closed = True
         self._stop.set()
         self._thread.join()
+        if self._topic_thread is not None:
+            self._topic_thread.join()  # at most one metadata request or topic creation away
         # Take back what the producer still holds, in order, and put it in
         # front of the spool: it is older than anything spooled.
         self._producer.purge(in_queue=True, in_flight=True, blocking=True)
@@ -540,6 +739,9 @@ class KafkaPublisher:
             "spool_pending": pending,
             "spool_bytes": spool_bytes,
             "spooling": self._spooling,
+            # True while Kafka has not answered since start (all events wait in the spool);
+            # "pending" makes it a gauge in the metrics endpoint.
+            "topic_check_pending": not self._topic_ready,
         }
 
 
@@ -552,6 +754,23 @@ _PRODUCER_ONLY_PREFIXES = ("linger.", "batch.", "compression.", "queue.buffering
 
 def _producer_only(prop: str) -> bool:
     return prop.startswith(_PRODUCER_ONLY_PREFIXES)
+
+
+class _ProducerLog:
+    """The producer's librdkafka log lines, to _LIBRDKAFKA_LOG. While Kafka has
+    not answered since start, connection failures go to DEBUG: the start-up
+    warnings already say so, every 30 s."""
+
+    _OUTAGE_FACILITIES = ("FAIL", "GETPID")
+
+    def __init__(self, publisher: KafkaPublisher):
+        self._publisher = publisher
+
+    def log(self, level: int, msg: str, *args) -> None:
+        # confluent-kafka calls log(level, "%s [%s] %s", facility, client name, text)
+        if args and args[0] in self._OUTAGE_FACILITIES and not self._publisher._topic_ready:
+            level = logging.DEBUG
+        _LIBRDKAFKA_LOG.log(level, msg, *args)
 
 
 class _RepeatFilter(logging.Filter):
@@ -581,8 +800,8 @@ _LIBRDKAFKA_LOG.addFilter(_RepeatFilter())
 _LIBRDKAFKA_LOG.addFilter(_SCRUBBER)
 log.addFilter(_SCRUBBER)
 
-# The start-up metadata check reports failures itself, as one UserError line;
-# librdkafka's own "connection refused" lines would only repeat it.
+# The topic check reports failures itself (a UserError line, or the
+# start-up warnings); librdkafka's own "connection refused" lines would only repeat it.
 _QUIET = logging.getLogger("fdpass.publisher.admin")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False

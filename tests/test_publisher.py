@@ -224,14 +224,119 @@ def args_for(bootstrap, tmp_path, *extra) -> argparse.Namespace:
     return parser.parse_args(["--kafka", bootstrap, "--spool-dir", str(tmp_path / "spool"), *extra])
 
 
-def test_unreachable_bootstrap_is_a_user_error(tmp_path):
+def warning_lines(caplog, level=logging.WARNING) -> list[str]:
+    """What the collector's log shows at `level` and above. (pytest also
+    captures non-propagating loggers, such as the publisher's silenced admin client: not shown.)"""
+    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name != "fdpass.publisher.admin"]
+
+
+def test_unreachable_bootstrap_warns_spools_and_loses_nothing(tmp_path, caplog, monkeypatch):
+    """A valid address nobody answers on is an outage, not bad input: the
+    publisher warns (naming the address and the spool), runs, spools, repeats
+    the warning while Kafka stays away, and keeps every event for the next run."""
+    from fdpass.collector.spool import Spool
     from tests.fixtures_kafka import free_port
 
+    monkeypatch.setattr(pub, "START_WARN_EVERY", 1.0)  # 30 s in production
     address = f"127.0.0.1:{free_port()}"
-    t = time.monotonic()
-    with pytest.raises(UserError, match=f"Kafka at {address} did not answer"):
-        KafkaPublisher.from_args(args_for(address, tmp_path), environ={}, connect_timeout=3)
-    assert time.monotonic() - t < 15
+    spool = tmp_path / "spool"
+    events = events_for(300)
+    with caplog.at_level(logging.INFO, logger="fdpass.publisher"):
+        t = time.monotonic()
+        p = KafkaPublisher.from_args(args_for(address, tmp_path), environ={}, connect_timeout=2)
+        assert time.monotonic() - t < 6
+        try:
+            for e in events:
+                p.publish(e)
+            time.sleep(2.5)
+            stats = p.stats()
+        finally:
+            undelivered = p.close(timeout=1)
+    warnings = warning_lines(caplog)
+    assert warnings[0].startswith(f"Kafka at {address} did not answer within 2 s (Connect to ipv4#{address} "
+                                  "failed: Connection refused)"), warnings  # with librdkafka's reason
+    assert warnings[0].endswith(f"; events are spooled to {spool} and sent when it answers"), warnings
+    assert any(w.startswith(f"Kafka at {address} has still not answered after") and f"300 events wait in {spool}" in w
+               for w in warnings), warnings
+    assert not any(w.startswith(("Kafka: ", "FAIL ")) for w in warnings), \
+        "librdkafka's connection errors must not repeat the warning"
+    assert stats["topic_check_pending"] is True and stats["delivered"] == 0 and stats["replayed"] == 0
+    assert stats["spooled"] == 300 and stats["spool_pending"] == 300 and stats["dropped"] == 0
+    assert undelivered == 300
+    # Nothing lost: the next run finds all 300, in publish order.
+    s = Spool(spool)
+    try:
+        got = []
+        while (rec := s.read()) is not None:
+            got.append((rec[1], rec[2]))
+    finally:
+        s.close()
+    assert got == [(e["host_id"].encode(), codec.encode(e)) for e in events]
+
+
+def test_kafka_down_at_start_then_up_delivers_everything_once_in_order(kafka_broker, tmp_path, caplog):
+    topic = new_topic()  # does not exist yet: created in the background once Kafka answers
+    missing = new_topic()  # never created: with --no-create-topic that is reported, not lost
+    events = events_for(2000)
+    with caplog.at_level(logging.INFO, logger="fdpass.publisher"):
+        kafka_broker.stop()
+        try:
+            p = make_publisher(kafka_broker, topic, tmp_path / "spool", connect_timeout=2)
+            q = make_publisher(kafka_broker, missing, tmp_path / "q", connect_timeout=2, create_topic=False)
+            for e in events:
+                p.publish(e)
+                q.publish(e)
+            during = p.stats()
+            down_warnings = warning_lines(caplog)
+        finally:  # later tests share this broker
+            kafka_broker.start()
+        try:
+            assert p.flush(60) == 0, p.stats()
+            stats = p.stats()
+            assert p.close(5) == 0
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not warning_lines(caplog, logging.ERROR):
+                time.sleep(0.2)
+            q_stats = q.stats()
+        finally:
+            q_left = q.close(1)
+    bootstrap = kafka_broker.bootstrap
+    assert [w.split(" (")[0] for w in down_warnings] == [f"Kafka at {bootstrap} did not answer within 2 s"] * 2
+    assert down_warnings[0].endswith(f"events are spooled to {tmp_path / 'spool'} and sent when it answers")
+    assert during["topic_check_pending"] is True and during["spooled"] == 2000 and during["replayed"] == 0
+    assert any(r.getMessage().startswith(f"Kafka at {bootstrap} answered after") for r in caplog.records)
+    assert stats["topic_check_pending"] is False and stats["delivered"] == 2000 and stats["replayed"] == 2000
+    assert stats["failed"] == 0 and stats["dropped"] == 0
+    assert not list((tmp_path / "spool").glob("*.seg"))
+    assert_exactly(consume_all(bootstrap, topic, 2000), events)
+    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+    assert len(md.topics[topic].partitions) == 3  # created as asked, once Kafka answered
+    # --no-create-topic, topic missing, found out only once Kafka answered:
+    # an error line, and the events stay spooled (nothing is sent to a topic the broker might auto-create).
+    errors = warning_lines(caplog, logging.ERROR)
+    assert errors and errors[0].startswith(f"topic '{missing}' does not exist on {bootstrap} "
+                                           "(and --no-create-topic was given)"), errors
+    assert "2000 events wait in" in errors[0]
+    assert q_stats["topic_check_pending"] is True and q_stats["delivered"] == 0 and q_left == 2000
+    assert missing not in md.topics
+
+
+def test_unresolvable_host_name_is_a_user_error(tmp_path):
+    for bootstrap, name in [("no-such-host.invalid:9092", "no-such-host.invalid"),
+                            ("127.0.0.1:9092,kafka-2.invalid:9092", "kafka-2.invalid")]:
+        with pytest.raises(UserError, match=f"Kafka host '{name}' \\(--kafka\\) does not resolve"):
+            KafkaPublisher.from_args(args_for(bootstrap, tmp_path), environ={}, connect_timeout=2)
+    assert not (tmp_path / "spool").exists(), "bad input must fail before anything is touched"
+
+
+def test_bootstrap_that_is_not_host_port_is_a_user_error(tmp_path):
+    for bad in ["kafka", "kafka:", ":9092", "kafka:port", "kafka:0", "kafka:70000", "::1:9092",
+                "127.0.0.1:9092,", "127.0.0.1:9092,,127.0.0.2:9092", "my kafka:9092"]:
+        with pytest.raises(UserError, match="is not HOST:PORT"):
+            KafkaPublisher.from_args(args_for(bad, tmp_path), environ={}, connect_timeout=2)
+    assert not (tmp_path / "spool").exists()
+    assert pub.parse_bootstrap("a:1, [::1]:9092,SASL_SSL://kafka.example:9093") == \
+        [("a", 1), ("::1", 9092), ("kafka.example", 9093)]
 
 
 def test_unknown_topic_with_creation_disabled(kafka_broker, tmp_path):
