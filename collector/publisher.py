@@ -29,8 +29,9 @@ not an error: one WARNING line names the address and the spool directory, the
 publisher runs and spools every event, and a background thread retries the
 topic check (and creation) until the broker answers, warning every 30 s
 meanwhile; only then does the spool start draining to Kafka, in order. A
-collector (re)started while Kafka is down therefore records from its first
-second and loses nothing.
+collector (re)started while Kafka is down therefore starts recording after
+that one bounded wait (10 s from the command line) instead of exiting, and
+loses nothing it records.
 
 Delivery is at-least-once: a crash can replay spooled events Kafka already
 had, and events purged at close while in flight may have reached the broker.
