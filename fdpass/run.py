@@ -32,7 +32,9 @@ log = logging.getLogger("fdpass.run")
 DEFAULT_STORE = "/var/lib/fdpass/store"
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
-MAX_QUEUED = 2_000_000  # ~200 bytes each: ~400 MB before anything is dropped
+MAX_QUEUED = 2_000_000
+# Events of an older writer schema lack newer columns: ClickHouse fills the defaults.
+INSERT_SETTINGS = {"input_format_avro_allow_missing_fields": 1}  # ~200 bytes each: ~400 MB before anything is dropped
 
 RUN_HELP = """\
 Record every file descriptor passed on this host into an embedded ClickHouse
@@ -124,8 +126,7 @@ class StoreWriter(threading.Thread):
         self.join()
 
     def run(self) -> None:
-        from fdpass.sinks import conversion
-        from fdpass.sinks.writer import backoff_delays
+        from fdpass.sinks.writer import backoff_delays, insert_avro
 
         while True:
             with self.cond:
@@ -139,14 +140,13 @@ class StoreWriter(threading.Thread):
                     self.cond.wait(self.batch_age)
                 n = min(len(self.queue), self.batch_rows)
                 batch = [self.queue[i] for i in range(n)]
-            data = conversion.avro_container(self.version, [v for _, v in batch])
+            values = [v for _, v in batch]
             token = f"run/{batch[0][0]}/{n}"
             delays = backoff_delays()
             while True:
                 started = time.monotonic()
                 try:
-                    self.client.raw_insert(self.table, insert_block=data, fmt="Avro", settings={
-                        "insert_deduplication_token": token, "input_format_avro_allow_missing_fields": 1})
+                    insert_avro(self.client, self.table, self.version, values, token, INSERT_SETTINGS)
                     self.last_insert_seconds = time.monotonic() - started
                     break
                 except Exception as e:  # any store failure: keep the batch, wait, retry

@@ -123,6 +123,12 @@ def _varint_loop(z: int) -> bytes:
     return bytes(out)
 
 
+def encode_long(n: int) -> bytes:
+    """An Avro long (zigzag, then base-128 varint): for writers of Avro framing
+    (the sink's object containers); the record encoder has its own fast path."""
+    return _varint_loop((n << 1) ^ (n >> 63))
+
+
 # Big numbers (time_ns, 64-bit inodes and ids) miss the per-field memo every
 # time, so their varint must be cheap too. Base-128 is little-endian: the
 # first four bytes carry the low 28 bits, each with the continuation bit,

@@ -51,14 +51,7 @@ def header_version(value: bytes | None) -> int | str:
     return "unknown_fingerprint" if v is None else v
 
 
-def _zigzag_varint(n: int) -> bytes:
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
+_zigzag_varint = codec.encode_long
 
 
 # Block prefix (object count 1, byte length L) for every body length we are

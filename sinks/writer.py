@@ -158,9 +158,7 @@ class Writer:
         return "header check failed"
 
     def _insert(self, version: int, msgs: list, tok: str) -> None:
-        data = conversion.avro_container(version, [m.value() for m in msgs])
-        settings = {**self.insert_settings, "insert_deduplication_token": tok}
-        self.client.raw_insert(self.table, insert_block=data, fmt="Avro", settings=settings)
+        insert_avro(self.client, self.table, version, [m.value() for m in msgs], tok, self.insert_settings)
 
     def _insert_group(self, version: int, msgs: list, tok: str) -> tuple[int, list]:
         """Insert one writer-version group; returns (rows inserted, dead letters)."""
@@ -199,6 +197,14 @@ class Writer:
         a_ok, a_bad = self._bisect(version, msgs[:mid], tok + "/a")
         b_ok, b_bad = self._bisect(version, msgs[mid:], tok + "/b")
         return a_ok + b_ok, a_bad + b_bad
+
+
+def insert_avro(client, table: str, version: int, values: list[bytes], token: str, settings: dict) -> None:
+    """One INSERT ... FORMAT Avro of single-object encoded values, deduplicated by `token`.
+    The one insert path of the sink and of `fdpass run`."""
+    data = conversion.avro_container(version, values)
+    client.raw_insert(table, insert_block=data, fmt="Avro",
+                      settings={**settings, "insert_deduplication_token": token})
 
 
 def backoff_delays(start: float = 0.5, cap: float = 30.0):

@@ -252,3 +252,15 @@ def test_table_driven_varints_match_the_plain_loop():
 @given(st.integers(0, 2**64 - 1))
 def test_random_varints_match_the_plain_loop(z):
     assert codec._varint(z) == codec._varint_loop(z)
+
+
+def test_encode_long_is_avro_zigzag_varint():
+    """fastavro is the reference encoder."""
+    import io
+
+    import fastavro
+
+    for n in (0, -1, 1, 63, 64, -65, 2**31, -(2**63), 2**63 - 1):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, "long", n)
+        assert codec.encode_long(n) == buf.getvalue(), n
