@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES
+from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, TRACEPOINTS
 from fdpass import logs
 from fdpass.errors import UserError
 
@@ -140,9 +140,14 @@ def run_collect(args) -> int:
         emit, flush = _jsonl_output()
 
     def attached() -> None:
-        print("fdpass collect: probes attached (" + ", ".join(_tracepoints()) + ")", file=sys.stderr, flush=True)
+        print("fdpass collect: probes attached (" + ", ".join(TRACEPOINTS) + ")", file=sys.stderr, flush=True)
 
-    collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages)
+    try:
+        collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages)
+    except BaseException:
+        if publisher is not None:
+            publisher.close()  # releases the spool; nothing was published yet
+        raise
     if args.metrics:
         from fdpass import metrics
 
@@ -155,22 +160,20 @@ def run_collect(args) -> int:
     try:
         stats = collector.run(duration=args.duration, tick=flush)
     finally:
-        flush()
+        if not collector.output_closed:
+            flush()
+    if collector.output_closed:
+        # stdout's reader left (e.g. `| head`): not an error; keep the exit flush quiet
+        sys.stdout = open(os.devnull, "w")
     undelivered = 0
     if publisher is not None:
         undelivered = publisher.close()
         stats.update({f"kafka_{k}": v for k, v in publisher.stats().items()})
     print("fdpass collect: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
-    if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"]:
+    if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or stats["output_errors"]:
         print("fdpass collect: WARNING: some transfers were not reported (see counts above); "
               "raise --ringbuf-pages if ringbuf drops are non-zero", file=sys.stderr)
     return 1 if undelivered else 0
-
-
-def _tracepoints():
-    from fdpass.collector.probes import TRACEPOINTS
-
-    return TRACEPOINTS
 
 
 def run_doctor(args) -> int:

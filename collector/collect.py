@@ -29,6 +29,7 @@ class Counters:
     loss_records: int = 0
     lost_fds_known: int = 0
     bad_records: int = 0
+    output_errors: int = 0
 
 
 def mntns_of_pid(pid: int) -> int:
@@ -65,6 +66,7 @@ class Collector:
         self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning)
         self.probes.open(self._on_record)
         self._stop = threading.Event()
+        self.output_closed = False
 
     def _on_record(self, data: int, size: int) -> None:
         try:
@@ -85,7 +87,17 @@ class Collector:
             return
         event = self.enricher.event(rec, raw)
         self.counters.events[event["direction"]] += 1
-        self.output(event)
+        # This runs inside bcc's C callback, where an exception would only be
+        # printed and the next record delivered: handle every one here.
+        try:
+            self.output(event)
+        except BrokenPipeError:  # `fdpass collect --jsonl | head`: the reader is gone
+            self.output_closed = True
+            self._stop.set()
+        except Exception as e:
+            self.counters.output_errors += 1
+            if self.counters.output_errors in (1, 10, 100) or self.counters.output_errors % 1000 == 0:
+                log.error("could not hand an event on (%d so far): %s", self.counters.output_errors, e)
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,6 +113,7 @@ class Collector:
             "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,
             "bad_records": self.counters.bad_records,
+            "output_errors": self.counters.output_errors,
         }
 
     def stop_on_signals(self) -> None:
@@ -116,7 +129,11 @@ class Collector:
         while not self._stop.is_set():
             self.probes.drain(50)
             if tick:
-                tick()
+                try:
+                    tick()
+                except BrokenPipeError:  # the tick flushes the output: same as in _on_record
+                    self.output_closed = True
+                    break
             if deadline and time.monotonic() >= deadline:
                 break
         self.probes.drain(0)

@@ -209,3 +209,22 @@ def test_container_filter_and_container_id_from_a_real_cgroup():
         if lc:
             lc.close()
         os.rmdir(cg)
+
+
+def test_collect_into_a_closed_pipe_stops_quietly():
+    """`fdpass collect --jsonl | head -1`: when the reader leaves, collect stops, no traceback."""
+    require_bpf()
+    p = spawn_attached("collect", "--jsonl")
+    p.stdout.close()  # the reader is gone
+    try:
+        for _ in range(50):
+            local_transfer()
+            if p.poll() is not None:
+                break
+            time.sleep(0.1)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "stopped;" in err
