@@ -160,15 +160,21 @@ class Writer:
     def _insert(self, version: int, msgs: list, tok: str) -> None:
         insert_avro(self.client, self.table, version, [m.value() for m in msgs], tok, self.insert_settings)
 
-    def _insert_group(self, version: int, msgs: list, tok: str) -> tuple[int, list]:
-        """Insert one writer-version group; returns (rows inserted, dead letters)."""
+    def _try_insert(self, version: int, msgs: list, tok: str) -> Exception | None:
+        """Insert; None if stored, the error if ClickHouse refused the data; StoreError otherwise."""
         try:
             self._insert(version, msgs, tok)
-            return len(msgs), []
+            return None
         except Exception as e:
             if not is_data_error(e):
                 raise StoreError(f"insert into {self.table} failed: {short(e)}") from e
-            first_error = e
+            return e
+
+    def _insert_group(self, version: int, msgs: list, tok: str) -> tuple[int, list]:
+        """Insert one writer-version group; returns (rows inserted, dead letters)."""
+        first_error = self._try_insert(version, msgs, tok)
+        if first_error is None:
+            return len(msgs), []
         # Bad data somewhere in the group: the codec names the undecodable ones.
         good, dead = [], []
         for m in msgs:
@@ -185,14 +191,11 @@ class Writer:
     def _bisect(self, version: int, msgs: list, tok: str) -> tuple[int, list]:
         if not msgs:
             return 0, []
-        try:
-            self._insert(version, msgs, tok)
+        error = self._try_insert(version, msgs, tok)
+        if error is None:
             return len(msgs), []
-        except Exception as e:
-            if not is_data_error(e):
-                raise StoreError(f"insert into {self.table} failed: {short(e)}") from e
-            if len(msgs) == 1:
-                return 0, [(msgs[0], "clickhouse_rejected", short(e))]
+        if len(msgs) == 1:
+            return 0, [(msgs[0], "clickhouse_rejected", short(error))]
         mid = len(msgs) // 2
         a_ok, a_bad = self._bisect(version, msgs[:mid], tok + "/a")
         b_ok, b_bad = self._bisect(version, msgs[mid:], tok + "/b")

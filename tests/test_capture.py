@@ -48,15 +48,17 @@ def assert_matches(event: dict, fd: int) -> None:
     assert event["file_flags"] & os.O_ACCMODE == t["file_flags_acc"]
 
 
+def by_direction(events: list[dict]) -> tuple[list[dict], list[dict]]:
+    return [e for e in events if e["direction"] == "SEND"], [e for e in events if e["direction"] == "RECV"]
+
+
 def transfer(live, fds: list[int], sock_type=socket.SOCK_STREAM):
     """Send fds in one message over a fresh socketpair and receive them.
     Returns (send events, recv events, received fds, sender, receiver)."""
     a, b = socket.socketpair(socket.AF_UNIX, sock_type)
     socket.send_fds(a, [b"x"], fds)
     _msg, got, _flags, _ = socket.recv_fds(b, 16, len(fds) + 4)
-    events = live.for_socks(a, b, count=2 * len(fds))
-    send = [e for e in events if e["direction"] == "SEND"]
-    recv = [e for e in events if e["direction"] == "RECV"]
+    send, recv = by_direction(live.for_socks(a, b, count=2 * len(fds)))
     return send, recv, got, a, b
 
 
@@ -239,8 +241,7 @@ def test_two_scm_rights_cmsgs_in_one_message(live):
         a.sendmsg([b"x"], anc)
         _m, got, _fl, _ = socket.recv_fds(b, 16, 8)
         events = live.for_socks(a, b, count=6)
-        send = [e for e in events if e["direction"] == "SEND"]
-        recv = [e for e in events if e["direction"] == "RECV"]
+        send, recv = by_direction(events)
         assert [e["fd"] for e in send] == [f, r, w]
         assert [e["fd_index"] for e in send] == [0, 1, 2] and {e["fd_count"] for e in send} == {3}
         assert [e["fd"] for e in recv] == got
@@ -265,8 +266,7 @@ def test_sendmmsg_reports_only_messages_sent_and_recvmmsg(live):
         received = W.recvmmsg(b, 4, flags=socket.MSG_DONTWAIT)
         assert [len(x[1]) for x in received] == [1, 2]
         events = live.for_socks(a, b, count=6)
-        send = [e for e in events if e["direction"] == "SEND"]
-        recv = [e for e in events if e["direction"] == "RECV"]
+        send, recv = by_direction(events)
         assert [(e["msg_index"], e["fd_index"], e["fd"]) for e in send] == [(0, 0, f1), (1, 0, r), (1, 1, w)]
         assert {e["syscall"] for e in send} == {"SENDMMSG"} and {e["ret"] for e in send} == {2}
         new = [fd for x in received for fd in x[1]]
@@ -440,8 +440,7 @@ def test_tmux_client_hands_its_terminal_to_the_server(live, tmp_path):
     try:
         want = str(stdin_file)
         events = live.wait(lambda e: e["file_path"] == want and e["comm"].startswith("tmux"), 4, timeout=10)
-        send = [e for e in events if e["direction"] == "SEND"]
-        recv = [e for e in events if e["direction"] == "RECV"]
+        send, recv = by_direction(events)
         assert send and recv, events
         st = os.stat(stdin_file)
         for e in events:
