@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fdpass.schemas import avro, codec
-from fdpass.schemas.fields import ENUMS, FIELDS, FIELD_NAMES
+from fdpass.schemas.fields import BY_NAME, ENUMS, FIELDS, FIELD_NAMES
 from fdpass.schemas.synthetic import make_event
 
 V1_NAMES = [f.name for f in avro.v1_fields()]
@@ -264,3 +264,99 @@ def test_encode_long_is_avro_zigzag_varint():
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, "long", n)
         assert codec.encode_long(n) == buf.getvalue(), n
+
+
+# --- the C writer (schemas/avro_writer.c) against the Python writer and fastavro ---
+PY_ENCODER = codec.Encoder(prefer_c=False)
+
+
+def test_the_c_writer_is_built_and_in_use():
+    # scripts/setup builds it; a silently missing extension would quietly cost
+    # the collector half its publish rate.
+    assert codec._ENCODER.writer == "c"
+    assert PY_ENCODER.writer == "python"
+
+
+@settings(max_examples=400, deadline=None)
+@given(EVENTS)
+def test_python_writer_matches_fastavro_too(event):
+    # The fallback when the C extension is missing must stay byte-identical.
+    assert PY_ENCODER.encode(event) == codec._ENCODER.encode_with_fastavro(event)
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENTS, st.randoms(use_true_random=False), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+def test_key_order_and_extra_keys_do_not_change_the_bytes(event, rnd, extra):
+    # The C writer walks the dict in schema order as a shortcut; any other
+    # order, and keys the schema does not know, must give the same message.
+    items = list((extra | event).items())
+    rnd.shuffle(items)
+    assert codec.encode(dict(items)) == codec.encode(event)
+
+
+_ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False),
+    st.text(max_size=8), st.binary(max_size=8), st.sampled_from(["SEND", "RECV", "REGULAR", "KERNEL", "\udcff"]),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(FIELD_NAMES), _ODD_VALUES)
+def test_c_and_python_writers_agree_on_any_value(name, value):
+    # Same bytes when a value fits, an EncodeError from both when it does not.
+    event = make_event(3) | {name: value}
+    results = []
+    for encoder in (codec._ENCODER, PY_ENCODER):
+        try:
+            results.append(encoder.encode(event))
+        except codec.EncodeError:
+            results.append("EncodeError")
+    # The Python writer probes its per-field memo first: 5.0 would hit a
+    # memoised 5 there. Floats are not Avro ints either way; the C writer
+    # always says so, which is the rule both document.
+    if isinstance(value, float) and BY_NAME[name].kind in ("int", "long") and results[1] != "EncodeError":
+        assert results[0] == "EncodeError"
+        return
+    assert results[0] == results[1], (name, value, results)
+
+
+def test_c_writer_missing_field_default_and_errors_name_the_field():
+    event = make_event(4)
+    del event["seq"]  # an added field: its default (0) is written
+    assert codec.decode(codec.encode(event))["seq"] == 0
+    del event["pid"]  # a contract field: no default
+    with pytest.raises(codec.EncodeError, match="pid"):
+        codec.encode(event)
+    with pytest.raises(codec.EncodeError, match="SIDEWAYS"):
+        codec.encode(make_event(4) | {"direction": "SIDEWAYS"})
+    with pytest.raises(codec.EncodeError, match="not a dict|must be a dict"):
+        codec.encode([("pid", 1)])
+
+
+def test_c_writer_long_strings_and_error_paths_do_not_leak():
+    import tracemalloc
+
+    big = make_event(5) | {"file_path": "/" + "x" * 5000}  # past the writer's 1 KiB stack buffer
+    bad = big | {"ret": "not a number"}  # fails after the heap buffer was taken
+    encode = codec.encode
+
+    def rounds(n):
+        for _ in range(n):
+            encode(big)
+            try:
+                encode(bad)
+            except codec.EncodeError:
+                pass
+
+    rounds(1000)  # warm-up: interned names, cached UTF-8, exception machinery
+    tracemalloc.start()
+    try:
+        rounds(5000)
+        after_5k = tracemalloc.get_traced_memory()[0]
+        rounds(20_000)
+        after_25k = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # A leak of even one byte per call would show as 40k+ more bytes here.
+    assert after_25k - after_5k < 16 * 1024, f"{after_25k - after_5k} bytes more after 40k more encodes"
