@@ -114,8 +114,32 @@ def check_compile() -> Check:
     return Check("probes", "OK", f"compiled, loaded and attached in {secs:.1f} s")
 
 
+# The C parts (setup.py): optional, same results, several times faster.
+ACCELERATORS = (
+    ("fdpass.schemas._avro_writer", "Avro writer (collector publish)"),
+    ("fdpass.sinks._avro_to_native", "Avro -> ClickHouse Native (sink inserts)"),
+)
+
+
+def check_accelerators() -> Check:
+    import importlib
+
+    missing = []
+    for module, what in ACCELERATORS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(what)
+    if missing:
+        return Check("C accelerators", "WARN", "not built: " + "; ".join(missing) + " (pure-Python paths in use, slower)",
+                     "install a C compiler and Python's headers (gcc, python3-dev), then scripts/setup "
+                     "or pip install fdpass again")
+    return Check("C accelerators", "OK", "built: " + "; ".join(what for _, what in ACCELERATORS))
+
+
 CHECKS: tuple[Callable[[], Check], ...] = (
     check_privileges, check_btf, check_tracepoints, check_kprobes, check_fentry, check_bcc, check_headers,
+    check_accelerators,
 )
 
 

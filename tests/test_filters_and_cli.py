@@ -175,8 +175,11 @@ def test_doctor_reports_every_check():
     require_bpf()
     r = run_fdpass("doctor", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("privileges", "BTF", "tracepoints", "kprobes", "fentry", "bcc", "kernel headers", "probes"):
+    for name in ("privileges", "BTF", "tracepoints", "kprobes", "fentry", "bcc", "kernel headers",
+                 "C accelerators", "probes"):
         assert name in r.stdout
+    # scripts/setup builds the C parts; the test environment must have them.
+    assert "OK    C accelerators" in r.stdout, r.stdout
     assert "fdpass can run here." in r.stdout
 
 
