@@ -15,7 +15,10 @@ Where an event can be, in order:
    Once anything is in the spool, every new event goes behind it until the
    spool has drained, so the order per host (= per key = per partition) is
    the order of publish(). A background thread serves delivery reports and
-   moves spooled events back into the producer once Kafka takes events again.
+   moves spooled events back into the producer once Kafka takes events again,
+   one segment file at a time: a segment is settled (its file deleted) once
+   the producer's queue has emptied after its last record was handed over,
+   and the next segment starts only then.
 3. close(): what the producer still holds after the flush timeout is purged
    from it and written at the front of the spool; the next publisher on the
    same spool directory replays it first (also after a process restart).
@@ -32,6 +35,12 @@ meanwhile; only then does the spool start draining to Kafka, in order. A
 collector (re)started while Kafka is down therefore starts recording after
 that one bounded wait (10 s from the command line) instead of exiting, and
 loses nothing it records.
+
+Delivery reports: librdkafka reports every message, but only failures reach
+Python (delivery.report.only.error; confluent-kafka skips the Python call for
+successes, which would cost ~1.9 us per event, as much as produce() itself).
+What was delivered is counted, not reported: handed to the producer, minus
+what it still holds, minus failures and purges.
 
 Delivery is at-least-once: a crash can replay spooled events Kafka already
 had, and events purged at close while in flight may have reached the broker.
@@ -65,6 +74,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from fdpass.collector.spool import Spool, SpoolLocked
 from fdpass.errors import UserError
 from fdpass.schemas import codec
+from fdpass.schemas.codec import encode_unchecked as _encode_unchecked
 
 log = logging.getLogger("fdpass.publisher")
 
@@ -85,11 +95,13 @@ PERFORMANCE_DEFAULTS = {
     "batch.size": 1 << 20,
     "compression.type": "lz4",
 }
-# Not overridable: what "loses nothing, keeps order" rests on.
+# Not overridable: what "loses nothing, keeps order" rests on, and what the
+# delivery accounting rests on (only failures are reported one by one).
 REQUIRED = {
     "enable.idempotence": True,
     "acks": "all",
     "message.timeout.ms": 0,  # never expire a queued event; the spool bounds memory instead
+    "delivery.report.only.error": True,
 }
 
 POLL_EVERY = 1000  # publishes between inline polls of delivery reports
@@ -292,7 +304,7 @@ class KafkaPublisher:
         user = dict(config or {})
         for key, value in REQUIRED.items():
             if key in user and str(user[key]).lower() != str(value).lower():
-                log.warning("Kafka property %s=%s ignored: fdpass needs %s=%s to lose nothing and keep order",
+                log.warning("Kafka property %s=%s ignored: fdpass needs %s=%s (no loss, order, delivery counts)",
                             key, "***" if is_secret(key) else user[key], key, value)
         self.config = {**PERFORMANCE_DEFAULTS, **user, **REQUIRED,
                        "bootstrap.servers": bootstrap,
@@ -321,11 +333,16 @@ class KafkaPublisher:
                                            "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
             except KafkaException as exc:
                 raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
+            self._produce = self._producer.produce  # bound once: publish() calls it per event
             self._topic_ready = self._check_topic(admin, connect_timeout)
         except BaseException:
             self._producer = None
             self._spool.close()
             raise
+        # What was delivered is counted, not reported (see the module doc):
+        # _produced - len(producer) - failed - purged, kept by _count_delivered.
+        self._produced = 0  # messages the producer accepted (direct and replayed)
+        self._purged_count = 0  # messages purged at close: direct ones (kept in _purged) and replayed ones
         self.delivered = 0
         self.failed = 0
         self.retried = 0
@@ -338,6 +355,9 @@ class KafkaPublisher:
         # Events from an earlier run go first; with Kafka not answering yet, all events wait in the spool.
         self._spooling = self._spool.has_unread() or not self._topic_ready
         self._held = None  # a spool record the producer refused (queue full): retried first
+        # Replayed records not yet settled, as [segment, count] in replay order;
+        # settled together once the producer's queue is empty (see _replay).
+        self._in_flight: list[list] = []
         self._last_progress = time.monotonic()
         self._delivered_at_tick = 0
         self._closed = False
@@ -346,7 +366,7 @@ class KafkaPublisher:
         self._purged: list[tuple[bytes, bytes]] = []
         self._undelivered_at_close = 0
         self._poll_lock = threading.Lock()  # one thread serves librdkafka callbacks at a time
-        self._since_poll = 0
+        self._next_poll = POLL_EVERY  # _produced at which publish() next polls inline
         self._last_inline_poll = 0.0
         self._keys: dict[str, bytes] = {}  # host_id -> key bytes (a collector sees one or few)
         self._thread = threading.Thread(target=self._serve, name="fdpass-kafka", daemon=True)
@@ -494,41 +514,48 @@ class KafkaPublisher:
 
         Raises codec.EncodeError (a ValueError) if the event does not fit the schema.
         """
-        value = codec.encode(event)  # first: it checks host_id is there and a string
-        host_id = event["host_id"]
-        key = self._keys.get(host_id)
-        if key is None:
-            if len(self._keys) > 1024:  # a relay of many hosts: keep the memo bounded
-                self._keys.clear()
-            key = self._keys[host_id] = host_id.encode()
-        # publish_encoded(key, value), inlined: this is the collector's hot path.
+        # The collector's hot path: every line here costs a measurable share
+        # of the ~5 us an event may take (bench/bench_publish.py).
+        try:
+            value = _encode_unchecked(event)  # first: it checks host_id is there and a string
+        except Exception:
+            value = codec.encode(event)  # raises the EncodeError that names the reason
+        key = self._keys.get(event["host_id"]) or self._new_key(event["host_id"])
         if self._closed:
             raise RuntimeError("publish after close()")
-        self._since_poll += 1
-        if self._since_poll >= POLL_EVERY:
-            self._poll_inline()
         if not self._spooling:
             try:
-                self._producer.produce(self.topic, value, key)
-                return
+                self._produce(self.topic, value, key)
             except BufferError:
-                pass
+                pass  # queue bound reached: this event and all after it go to the spool
+            else:
+                self._produced += 1
+                if self._produced >= self._next_poll:
+                    self._poll_inline()
+                return
         with self._lock:
             self._spooling = True
             self._to_spool(key, value)
 
+    def _new_key(self, host_id: str) -> bytes:
+        if len(self._keys) > 1024:  # a relay of many hosts: keep the memo bounded
+            self._keys.clear()
+        key = self._keys[host_id] = host_id.encode()
+        return key
+
     def publish_encoded(self, key: bytes, value: bytes) -> None:
         if self._closed:
             raise RuntimeError("publish after close()")
-        self._since_poll += 1
-        if self._since_poll >= POLL_EVERY:
-            self._poll_inline()
         if not self._spooling:
             try:
-                self._producer.produce(self.topic, value, key)
-                return
+                self._produce(self.topic, value, key)
             except BufferError:
                 pass  # queue bound reached: this event and all after it go to the spool
+            else:
+                self._produced += 1
+                if self._produced >= self._next_poll:
+                    self._poll_inline()
+                return
         with self._lock:
             self._spooling = True
             self._to_spool(key, value)
@@ -538,7 +565,7 @@ class KafkaPublisher:
         # itself, a thousand at a time: far cheaper than handing the GIL to
         # the background thread for each batch (measured on one core: 52k ->
         # 72k events/s before the codec got faster).
-        self._since_poll = 0
+        self._next_poll = self._produced + POLL_EVERY
         if self._poll_lock.acquire(blocking=False):
             try:
                 self._producer.poll(0)
@@ -586,9 +613,20 @@ class KafkaPublisher:
                 self._producer.poll(0)
                 self._tick()
 
+    def _count_delivered(self, waiting: int) -> None:
+        # Called with _poll_lock held, right after a poll: the failure and
+        # purge counts are then up to date with `waiting`. A publish() between
+        # its produce() and `_produced += 1` makes this one too low for an
+        # instant; max() keeps the count from ever going down (it is a
+        # Prometheus counter).
+        delivered = self._produced - waiting - self.failed - self._purged_count
+        if delivered > self.delivered:
+            self.delivered = delivered
+
     def _tick(self) -> None:
         now = time.monotonic()
         waiting = len(self._producer)
+        self._count_delivered(waiting)
         if waiting == 0 or self.delivered != self._delivered_at_tick:
             self._last_progress = now
             self._delivered_at_tick = self.delivered
@@ -609,48 +647,72 @@ class KafkaPublisher:
     def _replay(self, waiting: int) -> None:
         # Fill the producer's queue up to half its bound (the other half is
         # headroom); replay in spool order, and only stop spooling once
-        # nothing is left unread, so new events never overtake spooled ones.
+        # nothing is left unread and every replayed record is settled, so new
+        # events never overtake spooled ones.
+        # Settling: successes are not reported one by one (only failures), so
+        # a replayed record counts as settled once the producer's queue is
+        # empty (everything handed over before is delivered or failed). A
+        # segment's last record is therefore a barrier: the next segment
+        # starts once the queue has drained, and the finished segment's file
+        # is deleted then. That costs one queue drain (~ linger.ms) per
+        # segment (16 MiB by default, ~45k events) and bounds what a crash
+        # replays twice to about one segment.
         # At most 10k per tick, so the publish thread never waits long on the lock.
         room = min(self.queue_max_messages // 2 - waiting, 10_000)
         with self._lock:
+            if self._in_flight:
+                if waiting:
+                    if self._in_flight[-1][0].fully_read:
+                        return  # barrier: this segment must settle before the next one starts
+                else:
+                    for seg, count in self._in_flight:
+                        for _ in range(count):
+                            self._spool.settle(seg)
+                    self._in_flight = []
             while room > 0:
                 rec = self._held or self._spool.read()
                 self._held = None
                 if rec is None:
-                    self._spooling = False
-                    if self.replayed:
-                        log.info("spool drained: %d events replayed to Kafka so far", self.replayed)
+                    if not self._in_flight:
+                        self._spooling = False
+                        if self.replayed:
+                            log.info("spool drained: %d events replayed to Kafka so far", self.replayed)
                     return
                 seg, key, value = rec
                 try:
-                    self._producer.produce(self.topic, value, key,
-                                           on_delivery=lambda err, msg, seg=seg: self._on_spool_delivery(err, msg, seg))
+                    self._producer.produce(self.topic, value, key, on_delivery=self._on_replay_failure)
                 except BufferError:
                     self._held = rec
                     return
+                self._produced += 1
                 self.replayed += 1
                 room -= 1
+                if self._in_flight and self._in_flight[-1][0] is seg:
+                    self._in_flight[-1][1] += 1
+                else:
+                    self._in_flight.append([seg, 1])
+                if seg.fully_read:
+                    return  # its last record: settle it before reading the next segment
 
     # --- librdkafka callbacks (run in the background thread or in close()) ------
+    # With delivery.report.only.error only failures arrive here (err is never None).
     def _on_delivery(self, err, msg) -> None:
         if err is None:
-            self.delivered += 1  # _tick turns a change of this count into progress
-        elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            return
+        if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            self._purged_count += 1
             self._purged.append((msg.key(), msg.value()))
         else:
             self._failed(err, msg)
 
-    def _on_spool_delivery(self, err, msg, seg) -> None:
+    def _on_replay_failure(self, err, msg) -> None:
         if err is None:
-            self.delivered += 1
-            with self._lock:
-                self._spool.settle(seg)
-        elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
-            pass  # still in its segment file, which stays until every record is delivered
+            return
+        if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            # Still in its segment file, which stays (unsettled) and is replayed by the next run.
+            self._purged_count += 1
         else:
-            self._failed(err, msg)
-            with self._lock:
-                self._spool.settle(seg)
+            self._failed(err, msg)  # settled with its segment: retrying cannot help
 
     def _failed(self, err, msg) -> None:
         # With retries unbounded, only permanent errors get here (record too
@@ -679,9 +741,13 @@ class KafkaPublisher:
 
     # --- flush / close / stats ----------------------------------------------------
     def undelivered(self) -> int:
+        """Events not yet known delivered: in the producer, unread in the spool,
+        or replayed and not yet settled (their segment file still exists)."""
         with self._lock:
-            spool_unread = self._spool.unread + (1 if self._held else 0)
-        return len(self._producer) + spool_unread
+            unread = self._spool.unread + (1 if self._held else 0)
+            unsettled = sum(n for _, n in self._in_flight)
+        # Replayed records are in the producer until sent, then unsettled until the next tick.
+        return max(len(self._producer), unsettled) + unread
 
     def flush(self, timeout: float) -> int:
         """Wait up to `timeout` s for the queue and the spool to reach Kafka; return what is left."""
@@ -711,6 +777,8 @@ class KafkaPublisher:
         self._producer.purge(in_queue=True, in_flight=True, blocking=True)
         self._producer.poll(0)
         self._producer.flush(0)
+        # Every message is now delivered, failed or purged (each failure and purge reported).
+        self._count_delivered(len(self._producer))
         kept = self._spool.prepend(self._purged)
         for key, value in self._purged[kept:]:
             self._drop(key, len(value))
@@ -726,6 +794,10 @@ class KafkaPublisher:
 
     def stats(self) -> dict:
         closed = self._closed
+        if not closed:
+            with self._poll_lock:  # the delivered count is exact right after a poll
+                self._producer.poll(0)
+                self._count_delivered(len(self._producer))
         with self._lock:
             pending = self._undelivered_at_close if closed else self._spool.pending
             spool_bytes = self._spool.bytes_used

@@ -196,6 +196,51 @@ def test_spool_survives_publisher_restart(kafka_broker, tmp_path):
     assert_exactly(consume_all(kafka_broker.bootstrap, topic, 3000), first + later)
 
 
+def test_replay_settles_and_deletes_segment_by_segment(kafka_broker, tmp_path):
+    """Successes are not reported one by one (delivery.report.only.error):
+    a replayed segment is settled once the producer's queue has drained
+    after its last record. So files go away one after another during the
+    replay, not all at the end, and the counts stay exact."""
+    from fdpass.collector.spool import Spool
+
+    topic = new_topic()
+    spool_dir = tmp_path / "spool"
+    events = events_for(6000)
+    spool = Spool(spool_dir, segment_bytes=64 << 10)  # ~170 events per segment
+    for e in events:
+        assert spool.append(e["host_id"].encode(), codec.encode(e))
+    spool.close()
+    total = len(list(spool_dir.glob("*.seg")))
+    assert total >= 30
+    samples = []  # (segment files left, events replayed so far)
+    stop = threading.Event()
+    box = {}
+
+    def watch():
+        while not stop.is_set():
+            p = box.get("p")
+            if p is not None:
+                samples.append((len(list(spool_dir.glob("*.seg"))), p.replayed))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        p = box["p"] = make_publisher(kafka_broker, topic, spool_dir)
+        assert p.flush(60) == 0, p.stats()
+        stats = p.stats()
+        assert p.close(5) == 0
+    finally:
+        stop.set()
+        watcher.join()
+    assert stats["replayed"] == 6000 and stats["delivered"] == 6000 and stats["failed"] == 0
+    assert stats["spool_pending"] == 0 and not list(spool_dir.glob("*.seg"))
+    # Files were deleted while most of the spool was still to be replayed.
+    early = [(files, replayed) for files, replayed in samples if files < total - 2 and replayed < 3000]
+    assert early, f"no segment deleted before half the spool was replayed: {samples[::50]}"
+    assert_exactly(consume_all(kafka_broker.bootstrap, topic, 6000), events)
+
+
 def test_full_spool_drops_newest_and_counts(kafka_broker, tmp_path, caplog):
     topic = new_topic()
     # A queue of 50 and a 20 kB spool: a burst of 2000 events cannot all fit.
