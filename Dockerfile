@@ -11,6 +11,10 @@
 # - No compiler. bcc compiles the BPF C at start-up with the clang/LLVM
 #   libraries libbpfcc links (libclang-cpp14, libllvm14), not with a clang
 #   binary. What it needs besides is a kernel headers tree (see below).
+# - fdpass's own C accelerators (setup.py: the Avro writer of the collector,
+#   the Avro -> Native converter of the sink) are compiled in a throw-away
+#   stage into the fdpass wheel; the final image checks they import, so an
+#   image never silently runs the slower pure-Python paths.
 # - fdpass and its dependencies from PyPI, wheels only (--only-binary): if a
 #   dependency had no wheel for the platform the build fails here instead of
 #   silently wanting gcc.
@@ -51,6 +55,27 @@ RUN set -eux; \
     test -f /kernel-headers/include/linux/kconfig.h; \
     test -d /kernel-headers/include/generated
 
+# The fdpass wheel, C accelerators compiled, with the same Debian python3
+# (same ABI) as the final image.
+FROM ${DEBIAN_IMAGE} AS wheel
+ARG DEBIAN_FRONTEND=noninteractive
+RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates
+# Only what the package is built from (see .dockerignore), so that editing
+# tests or docs does not invalidate this layer's cache.
+COPY pyproject.toml setup.py README.md /src/
+COPY fdpass /src/fdpass
+COPY bpf /src/bpf
+COPY collector /src/collector
+COPY schemas /src/schemas
+COPY sinks /src/sinks
+RUN set -eux; \
+    python3 -m venv /opt/build-venv; \
+    /opt/build-venv/bin/pip install --no-cache-dir --upgrade pip; \
+    /opt/build-venv/bin/pip wheel --no-cache-dir --no-deps -w /wheels /src; \
+    ls /wheels/fdpass-*-cp3*-linux_*.whl
+
 FROM ${DEBIAN_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 RUN set -eux; \
@@ -67,19 +92,12 @@ RUN set -eux; \
     echo /opt/fdpass/bcc-only > "${site}/fdpass-bcc.pth"; \
     /opt/fdpass/venv/bin/python -c 'import bcc'
 
-# Only what the package is built from (see .dockerignore), so that editing
-# tests or docs does not invalidate this layer's cache.
-COPY pyproject.toml README.md /src/
-COPY fdpass /src/fdpass
-COPY bpf /src/bpf
-COPY collector /src/collector
-COPY schemas /src/schemas
-COPY sinks /src/sinks
+COPY --from=wheel /wheels /tmp/wheels
 RUN set -eux; \
     /opt/fdpass/venv/bin/pip install --no-cache-dir --upgrade pip; \
-    /opt/fdpass/venv/bin/pip wheel --no-cache-dir --no-deps -w /tmp/wheels /src; \
     /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: /tmp/wheels/fdpass-*.whl; \
-    rm -rf /tmp/wheels /src; \
+    rm -rf /tmp/wheels; \
+    /opt/fdpass/venv/bin/python -c 'import fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
     /opt/fdpass/venv/bin/fdpass --help >/dev/null
 
 COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers

@@ -159,7 +159,15 @@ def test_dockerfile():
     copied = set(re.findall(r"^COPY (\w+) /src/\1$", text, re.M))
     missing = _package_dirs() - copied
     assert not missing, f"Dockerfile does not COPY {sorted(missing)}"
+    # The C accelerators are built into the wheel in a stage, and the final
+    # image refuses to build without every one doctor knows of.
+    from fdpass.collector.doctor import ACCELERATORS
+
+    assert re.search(r"^COPY pyproject.toml setup.py ", text, re.M)
+    for module, _ in ACCELERATORS:
+        assert f"import {module}" in final or f", {module}" in final, f"the image does not check {module}"
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "!setup.py" in ignore and "**/*.so" in ignore  # built in the image, never copied from the host
     for d in _package_dirs() | {"deploy/docker/entrypoint.sh"}:
         assert f"!{d}/" in ignore or f"!{d}" in ignore, f".dockerignore excludes {d}"
 
