@@ -201,7 +201,12 @@ static PyObject *RecordWriter_encode(RecordWriter *self, PyObject *event) {
             if (out_byte(&b, 2) < 0)
                 goto done;
         }
-        if (write_value(&b, f, v) < 0)
+        /* Hold the value: __bool__ or __repr__ (error messages) may run Python
+         * code that drops the dict's own reference. */
+        Py_INCREF(v);
+        int rc = write_value(&b, f, v);
+        Py_DECREF(v);
+        if (rc < 0)
             goto done;
     }
     result = PyBytes_FromStringAndSize(b.p, b.len);
