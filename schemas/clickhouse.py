@@ -81,22 +81,33 @@ ORDER_BY = "(host, time)"
 PARTITION_BY = "toDate(time)"
 
 
-def enum_type(field: Field) -> str:
+def enum_type(field: Field, symbols: tuple[str, ...] | None = None) -> str:
+    """Enum8 of the contract's symbols (or of `symbols`, as a writer schema lists them)."""
+    symbols = ENUMS[field.name] if symbols is None else symbols
     # Values start at 1 so a zero byte can never be mistaken for a symbol.
-    return "Enum8(" + ", ".join(f"'{sym}' = {i}" for i, sym in enumerate(ENUMS[field.name], start=1)) + ")"
+    return "Enum8(" + ", ".join(f"'{sym}' = {i}" for i, sym in enumerate(symbols, start=1)) + ")"
 
 
-def column_type(field: Field) -> str:
-    """The ClickHouse type of a contract field (no codec)."""
+def value_type(field: Field, symbols: tuple[str, ...] | None = None) -> str:
+    """The type of a field's values as a client sends them: column_type without LowCardinality.
+
+    The sink sends plain String (sinks/conversion.py); ClickHouse builds a
+    LowCardinality column's dictionary from it column-wise at insert
+    (measured: ~0.3 CPU us per event for all nine such columns).
+    """
     if field.kind == "enum":
-        base = enum_type(field)
+        base = enum_type(field, symbols)
     else:
         try:
             base = _TYPE[field.kind]
         except KeyError:
             raise ValueError(f"field {field.name!r}: no ClickHouse type for kind {field.kind!r}") from None
-    if field.nullable:
-        base = f"Nullable({base})"
+    return f"Nullable({base})" if field.nullable else base
+
+
+def column_type(field: Field) -> str:
+    """The ClickHouse type of a contract field (no codec)."""
+    base = value_type(field)
     if field.name in _LOW_CARDINALITY:
         base = f"LowCardinality({base})"
     return base
