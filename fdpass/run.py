@@ -1,9 +1,10 @@
 """`fdpass run`: the whole chain on one host with no servers.
 
 probes -> contract events -> Avro single-object encoding (the codec the
-collector publishes with) -> Avro container -> INSERT ... FORMAT Avro into
-embedded ClickHouse (chDB), the same insert path the Kafka sink uses. So the
-data is byte-for-byte what a fleet deployment would store, and pointing
+collector publishes with) -> INSERT into embedded ClickHouse (chDB) through
+the Kafka sink's own insert path (sinks.writer.insert_messages: a Native
+block from the C transcoder, or an Avro container without it). So the data
+is byte-for-byte what a fleet deployment would store, and pointing
 `--store` at a ClickHouse server DSN later changes nothing about it.
 
 The collector thread only encodes and queues; a writer thread inserts, so a
@@ -32,9 +33,7 @@ log = logging.getLogger("fdpass.run")
 DEFAULT_STORE = "/var/lib/fdpass/store"
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
-MAX_QUEUED = 2_000_000
-# Events of an older writer schema lack newer columns: ClickHouse fills the defaults.
-INSERT_SETTINGS = {"input_format_avro_allow_missing_fields": 1}  # ~200 bytes each: ~400 MB before anything is dropped
+MAX_QUEUED = 2_000_000  # ~200 bytes each: ~400 MB before anything is dropped
 
 RUN_HELP = """\
 Record every file descriptor passed on this host into an embedded ClickHouse
@@ -126,7 +125,7 @@ class StoreWriter(threading.Thread):
         self.join()
 
     def run(self) -> None:
-        from fdpass.sinks.writer import backoff_delays, insert_avro
+        from fdpass.sinks.writer import backoff_delays, insert_messages
 
         while True:
             with self.cond:
@@ -146,7 +145,7 @@ class StoreWriter(threading.Thread):
             while True:
                 started = time.monotonic()
                 try:
-                    insert_avro(self.client, self.table, self.version, values, token, INSERT_SETTINGS)
+                    rejected = insert_messages(self.client, self.table, self.version, values, token, {})
                     self.last_insert_seconds = time.monotonic() - started
                     break
                 except Exception as e:  # any store failure: keep the batch, wait, retry
@@ -157,10 +156,14 @@ class StoreWriter(threading.Thread):
                               n, self.error, delay)
                     time.sleep(delay)
             self.error = None
+            if rejected:  # the codec of this process wrote them: a bug, said loudly
+                _, reason, detail = rejected[0]
+                log.error("%d events do not transcode and are not stored (first: %s, %s)", len(rejected), reason, detail)
             with self.cond:
                 for _ in range(n):
                     self.queue.popleft()
-                self.stored += n
+                self.stored += n - len(rejected)
+                self.dropped += len(rejected)
 
 
 def run(args) -> int:

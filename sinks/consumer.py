@@ -99,6 +99,9 @@ class SinkConfig:
     kafka_conf: dict = field(default_factory=dict)  # from kafka_properties(); overrides the defaults
     table: str = "events"
     ttl_days: int | None = None  # applied when the table is created
+    # Insert Native blocks made by the C transcoder (sinks/conversion.py);
+    # False: Avro containers, the path taken when the extension is not built.
+    native: bool = True
 
 
 @dataclass
@@ -322,7 +325,8 @@ class Sink:
         self.writers = []
         for i in range(max(1, cfg.writers)):
             wc = self.store.client()  # one client per thread
-            writer = Writer(wc, self.store.database, cfg.table, BatchLog(wc, self.store.database, cfg.topic), self.dlq)
+            writer = Writer(wc, self.store.database, cfg.table, BatchLog(wc, self.store.database, cfg.topic), self.dlq,
+                            native=cfg.native)
             self.writers.append(_WriterThread(writer, self.abandon, self.outbox, i))
         for w in self.writers:
             w.start()

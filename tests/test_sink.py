@@ -140,9 +140,9 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
     log = BatchLog(client, "fdpass", topic)
     w = Writer(client, "fdpass", "events", log, dead_letters=None)
     log.intent(0, 0, 299, 300)
-    assert w._insert_group(2, msgs[:300], f"{topic}/0/0-299/v2") == (300, [])  # the writer's own token scheme
+    assert w._insert_group(2, msgs[:300], f"{topic}/0/0-299/v2") == (300, [], [])  # the writer's own token scheme
     log.intent(0, 300, 399, 100)
-    assert w._insert_group(2, msgs[300:400], f"{topic}/0/300-399/v2") == (100, [])
+    assert w._insert_group(2, msgs[300:400], f"{topic}/0/300-399/v2") == (100, [], [])
     log.done(0, 300, 399, 100)
     assert client.query("SELECT count() FROM fdpass.events").result_rows == [(400,)]
 
