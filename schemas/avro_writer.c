@@ -335,8 +335,10 @@ static PyTypeObject RecordWriterType = {
 };
 
 static struct PyModuleDef avro_writer_module = {
-    PyModuleDef_HEAD_INIT, "_avro_writer",
-    "Avro single-object encoding of flat records, in C (see avro_writer.c).", -1, NULL,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_avro_writer",
+    .m_doc = "Avro single-object encoding of flat records, in C (see avro_writer.c).",
+    .m_size = -1,
 };
 
 PyMODINIT_FUNC PyInit__avro_writer(void) {
