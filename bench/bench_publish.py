@@ -15,18 +15,23 @@ so the numbers are "one core of collector".
   .venv/bin/python bench/bench_publish.py --bootstrap 127.0.0.1:9092
   .venv/bin/python bench/bench_publish.py --sweep            # linger/batch/compression grid
 
-Recorded 2026-11-24 on the project's 2-core VM (Kafka 4.1.1 from
-scripts/kafka-local on the other core; other work running, load ~4), default
-settings (lz4, linger.ms=20, batch.size=1 MB), 200k events of 366 bytes,
-best of 3:
+Recorded 2026-12-01 on the project's 2-core VM (Kafka 4.1.1 from
+scripts/kafka-local on the other core, load ~0.5-1.2), default settings (lz4,
+linger.ms=20, batch.size=1 MB), 200k events of 366 bytes, best of 3:
                                    wall events/s   events/CPU-s
-  encode alone                          213,220        215,199
-  produce-only (ceiling, acked)         427,275        456,850
-  produce-only + delivery reports       308,567        371,844
-  encode + publish (acked)              126,261        133,391
-  -> publish = 0.29x the ceiling, 0.62x encode alone (CPU-time basis).
-The Python side (Avro encode ~4.6 us, produce() + delivery report ~2.7 us
-per event) is what separates publish from the ceiling.
+  encode alone (C writer)               990,805        991,121
+  produce-only (ceiling, acked)         362,382        363,623
+  produce-only + delivery reports       281,380        281,597
+  encode + publish (acked)              213,202        226,530
+  -> publish = 0.59x the ceiling (0.62x on a CPU-time basis); other runs
+     that day gave 0.53-0.68x: the machine is shared.
+Per event: the C writer ~1.0 us, publish()'s own Python ~0.9 us, produce()
+~2.8 us. A Python delivery report per event would cost ~0.8-1.9 us more
+("+ delivery reports"): fdpass asks librdkafka for failures only
+(delivery.report.only.error) and counts deliveries instead. Before the C
+writer and that change (2026-11-24): encode 213k/s, publish 126k/s = 0.29x.
+--sweep (150k events, one round each) found no linger/batch/compression
+setting that beat the defaults by more than the run-to-run noise (+-40%).
 """
 
 from __future__ import annotations
@@ -137,11 +142,12 @@ def bench_produce_only(bootstrap, topic, values, perf: dict, with_callback=False
     conf = {"bootstrap.servers": bootstrap, **pub.PERFORMANCE_DEFAULTS, **perf, **pub.REQUIRED,
             "queue.buffering.max.messages": 1_000_000}
     delivered = [0]
-    if with_callback:
+    if with_callback:  # what a Python delivery report per event would cost (fdpass asks only for failures)
         def on_delivery(err, msg):
             if err is None:
                 delivered[0] += 1
         conf["on_delivery"] = on_delivery
+        conf["delivery.report.only.error"] = False
     p = Producer(conf)
     for key, value in values[:20000]:  # warm-up: connections, producer id
         p.produce(topic, value, key)
@@ -208,7 +214,8 @@ def main() -> int:
         for i, basis in ((0, "wall"), (1, "CPU")):
             print(f"  publish / ceiling ({basis}): {best['publish'][i] / best['ceiling'][i]:.2f}   "
                   f"publish / encode ({basis}): {best['publish'][i] / best['encode'][i]:.2f}")
-        print(f"  retried produce requests in the last round: {stats['retried']}")
+        print(f"  last publish round: {stats['retried']} produce requests retried, "
+              f"{stats['spooled']} events went through the spool (queue bound reached)")
         if args.sweep:
             print("\nsweep: produce-only and encode+publish, wall events/s (events per CPU-second)")
             for comp in ("none", "lz4", "zstd", "snappy"):
