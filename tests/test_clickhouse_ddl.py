@@ -36,6 +36,7 @@ def test_create_is_idempotent_and_follows_the_contract(open_store):
     assert create[1] == "toDate(time)"
     assert create[2] == "host, time"
     assert "non_replicated_deduplication_window = 1000" in create[0]
+    assert f"min_bytes_for_wide_part = {128 << 20}" in create[0]  # inserts write Compact parts
     assert "CODEC(Delta(8), ZSTD(1))" in create[0]  # time_ns / seq / time
 
 
@@ -56,6 +57,14 @@ def test_empty_event_id_is_rejected_by_clickhouse(open_store):
     with pytest.raises(Exception, match="VIOLATED_CONSTRAINT|event_id_set"):
         c.insert("fdpass.events", [["", 1, "h", "SEND", "SENDMSG", "REGULAR"]],
                  column_names=["event_id", "time_ns", "host", "direction", "syscall", "file_type"])
+
+
+def test_a_table_made_before_the_part_setting_gets_it(open_store):
+    c = open_store().client()
+    for stmt in ddl.create_statements():
+        c.command(stmt.replace(f", min_bytes_for_wide_part = {ddl.WIDE_PART_BYTES}", ""))
+    assert ddl.ensure_schema(c) == [f"ALTER TABLE fdpass.events MODIFY SETTING min_bytes_for_wide_part = {128 << 20}"]
+    assert ddl.ensure_schema(c) == []
 
 
 def test_migrate_adds_missing_contract_columns(open_store):
