@@ -33,7 +33,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fdpass.schemas import codec
 from fdpass.sinks import conversion
@@ -82,21 +83,33 @@ class StoreError(RuntimeError):
 
 @dataclass
 class Batch:
+    """One offset range of one partition: what the writer stores as a unit."""
+
     topic: str
     partition: int
     first: int
     last: int
-    messages: list  # confluent_kafka.Message, in offset order
+    # What is kept of each message, in offset order (offsets may have gaps:
+    # compaction, transaction markers).
+    values: list  # bytes, or None for a message without a value
+    keys: list
+    offsets: Sequence[int]
     done_before: bool = False  # a replayed range already marked done: commit only
     replay: bool = False
     cancelled: bool = False  # partition revoked: do not write, do not commit
     nbytes: int = 0
     rows: int = 0  # inserted (set by the writer)
     dead: int = 0
-    tokens: list = field(default_factory=list)
 
     def describe(self) -> str:
-        return f"{self.topic}[{self.partition}] offsets {self.first}-{self.last} ({len(self.messages)} msgs)"
+        return f"{self.topic}[{self.partition}] offsets {self.first}-{self.last} ({len(self.values)} msgs)"
+
+    def message(self, i: int):
+        """Message i as the dead-letter producer forwards it (key and value untouched)."""
+        from confluent_kafka import Message
+
+        return Message(topic=self.topic, partition=self.partition, offset=self.offsets[i], key=self.keys[i],
+                       value=self.values[i])
 
 
 _announced = False
@@ -141,145 +154,149 @@ class Writer:
         return self.native and conversion.native_supported(version)
 
     # -- one batch ---------------------------------------------------------------
+    # Messages are named by their index in the batch; a group is a list of
+    # indexes, or None for the whole batch (its values list as it is).
     def write(self, batch: Batch) -> None:
         """Store a batch completely or raise StoreError (then nothing may be committed)."""
         if batch.done_before:
             return
-        msgs = batch.messages
+        n = len(batch.values)
         try:
-            self.batch_log.intent(batch.partition, batch.first, batch.last, len(msgs))
+            self.batch_log.intent(batch.partition, batch.first, batch.last, n)
         except Exception as e:
             raise StoreError(f"recording the batch range failed: {short(e)}") from e
         rows, dead = 0, []
-        pending = self._groups(msgs, dead)
+        pending = self._groups(batch, None, dead)
         while pending:
             version, group = pending.pop(0)
-            ok, bad, foreign = self._insert_group(version, group,
-                                                  token(batch.topic, batch.partition, batch.first, batch.last,
-                                                        f"/v{version}"))
+            tok = token(batch.topic, batch.partition, batch.first, batch.last, f"/v{version}")
+            ok, bad, foreign = self._insert_group(batch, version, group, tok)
             rows += ok
             dead.extend(bad)
             if foreign:  # Native: messages of other writer versions, left out of this version's block
-                pending.extend(self._groups(foreign, dead, by_header=True))
+                pending.extend(self._groups(batch, foreign, dead, by_header=True))
         if dead:
-            for msg, reason, detail in dead:
-                self.dlq.send(msg, reason, detail)
+            for i, reason, detail in dead:
+                self.dlq.send(batch.message(i), reason, detail)
             try:
                 self.dlq.flush()
             except Exception as e:
                 raise StoreError(f"dead letters not delivered: {e}") from e
         try:
-            self.batch_log.done(batch.partition, batch.first, batch.last, len(msgs))
+            self.batch_log.done(batch.partition, batch.first, batch.last, n)
         except Exception as e:
             raise StoreError(f"marking the batch done failed: {short(e)}") from e
         batch.rows, batch.dead = rows, len(dead)
 
-    def _groups(self, msgs: list, dead: list, by_header: bool = False) -> list[tuple[int, list]]:
-        """(writer version, messages) to insert, in version order; messages without a usable
-        header are added to `dead`.
+    def _groups(self, batch: Batch, group: list | None, dead: list, by_header: bool = False) -> list:
+        """(writer version, group) to insert, in version order; messages without a usable header
+        are added to `dead`.
 
         Native: one group of every message, for the first message's version
         (the transcoder checks the other headers). By header (Avro, or the
         messages a transcoder left out as foreign): the header check in
         Python, once per message.
         """
+        indexes = range(len(batch.values)) if group is None else group
+        values = batch.values
         first = None
-        for msg in msgs:  # normally stops at the first message
-            first = conversion.header_version(msg.value())
+        for i in indexes:  # normally stops at the first message
+            first = conversion.header_version(values[i])
             if isinstance(first, int):
                 break
         if not isinstance(first, int):  # no message has a known header
-            dead.extend(self._dead_letter(m, conversion.header_version(m.value()), "header check failed")
-                        for m in msgs)
+            dead.extend(self._dead_letter(values, i, conversion.header_version(values[i]), "header check failed")
+                        for i in indexes)
             return []
         if not by_header and self._native(first):
-            return [(first, msgs)]
+            return [(first, group)]
         groups: dict[int, list] = {}
         by_fp, magic, hlen = conversion.VERSION_BY_FP, conversion.MAGIC, conversion.HEADER_LEN
-        for msg in msgs:
-            value = msg.value()
+        for i in indexes:
+            value = values[i]
             v = by_fp.get(value[2:hlen]) if value is not None and len(value) >= hlen and value[:2] == magic else None
             if v is None:
-                dead.append(self._dead_letter(msg, conversion.header_version(value), "header check failed"))
-                continue
-            group = groups.get(v)
-            if group is None:
-                groups[v] = [msg]
+                dead.append(self._dead_letter(values, i, conversion.header_version(value), "header check failed"))
+            elif v in groups:
+                groups[v].append(i)
             else:
-                group.append(msg)
+                groups[v] = [i]
         return sorted(groups.items())
 
-    def _dead_letter(self, msg, reason: str, detail: str) -> tuple:
-        """(msg, reason, detail): the codec's where it rejects the message (the judge), else the given."""
+    def _dead_letter(self, values: list, i: int, reason: str, detail: str) -> tuple:
+        """(i, reason, detail): the codec's reason and detail where it rejects the message (the judge),
+        else the given ones."""
         try:
-            self._decoder.decode(msg.value() or b"")
+            self._decoder.decode(values[i] or b"")
         except codec.CodecError as e:
-            return msg, e.reason, str(e)
-        return msg, reason, detail
+            return i, e.reason, str(e)
+        return i, reason, detail
 
-    def _try_insert(self, version: int, msgs: list, tok: str) -> tuple[list, Exception | None]:
-        """Insert what decodes: (the transcoder's rejects, None if stored or the error if ClickHouse
-        refused the data); StoreError for any other failure."""
-        p = conversion.payload(version, [m.value() for m in msgs], self._native(version))
+    def _try_insert(self, batch: Batch, version: int, group: list | None, tok: str) -> tuple[list, Exception | None]:
+        """Insert what decodes of a group: (the indexes the transcoder left out with their reasons,
+        None if stored or the error if ClickHouse refused the data); StoreError for any other failure."""
+        values = batch.values if group is None else [batch.values[i] for i in group]
+        p = conversion.payload(version, values, self._native(version))
+        rejected = [(j if group is None else group[j], reason, detail) for j, reason, detail in p.rejected]
         if p.rows == 0:
-            return p.rejected, None
+            return rejected, None
         try:
             insert_payload(self.client, self.table, p, tok, self.insert_settings)
         except Exception as e:
             if not is_data_error(e):
                 raise StoreError(f"insert into {self.table} failed: {short(e)}") from e
-            return p.rejected, e
-        return p.rejected, None
+            return rejected, e
+        return rejected, None
 
-    def _sort_rejects(self, version: int, msgs: list, rejected: list) -> tuple[list, list]:
-        """Messages the transcoder left out -> (dead letters, messages of another writer version)."""
+    def _sort_rejects(self, batch: Batch, version: int, rejected: list) -> tuple[list, list]:
+        """Messages the transcoder left out -> (dead letters, indexes of another writer version)."""
         dead, foreign = [], []
         for i, reason, detail in rejected:
-            m = msgs[i]
-            v = conversion.header_version(m.value()) if reason != "corrupt_body" else version
+            v = conversion.header_version(batch.values[i]) if reason != "corrupt_body" else version
             if isinstance(v, int) and v != version:
-                foreign.append(m)
+                foreign.append(i)
             else:
-                dead.append(self._dead_letter(m, reason, detail))
+                dead.append(self._dead_letter(batch.values, i, reason, detail))
         return dead, foreign
 
-    def _insert_group(self, version: int, msgs: list, tok: str) -> tuple[int, list, list]:
-        """Insert one writer-version group: (rows inserted, dead letters, messages of other versions)."""
-        rejected, error = self._try_insert(version, msgs, tok)
-        dead, foreign = self._sort_rejects(version, msgs, rejected)
+    def _insert_group(self, batch: Batch, version: int, group: list | None, tok: str) -> tuple[int, list, list]:
+        """Insert one writer-version group: (rows inserted, dead letters, indexes of other versions)."""
+        rejected, error = self._try_insert(batch, version, group, tok)
+        dead, foreign = self._sort_rejects(batch, version, rejected)
+        size = len(batch.values) if group is None else len(group)
         if error is None:
-            return len(msgs) - len(rejected), dead, foreign
+            return size - len(rejected), dead, foreign
         # ClickHouse refused rows of what was sent.
         left_out = {i for i, _, _ in rejected}
-        sent = [m for i, m in enumerate(msgs) if i not in left_out]
+        sent = [i for i in (range(size) if group is None else group) if i not in left_out]
         if self._native(version):
             good = sent  # the transcoder left out every message the codec rejects (tests/test_avro_to_native.py)
         else:  # ClickHouse's Avro reader failed on the container: the codec names the undecodable
             good = []
-            for m in sent:
+            for i in sent:
                 try:
-                    self._decoder.decode(m.value())
-                    good.append(m)
+                    self._decoder.decode(batch.values[i])
+                    good.append(i)
                 except codec.CodecError as ce:
-                    dead.append((m, ce.reason, str(ce)))
+                    dead.append((i, ce.reason, str(ce)))
         log.warning("ClickHouse refused %d rows of %s (%s); bisecting %d", len(sent), tok, short(error), len(good))
-        ok, refused = self._bisect(version, good, tok + "/checked")
+        ok, refused = self._bisect(batch, version, good, tok + "/checked")
         return ok, dead + refused, foreign
 
-    def _bisect(self, version: int, msgs: list, tok: str) -> tuple[int, list]:
+    def _bisect(self, batch: Batch, version: int, group: list, tok: str) -> tuple[int, list]:
         """Rows ClickHouse refuses, found by halving; every message here decodes."""
-        if not msgs:
+        if not group:
             return 0, []
-        rejected, error = self._try_insert(version, msgs, tok)
+        rejected, error = self._try_insert(batch, version, group, tok)
         # (none: these all went through the same transcoder before)
-        dead = [self._dead_letter(msgs[i], reason, detail) for i, reason, detail in rejected]
+        dead = [self._dead_letter(batch.values, i, reason, detail) for i, reason, detail in rejected]
         if error is None:
-            return len(msgs) - len(rejected), dead
-        if len(msgs) == 1:
-            return 0, [(msgs[0], "clickhouse_rejected", short(error))]
-        mid = len(msgs) // 2
-        a_ok, a_bad = self._bisect(version, msgs[:mid], tok + "/a")
-        b_ok, b_bad = self._bisect(version, msgs[mid:], tok + "/b")
+            return len(group) - len(rejected), dead
+        if len(group) == 1:
+            return 0, [(group[0], "clickhouse_rejected", short(error))]
+        mid = len(group) // 2
+        a_ok, a_bad = self._bisect(batch, version, group[:mid], tok + "/a")
+        b_ok, b_bad = self._bisect(batch, version, group[mid:], tok + "/b")
         return a_ok + b_ok, a_bad + b_bad
 
 

@@ -123,7 +123,7 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
     from confluent_kafka import Consumer
 
     from fdpass.sinks.state import BatchLog
-    from fdpass.sinks.writer import Writer
+    from fdpass.sinks.writer import Batch, Writer
 
     topic, group = unique("t-trap"), unique("g-trap")
     create_topic(kafka_broker.bootstrap, topic, 1)
@@ -139,10 +139,15 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
     c.close()  # no commit: the 'crash'
     log = BatchLog(client, "fdpass", topic)
     w = Writer(client, "fdpass", "events", log, dead_letters=None)
+
+    def batch(a, b):
+        part = msgs[a:b + 1]
+        return Batch(topic, 0, a, b, [m.value() for m in part], [m.key() for m in part], [m.offset() for m in part])
+
     log.intent(0, 0, 299, 300)
-    assert w._insert_group(2, msgs[:300], f"{topic}/0/0-299/v2") == (300, [], [])  # the writer's own token scheme
+    assert w._insert_group(batch(0, 299), 2, None, f"{topic}/0/0-299/v2") == (300, [], [])  # the writer's own tokens
     log.intent(0, 300, 399, 100)
-    assert w._insert_group(2, msgs[300:400], f"{topic}/0/300-399/v2") == (100, [], [])
+    assert w._insert_group(batch(300, 399), 2, None, f"{topic}/0/300-399/v2") == (100, [], [])
     log.done(0, 300, 399, 100)
     assert client.query("SELECT count() FROM fdpass.events").result_rows == [(400,)]
 
