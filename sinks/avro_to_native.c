@@ -3,9 +3,9 @@
  *
  * Why. ClickHouse's Avro input format costs ~9 CPU us per fdpass event (its
  * Avro parser, and LowCardinality columns filled row by row); the same rows
- * as a Native block cost ~3 us, plus ~0.1-0.2 us here. So the sink hands
- * ClickHouse Native blocks (INSERT ... FORMAT Native); ClickHouse's Avro
- * reader stays as the fallback for when this module is not built
+ * as a Native block cost ~1.2-1.4 us, plus ~0.4-0.7 us here. So the sink
+ * hands ClickHouse Native blocks (INSERT ... FORMAT Native); ClickHouse's
+ * Avro reader stays as the fallback for when this module is not built
  * (sinks/conversion.py).
  *
  * Generic over flat Avro records whose fields are string, int, long,
@@ -30,12 +30,24 @@
  *               Enum8(...)      Int8: the Avro symbol index + 1
  *               Nullable(T)     one UInt8 per row (1 = NULL), then T's data
  *                               with T's default in the NULL rows
+ *               LowCardinality(String), LowCardinality(Nullable(String))
+ *                               for the fields the table keeps so: keys
+ *                               version (UInt64 1), index type and flags
+ *                               (UInt64: UInt8/16/32 keys | additional keys |
+ *                               update dictionary), UInt64 number of keys, the
+ *                               keys as Strings (the default "" first, after a
+ *                               NULL placeholder when Nullable: ClickHouse's
+ *                               own layout), UInt64 rows, one key per row.
+ *                               Measured against plain String columns: a
+ *                               block of 270 instead of 440 bytes per event,
+ *                               ~0.25 CPU us less per event in ClickHouse,
+ *                               ~0.13 more here.
  *             Empty (len 0) when no message was accepted.
  *   rows      rows in the block: the accepted messages, in input order
  *   rejected  [(index in values, reason, detail)], reason "truncated",
  *             "corrupt_body", "bad_magic" or "unknown_fingerprint" (the
  *             codec's DLQ vocabulary). A rejected message adds no row and no
- *             byte to any column.
+ *             byte to any column or dictionary.
  *
  * Validation (strict; the Python codec, fdpass.schemas.codec, is the judge
  * of what is undecodable, and tests/test_avro_to_native.py checks with
@@ -83,7 +95,8 @@
 #define DETAIL_LEN 160
 #define SPARES 2 /* reusable column sets and block buffers per Transcoder: one per writer thread */
 
-enum kind { K_STRING, K_LONG, K_INT, K_BOOL, K_ENUM };
+/* K_DICT: a string column the table keeps as LowCardinality, sent dictionary-encoded */
+enum kind { K_STRING, K_LONG, K_INT, K_BOOL, K_ENUM, K_DICT };
 
 typedef struct {
     uint8_t *p;
@@ -100,10 +113,33 @@ typedef struct {
     double bytes_per_row;  /* string columns: size seen last time, to size buffers up front */
 } field_t;
 
+/* The dictionary of a K_DICT column for one block. */
+typedef struct {
+    uint64_t hash;
+    uint32_t key;  /* index in the dictionary; EMPTY: a free slot */
+    uint32_t len;
+    size_t off;    /* where the key's bytes start in keys */
+} slot_t;
+
+#define EMPTY UINT32_MAX
+
+typedef struct {
+    buf_t keys;            /* as Native writes them: per key a varuint length, the bytes */
+    uint32_t nkeys;
+    slot_t *slots;         /* open addressing, a power of two of them */
+    size_t nslots, used;
+    uint32_t last_key, last_len; /* the previous row's value: runs of one host, comm, ... are common */
+    size_t last_off;
+    const uint8_t *pend;   /* this row's value, entered once the whole row is accepted */
+    uint32_t pend_len;
+    int pend_null;
+} dict_t;
+
 typedef struct {
     buf_t nulls;  /* Nullable: one byte per row */
-    buf_t vals;   /* values: fixed width at row * width, or appended strings */
+    buf_t vals;   /* values: fixed width at row * width (K_DICT: UInt32 keys), or appended strings */
     size_t mark;  /* string columns: vals.len at the start of the current row */
+    dict_t dict;  /* K_DICT */
 } column_t;
 
 typedef struct {
@@ -113,6 +149,8 @@ typedef struct {
     field_t *fields;
     Py_ssize_t nstrings;
     Py_ssize_t *strings;   /* indexes of the string fields (rolled back on a reject) */
+    Py_ssize_t ndicts;
+    Py_ssize_t *dicts;     /* indexes of the K_DICT fields (entered after the row) */
     PyObject *columns;     /* tuple of column names */
     /* Reused memory; touched only with the GIL held. */
     column_t *spare_cols[SPARES];
@@ -304,10 +342,133 @@ static int add_reject(rejects_t *r, Py_ssize_t index, const reject_t *what) {
 static size_t width_of(enum kind k) {
     switch (k) {
     case K_LONG: return 8;
-    case K_INT: return 4;
+    case K_INT: case K_DICT: return 4;
     case K_BOOL: case K_ENUM: return 1;
     default: return 0;
     }
+}
+
+/* -- dictionaries (LowCardinality) -------------------------------------------------- */
+
+static inline uint64_t hash_bytes(const uint8_t *s, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n, w;
+    for (; n >= 8; s += 8, n -= 8) {
+        memcpy(&w, s, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 31;
+    }
+    w = 0;
+    for (size_t i = 0; i < n; i++)
+        w |= (uint64_t)s[i] << (8 * i);
+    h = (h ^ w) * 0x94D049BB133111EBULL;
+    return h ^ (h >> 29);
+}
+
+/* An empty dictionary: ClickHouse's layout puts the default value ("") first,
+ * after a placeholder for NULL in a Nullable one. */
+static int dict_reset(dict_t *d, int nullable) {
+    d->keys.len = 0;
+    if (buf_reserve(&d->keys, 2) < 0)
+        return -1;
+    d->keys.p[d->keys.len++] = 0;
+    if (nullable)
+        d->keys.p[d->keys.len++] = 0;
+    d->nkeys = nullable ? 2 : 1;
+    if (!d->slots) {
+        d->nslots = 1024;
+        if (!(d->slots = malloc(d->nslots * sizeof(slot_t))))
+            return -1;
+    }
+    memset(d->slots, 0xFF, d->nslots * sizeof(slot_t)); /* key = EMPTY */
+    d->used = 0;
+    d->last_key = EMPTY;
+    return 0;
+}
+
+static int dict_grow(dict_t *d) {
+    size_t n = d->nslots * 2;
+    slot_t *slots = malloc(n * sizeof(slot_t));
+    if (!slots)
+        return -1;
+    memset(slots, 0xFF, n * sizeof(slot_t));
+    for (size_t i = 0; i < d->nslots; i++) {
+        if (d->slots[i].key == EMPTY)
+            continue;
+        size_t j = d->slots[i].hash & (n - 1);
+        while (slots[j].key != EMPTY)
+            j = (j + 1) & (n - 1);
+        slots[j] = d->slots[i];
+    }
+    free(d->slots);
+    d->slots = slots;
+    d->nslots = n;
+    return 0;
+}
+
+/* The key of a value, entering it if new; EMPTY when out of memory. */
+static uint32_t dict_key(dict_t *d, const uint8_t *p, uint32_t len, int nullable) {
+    if (len == 0)
+        return nullable ? 1 : 0;
+    if (len == d->last_len && d->last_key != EMPTY && memcmp(p, d->keys.p + d->last_off, len) == 0)
+        return d->last_key;
+    uint64_t h = hash_bytes(p, len);
+    size_t mask = d->nslots - 1, i = h & mask;
+    for (;; i = (i + 1) & mask) {
+        slot_t *sl = &d->slots[i];
+        if (sl->key == EMPTY)
+            break;
+        if (sl->hash == h && sl->len == len && memcmp(p, d->keys.p + sl->off, len) == 0) {
+            d->last_key = sl->key, d->last_len = len, d->last_off = sl->off;
+            return sl->key;
+        }
+    }
+    if (d->nkeys == EMPTY - 1 || buf_reserve(&d->keys, (size_t)len + 10) < 0)
+        return EMPTY;
+    d->keys.len += put_varuint(d->keys.p + d->keys.len, len);
+    size_t off = d->keys.len;
+    memcpy(d->keys.p + off, p, len);
+    d->keys.len += len;
+    d->slots[i] = (slot_t){h, d->nkeys, len, off};
+    d->last_key = d->nkeys, d->last_len = len, d->last_off = off;
+    d->nkeys++;
+    if (++d->used * 2 > d->nslots && dict_grow(d) < 0)
+        return EMPTY;
+    return d->last_key;
+}
+
+/* Bytes of a dictionary-encoded column's data in the block. */
+static size_t dict_size(const dict_t *d, size_t rows) {
+    size_t width = d->nkeys <= 256 ? 1 : d->nkeys <= 65536 ? 2 : 4;
+    return 4 * 8 + d->keys.len + rows * width;
+}
+
+/* LowCardinality's Native serialization: keys version, index type and flags,
+ * the dictionary (its keys as the inner type), the rows' keys. */
+static uint8_t *dict_write(const dict_t *d, const uint32_t *keys, size_t rows, uint8_t *o) {
+    uint64_t itype = d->nkeys <= 256 ? 0 : d->nkeys <= 65536 ? 1 : 2; /* UInt8, UInt16, UInt32 keys */
+    uint64_t head[3] = {1,                                     /* SharedDictionariesWithAdditionalKeys */
+                        itype | (1u << 9) | (1u << 10),        /* HasAdditionalKeys | NeedUpdateDictionary */
+                        d->nkeys};
+    memcpy(o, head, sizeof head);
+    o += sizeof head;
+    memcpy(o, d->keys.p, d->keys.len);
+    o += d->keys.len;
+    uint64_t n = rows;
+    memcpy(o, &n, 8);
+    o += 8;
+    if (itype == 0)
+        for (size_t r = 0; r < rows; r++)
+            *o++ = (uint8_t)keys[r];
+    else if (itype == 1)
+        for (size_t r = 0; r < rows; r++, o += 2) {
+            uint16_t k = (uint16_t)keys[r];
+            memcpy(o, &k, 2);
+        }
+    else {
+        memcpy(o, keys, rows * 4);
+        o += rows * 4;
+    }
+    return o;
 }
 
 /* -- one message ---------------------------------------------------------------- */
@@ -326,14 +487,15 @@ static int decode_row(const Transcoder *t, column_t *cols, size_t row, const uin
                 goto varint_error;
             int64_t branch = unzigzag(z);
             if (branch == 0) {
-                c->nulls.p[row] = 1;
-                switch (fd->kind) {
+                switch (fd->kind) { /* the null map, and the inner type's default in this row */
                 case K_STRING: c->vals.p[c->vals.len++] = 0; break; /* the row start reserved this byte */
                 case K_LONG: memset(c->vals.p + row * 8, 0, 8); break;
                 case K_INT: memset(c->vals.p + row * 4, 0, 4); break;
                 case K_ENUM: c->vals.p[row] = 1; break; /* a value the Enum8 declares */
                 case K_BOOL: c->vals.p[row] = 0; break;
+                case K_DICT: c->dict.pend_null = 1; continue; /* NULL is key 0; no null map */
                 }
+                c->nulls.p[row] = 1;
                 continue;
             }
             if (branch != 1) {
@@ -341,7 +503,8 @@ static int decode_row(const Transcoder *t, column_t *cols, size_t row, const uin
                          fd->name, (long long)branch);
                 goto corrupt;
             }
-            c->nulls.p[row] = 0;
+            if (fd->kind != K_DICT)
+                c->nulls.p[row] = 0;
         }
         switch (fd->kind) {
         case K_LONG: {
@@ -386,6 +549,7 @@ static int decode_row(const Transcoder *t, column_t *cols, size_t row, const uin
             c->vals.p[row] = (uint8_t)(v + 1);
             break;
         }
+        case K_DICT:
         case K_STRING: {
             if ((rc = read_varint(&p, end, &z)) != OK)
                 goto varint_error;
@@ -406,6 +570,15 @@ static int decode_row(const Transcoder *t, column_t *cols, size_t row, const uin
                              bad);
                     goto corrupt;
                 }
+            }
+            if (fd->kind == K_DICT) {
+                if (n > UINT32_MAX - 16) {
+                    snprintf(rej->detail, DETAIL_LEN, "field %s: string of %lld bytes", fd->name, (long long)n);
+                    goto corrupt;
+                }
+                c->dict.pend = p, c->dict.pend_len = (uint32_t)n, c->dict.pend_null = 0;
+                p += n;
+                break;
             }
             if (buf_reserve(&c->vals, (size_t)n + 10) < 0)
                 return -1;
@@ -481,6 +654,14 @@ static Py_ssize_t transcode_all(const Transcoder *t, column_t *cols, const uint8
         if (rc < 0)
             return -1;
         if (rc == OK) {
+            for (Py_ssize_t k = 0; k < t->ndicts; k++) {
+                Py_ssize_t f = t->dicts[k];
+                dict_t *d = &cols[f].dict;
+                uint32_t key = d->pend_null ? 0 : dict_key(d, d->pend, d->pend_len, t->fields[f].nullable);
+                if (key == EMPTY)
+                    return -1;
+                ((uint32_t *)cols[f].vals.p)[row] = key;
+            }
             row++;
             continue;
         }
@@ -500,6 +681,8 @@ static void free_column_set(column_t *cols, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
         free(cols[i].nulls.p);
         free(cols[i].vals.p);
+        free(cols[i].dict.keys.p);
+        free(cols[i].dict.slots);
     }
     free(cols);
 }
@@ -513,7 +696,9 @@ static column_t *take_column_set(Transcoder *t, Py_ssize_t n) {
         const field_t *fd = &t->fields[f];
         size_t cap = fd->kind == K_STRING ? (size_t)(fd->bytes_per_row * 1.1 * (double)n) + 64
                                            : width_of(fd->kind) * (size_t)n + 8;
-        if (buf_empty(&cols[f].vals, cap) < 0 || (fd->nullable && buf_empty(&cols[f].nulls, (size_t)n + 8) < 0)) {
+        int nulls = fd->nullable && fd->kind != K_DICT; /* a dictionary's NULL is key 0 */
+        if (buf_empty(&cols[f].vals, cap) < 0 || (nulls && buf_empty(&cols[f].nulls, (size_t)n + 8) < 0) ||
+            (fd->kind == K_DICT && dict_reset(&cols[f].dict, fd->nullable) < 0)) {
             free_column_set(cols, t->nfields);
             return NULL;
         }
@@ -587,8 +772,9 @@ static void free_fields(Transcoder *t) {
         t->fields = NULL;
     }
     PyMem_Free(t->strings);
-    t->strings = NULL;
-    t->nfields = t->nstrings = 0;
+    PyMem_Free(t->dicts);
+    t->strings = t->dicts = NULL;
+    t->nfields = t->nstrings = t->ndicts = 0;
 }
 
 static void Transcoder_dealloc(Transcoder *t) {
@@ -641,8 +827,9 @@ static int Transcoder_init(Transcoder *t, PyObject *args, PyObject *kwds) {
     }
     t->fields = PyMem_Calloc((size_t)n, sizeof(field_t));
     t->strings = PyMem_Calloc((size_t)n, sizeof(Py_ssize_t));
+    t->dicts = PyMem_Calloc((size_t)n, sizeof(Py_ssize_t));
     t->columns = PyTuple_New(n);
-    if (!t->fields || !t->strings || !t->columns) {
+    if (!t->fields || !t->strings || !t->dicts || !t->columns) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -650,15 +837,24 @@ static int Transcoder_init(Transcoder *t, PyObject *args, PyObject *kwds) {
     for (Py_ssize_t i = 0; i < n; i++) {
         const char *name, *kind, *type;
         Py_ssize_t name_len, type_len;
-        int nullable;
+        int nullable, dictionary;
         long long nsym;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "s#spLs#;each field is (name, kind, nullable, "
-                              "symbols, type)", &name, &name_len, &kind, &nullable, &nsym, &type, &type_len))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "s#spLs#p;each field is (name, kind, nullable, "
+                              "symbols, type, low cardinality)", &name, &name_len, &kind, &nullable, &nsym, &type,
+                              &type_len, &dictionary))
             goto fail;
         field_t *fd = &t->fields[i];
         if (kind_of(kind, &fd->kind) < 0) {
             PyErr_Format(PyExc_ValueError, "field %s: unsupported kind %s", name, kind);
             goto fail;
+        }
+        if (dictionary) {
+            if (fd->kind != K_STRING) {
+                PyErr_Format(PyExc_ValueError, "field %s: LowCardinality is supported for strings only", name);
+                goto fail;
+            }
+            fd->kind = K_DICT;
+            t->dicts[t->ndicts++] = i;
         }
         if (fd->kind == K_ENUM && (nsym < 1 || nsym > 127)) {
             PyErr_Format(PyExc_ValueError, "field %s: an Enum8 holds 1..127 symbols, not %lld", name, nsym);
@@ -706,6 +902,10 @@ static void assemble(const Transcoder *t, const column_t *cols, Py_ssize_t rows,
         const field_t *fd = &t->fields[f];
         memcpy(o, fd->head, fd->head_len);
         o += fd->head_len;
+        if (fd->kind == K_DICT) {
+            o = dict_write(&cols[f].dict, (const uint32_t *)cols[f].vals.p, (size_t)rows, o);
+            continue;
+        }
         if (fd->nullable) {
             memcpy(o, cols[f].nulls.p, (size_t)rows);
             o += rows;
@@ -772,7 +972,10 @@ static PyObject *Transcoder_transcode(Transcoder *t, PyObject *values) {
                 fd->bytes_per_row = (double)cols[f].vals.len / (double)rows;
             else
                 cols[f].vals.len = width_of(fd->kind) * (size_t)rows;
-            total += fd->head_len + cols[f].vals.len + (fd->nullable ? (size_t)rows : 0);
+            if (fd->kind == K_DICT)
+                total += fd->head_len + dict_size(&cols[f].dict, (size_t)rows);
+            else
+                total += fd->head_len + cols[f].vals.len + (fd->nullable ? (size_t)rows : 0);
         }
         if (take_mem(t, total, &block->mem) < 0) {
             PyErr_NoMemory();

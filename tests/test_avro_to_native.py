@@ -50,6 +50,38 @@ def _enum_values(typ: str) -> dict[int, str]:
     return {int(v): k for k, v in re.findall(r"'([^']*)' = (-?\d+)", typ)}
 
 
+def _u64(buf: bytes, pos: int) -> tuple[int, int]:
+    return int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+
+
+def _read_low_cardinality(block: bytes, pos: int, typ: str, nrows: int) -> tuple[list, int]:
+    """A LowCardinality(String) or LowCardinality(Nullable(String)) column: version, flags, keys, rows, indexes."""
+    nullable = typ == "LowCardinality(Nullable(String))"
+    assert nullable or typ == "LowCardinality(String)", typ
+    version, pos = _u64(block, pos)
+    flags, pos = _u64(block, pos)
+    assert version == 1 and flags & 0xFF00 == 0x0600, (version, hex(flags))  # additional keys, update dictionary
+    width = {0: 1, 1: 2, 2: 4, 3: 8}[flags & 0xFF]
+    nkeys, pos = _u64(block, pos)
+    keys = []
+    for _ in range(nkeys):
+        n, pos = _varuint(block, pos)
+        keys.append(block[pos:pos + n].decode("utf-8"))
+        pos += n
+    # ClickHouse's layout: the default first, after a NULL placeholder in a Nullable dictionary
+    assert keys[:2 if nullable else 1] == [""] * (2 if nullable else 1)
+    assert len(set(keys[2 if nullable else 1:])) == len(keys) - (2 if nullable else 1), "a key twice"
+    rows, pos = _u64(block, pos)
+    assert rows == nrows
+    assert width == (1 if nkeys <= 256 else 2 if nkeys <= 65536 else 4)
+    values = []
+    for _ in range(nrows):
+        k = int.from_bytes(block[pos:pos + width], "little")
+        pos += width
+        values.append(None if nullable and k == 0 else keys[k])
+    return values, pos
+
+
 def read_native(block: bytes, types: dict | None = None) -> list[dict]:
     """Rows of one Native block (the types the transcoder writes), as codec.decode would give them;
     `types` gets each column's type."""
@@ -68,6 +100,9 @@ def read_native(block: bytes, types: dict | None = None) -> list[dict]:
         pos += n
         if types is not None:
             types[name] = typ
+        if typ.startswith("LowCardinality("):
+            columns[name], pos = _read_low_cardinality(block, pos, typ, nrows)
+            continue
         nulls = None
         if typ.startswith("Nullable("):
             nulls = block[pos:pos + nrows]
@@ -153,14 +188,19 @@ def test_every_field_symbol_and_null_round_trips(version):
     assert list(rows[0]) == writer_fields(version)  # the writer's columns, in order, nothing else
 
 
-def test_block_types_are_the_tables_minus_low_cardinality():
+def test_block_types_are_the_tables():
     types = {}
     read_native(conversion.payload(2, [codec.encode(make_event(1))]).data, types)
-    want = {}
-    for f in FIELDS:
-        t = ddl.column_type(f)
-        want[f.name] = t[len("LowCardinality("):-1] if t.startswith("LowCardinality(") else t
-    assert types == want
+    assert types == {f.name: ddl.column_type(f) for f in FIELDS}
+
+
+def test_dictionaries_of_many_values_widen_their_keys():
+    """LowCardinality keys are UInt8 up to 256 dictionary entries, then UInt16, then UInt32."""
+    for n in (250, 300, 70000):
+        msgs = [codec.encode(make_event(i) | {"comm": f"c{i}", "exe": None if i % 3 else f"/x/{i % 257}"})
+                for i in range(n)]
+        rows, rejected = transcode(2, msgs)
+        assert rejected == [] and rows == [expected(2, m) for m in msgs]
 
 
 def test_chdb_reads_the_block_with_defaults_for_what_v1_lacks(open_store):
@@ -193,6 +233,17 @@ def test_a_batch_of_mixed_messages_keeps_only_the_good_rows_in_order():
         (1, "truncated"), (2, "truncated"), (4, "bad_magic"), (5, "truncated"), (6, "unknown_fingerprint"),
         (8, "corrupt_body"), (9, "unknown_fingerprint")]
     assert all(detail for _, _, detail in rejected)
+
+
+def test_a_rejected_message_leaves_no_byte_in_the_block():
+    """Not in a column, not in a LowCardinality dictionary: its values were read before the reject."""
+    bad = codec.encode(make_event(1) | {"comm": "comm-of-a-bad-one", "file_path": "/path/of/a/bad/one"}) + b"\x00"
+    good = [codec.encode(make_event(i)) for i in range(3)]
+    p = conversion.payload(2, [good[0], bad, good[1], bad, good[2]])
+    assert [(i, r) for i, r, _ in p.rejected] == [(1, "corrupt_body"), (3, "corrupt_body")]
+    block = bytes(p.data)
+    assert b"comm-of-a-bad-one" not in block and b"/path/of/a/bad/one" not in block
+    assert block == bytes(conversion.payload(2, good).data)
 
 
 def test_no_message_accepted_is_an_empty_block():
