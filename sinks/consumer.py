@@ -85,18 +85,19 @@ class SinkConfig:
     topic: str = "fdpass.events"
     group: str = "fdpass-sink"
     dlq_topic: str | None = None  # default: <topic>.dlq
-    # Chosen with bench/bench_sink.py (2-CPU VM, 366-byte events, 2 writers):
-    # 100k-row batches ran at 1.05-1.07x the direct-insert ceiling, 50k at
-    # ~0.9x, 20k at ~0.5x (each insert pays a fixed cost: a part per day
-    # partition, two state rows, a commit). 32 MiB caps a batch of large
-    # events (~87k of these); 1 s bounds the latency when traffic is light.
+    # Chosen with bench/bench_sink.py (2-CPU VM, 366-byte events, Native
+    # inserts, medians of 3 runs): 100k-row batches 273k rows/s, 50k 247k,
+    # 20k 185k (each insert pays a fixed cost: a part per day partition, two
+    # state rows, a commit). 32 MiB caps a batch of large events (~92k of
+    # these); 1 s bounds the latency when traffic is light.
     batch_rows: int = 100_000
     batch_bytes: int = 32 << 20
     batch_age: float = 1.0
     # Writer threads; a partition always goes to the same one (partition % n),
     # so each partition's batches are stored and committed in offset order.
-    # ClickHouse releases the GIL while it parses and writes, so two writers
-    # keep both cores of a small machine busy.
+    # ClickHouse and the transcoder release the GIL while they work, so two
+    # writers keep both cores of a small machine busy (4 measured slower:
+    # 222k against 273k rows/s).
     writers: int = 2
     max_inflight: int = 4  # batches cut but not yet committed, over all writers
     status_every: float = 10.0
