@@ -583,13 +583,17 @@ class Sink:
 
         self.assigned_history.append({tp.partition for tp in tps})
         committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=30)
+        starts = {}
         for tp, c in zip(tps, committed):
             start = c.offset
             if start < 0:  # no commit yet: the beginning of what Kafka still has
                 start, _ = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
-            plan = self._retrying(lambda: self.batch_log.pending(tp.partition, start), "reading recorded batches")
-            if plan is None:  # stopping before the plan was read: store nothing of this partition
-                continue
+            starts[tp.partition] = start
+        plans = self._retrying(lambda: self.batch_log.pending_many(starts), "reading recorded batches")
+        for tp in tps:
+            if plans is None:  # stopping before the plans were read: store nothing of these partitions
+                break
+            start, plan = starts[tp.partition], plans[tp.partition]
             if plan and plan[0].first < start:
                 start = plan[0].first
             self.buffers[tp.partition] = PartitionBuffer(tp.topic, tp.partition, plan)
