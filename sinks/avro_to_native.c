@@ -220,11 +220,31 @@ static size_t put_varuint(uint8_t *out, uint64_t v) {
 enum { OK = 0, E_TRUNC, E_VARINT };
 
 /* An Avro varint, at most 10 bytes, nothing beyond 64 bits. */
-static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+__attribute__((always_inline)) static inline int read_varint(const uint8_t **pp, const uint8_t *end,
+                                                              uint64_t *out) {
     const uint8_t *p = *pp;
     if (p < end && *p < 0x80) { /* most of an event's varints: small ints, lengths, indexes */
         *out = *p;
         *pp = p + 1;
+        return OK;
+    }
+    if (end - p >= 10) { /* unrolled, no bounds checks: 64-bit ids and times take 5-9 bytes */
+        uint64_t v = p[0] & 0x7f, b;
+#define STEP(k)                                   \
+        b = p[k];                                 \
+        v |= (b & 0x7f) << (7 * k);               \
+        if (b < 0x80) {                           \
+            *pp = p + k + 1;                      \
+            *out = v;                             \
+            return OK;                            \
+        }
+        STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7) STEP(8)
+#undef STEP
+        b = p[9];
+        if (b > 1)
+            return E_VARINT;
+        *pp = p + 10;
+        *out = v | b << 63;
         return OK;
     }
     uint64_t v = 0;
@@ -300,6 +320,33 @@ static size_t utf8_check(const uint8_t *s, size_t n) {
         i += need + 1;
     }
     return n;
+}
+
+/* memcmp(a, b, n) == 0 for the short strings of an event, without a library call; no over-read. */
+static inline int same_bytes(const uint8_t *a, const uint8_t *b, size_t n) {
+    uint64_t x, y, u, w;
+    if (n >= 8) {
+        size_t i = 0;
+        for (; i + 8 < n; i += 8) {
+            memcpy(&x, a + i, 8);
+            memcpy(&y, b + i, 8);
+            if (x != y)
+                return 0;
+        }
+        memcpy(&x, a + n - 8, 8); /* the tail, overlapping */
+        memcpy(&y, b + n - 8, 8);
+        return x == y;
+    }
+    if (n >= 4) {
+        uint32_t x4, y4, u4, w4;
+        memcpy(&x4, a, 4), memcpy(&y4, b, 4), memcpy(&u4, a + n - 4, 4), memcpy(&w4, b + n - 4, 4);
+        return x4 == y4 && u4 == w4;
+    }
+    u = w = 0;
+    for (size_t i = 0; i < n; i++)
+        u |= (uint64_t)a[i] << (8 * i), w |= (uint64_t)b[i] << (8 * i);
+    (void)x, (void)y;
+    return u == w;
 }
 
 /* memcpy of short strings without a library call; exact, no over-read. */
@@ -409,7 +456,7 @@ static int dict_grow(dict_t *d) {
 static uint32_t dict_key(dict_t *d, const uint8_t *p, uint32_t len, int nullable) {
     if (len == 0)
         return nullable ? 1 : 0;
-    if (len == d->last_len && d->last_key != EMPTY && memcmp(p, d->keys.p + d->last_off, len) == 0)
+    if (len == d->last_len && d->last_key != EMPTY && same_bytes(p, d->keys.p + d->last_off, len))
         return d->last_key;
     uint64_t h = hash_bytes(p, len);
     size_t mask = d->nslots - 1, i = h & mask;
@@ -417,7 +464,7 @@ static uint32_t dict_key(dict_t *d, const uint8_t *p, uint32_t len, int nullable
         slot_t *sl = &d->slots[i];
         if (sl->key == EMPTY)
             break;
-        if (sl->hash == h && sl->len == len && memcmp(p, d->keys.p + sl->off, len) == 0) {
+        if (sl->hash == h && sl->len == len && same_bytes(p, d->keys.p + sl->off, len)) {
             d->last_key = sl->key, d->last_len = len, d->last_off = sl->off;
             return sl->key;
         }
