@@ -70,6 +70,15 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - cpu
 
 
+def host_speed() -> float:
+    """Seconds of a fixed pure-Python loop: how fast this (shared) machine runs right now."""
+    t = time.perf_counter()
+    x = 0
+    for i in range(10_000_000):
+        x += i
+    return time.perf_counter() - t
+
+
 def line(name: str, n: int, wall: float, cpu: float, extra: str = "") -> float:
     rate = n / wall
     print(f"{name:44} {rate:>10,.0f} rows/s {cpu / n * 1e6:6.2f} CPU us/row{extra}", flush=True)
@@ -149,7 +158,8 @@ def main() -> int:
                 conversion.payload(CURRENT_VERSION, c)  # each block freed at once, as the sink does
 
         best = min(timed(transcode_all)[1] for _ in range(3))
-        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; blocks of {block} rows")
+        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; a 10M-step Python loop takes "
+              f"{host_speed():.2f}s (1.0-1.1s on a quiet host); blocks of {block} rows")
         print(f"{'transcode (Avro messages -> Native block)':44} {best / n * 1e6:28.2f} CPU us/row", flush=True)
         decoded = [codec.decode(v) for v in values]
         cols = conversion.events_to_columns(decoded)

@@ -125,7 +125,7 @@ def _announce_format(native: bool) -> None:
         log.info("inserting Avro containers (FORMAT Avro): Native blocks are switched off")
     elif conversion.NATIVE_MISSING is not None:
         log.warning("the C transcoder fdpass.sinks._avro_to_native is not importable (%s): inserting Avro "
-                    "containers (FORMAT Avro), which cost ClickHouse ~3x the CPU per row; reinstall with a C "
+                    "containers (FORMAT Avro), which cost ClickHouse ~4x the CPU per row; reinstall with a C "
                     "compiler present (scripts/setup) for Native blocks", conversion.NATIVE_MISSING)
     else:
         log.info("inserting ClickHouse Native blocks (C transcoder fdpass.sinks._avro_to_native)")
@@ -308,8 +308,11 @@ def insert_payload(client, table: str, p: conversion.Payload, token: str, settin
 
 def insert_messages(client, table: str, version: int, values: list[bytes], token: str, settings: dict,
                     native: bool = True) -> list[tuple[int, str, str]]:
-    """INSERT single-object encoded messages of writer `version`, deduplicated by `token`:
-    the one insert path of the sink and of `fdpass run`.
+    """INSERT single-object encoded messages of writer `version`, deduplicated by `token`.
+
+    `fdpass run`'s insert; the sink's Writer takes the same two steps
+    (conversion.payload, insert_payload) apart, to keep the rejects of an
+    insert that fails.
 
     Returns the messages left out because they do not decode, as (index,
     reason, detail) -- Native only; an Avro container holding one fails the
