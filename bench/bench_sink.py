@@ -26,18 +26,25 @@ The sink's best and median rate are compared with the columns ceiling.
 Background merges run as they would in `fdpass sink` (not stopped).
 
 Recorded on the project's 2-CPU VM (chDB 26.9, confluent-kafka 2.16,
-366-byte events, 4 partitions, 2 writers, load average ~1 before the runs):
-  transcode 0.35-0.4 CPU us/row
-  ceiling, columns ~90-110k rows/s (~10 CPU us/row)
-  ceiling, Native ~600-750k rows/s (1.4-1.7 CPU us/row)
-  sink e2e, 100k-row batches: 230k-295k rows/s, 5.1-7.2 CPU us/row
-  (the Avro path before the transcoder: 65-110k rows/s).
+366-byte events, 4 partitions, 2 writers; three runs of --repeat 3-4 between
+12:55 and 13:36 on 2026-12-01, host probe 0.38-0.7 s):
+  transcode                 0.46-0.77 CPU us/row (cold input, as in the sink)
+  ceiling, columns          98-111k rows/s, 9-10 CPU us/row
+  ceiling, Native           388-480k rows/s, 2.1-2.5 CPU us/row
+  ceiling, Avro             90-115k rows/s, 8.7-11 CPU us/row
+  sink e2e, 100k batches    median 221-273k rows/s, best 248-319k,
+                            5.0-7.5 CPU us/row: ~2.2-2.5x the columns ceiling
+  sink e2e, 50k batches     median 212-247k, best 223-290k
+  (the Avro path before the transcoder: 65-110k rows/s)
 Where the sink's CPU goes (per-thread CPU times, 100k-row batches):
 confluent-kafka's consume() ~1.3 us/row (one Message object per event,
-built while holding the GIL), the consumer thread's own handling ~0.6,
-librdkafka's fetch thread ~0.8, the writers ~1.3 (transcode 0.35, chDB's
-Native parse), ClickHouse's part writing ~1.4. Over longer streams
-(2M events) background merges add ~2.5 CPU us/row.
+built while holding the GIL) and the consumer thread's own handling ~0.6,
+librdkafka's fetch thread ~0.8, the two writers ~1.3 (transcode, chDB's
+Native parse), ClickHouse's part writing ~1.4, the broker ~0.15. ~10% of an
+e2e run is start-up: ~20 ms assignment, ~140 ms until the first fetched
+messages (librdkafka parses a partition's whole fetched chunk first). Over
+longer streams (2M events, 6 partitions: ~200k rows/s) background merges
+add ~3 CPU us/row.
 """
 
 from __future__ import annotations
@@ -159,7 +166,7 @@ def main() -> int:
 
         best = min(timed(transcode_all)[1] for _ in range(3))
         print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; a 10M-step Python loop takes "
-              f"{host_speed():.2f}s (1.0-1.1s on a quiet host); blocks of {block} rows")
+              f"{host_speed():.2f}s (~0.4s on a quiet host); blocks of {block} rows")
         print(f"{'transcode (Avro messages -> Native block)':44} {best / n * 1e6:28.2f} CPU us/row", flush=True)
         decoded = [codec.decode(v) for v in values]
         cols = conversion.events_to_columns(decoded)
