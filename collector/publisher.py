@@ -521,6 +521,7 @@ class KafkaPublisher:
         except Exception:
             value = codec.encode(event)  # raises the EncodeError that names the reason
         key = self._keys.get(event["host_id"]) or self._new_key(event["host_id"])
+        # publish_encoded(key, value), inlined: one Python call less per event.
         if self._closed:
             raise RuntimeError("publish after close()")
         if not self._spooling:

@@ -218,6 +218,16 @@ def _field_writer(typ):
     raise NotImplementedError(f"no fast writer for Avro type {typ!r}")
 
 
+def _unwrap_nullable(field: dict) -> tuple:
+    """(T, nullable) of a field typed T or ["null", T]; NotImplementedError for other unions."""
+    typ = field["type"]
+    if not isinstance(typ, list):
+        return typ, False
+    if len(typ) != 2 or typ[0] != "null":
+        raise NotImplementedError(f"union {typ!r}: only [\"null\", T] is supported")
+    return typ[1], True
+
+
 def compile_record_writer(schema: dict, header: bytes):
     """A function event -> header + Avro body for a flat record schema.
 
@@ -230,12 +240,7 @@ def compile_record_writer(schema: dict, header: bytes):
     env: dict = {"HEADER": header}
     parts = ["HEADER"]
     for i, field in enumerate(schema["fields"]):
-        typ = field["type"]
-        nullable = isinstance(typ, list)
-        if nullable:
-            if len(typ) != 2 or typ[0] != "null":
-                raise NotImplementedError(f"union {typ!r}: only [\"null\", T] is supported")
-            typ = typ[1]
+        typ, nullable = _unwrap_nullable(field)
         writer = _field_writer(typ)
         env[f"w{i}"] = writer
         if "default" in field:
@@ -267,12 +272,7 @@ def native_writer_fields(schema: dict) -> list[tuple]:
     """
     out = []
     for field in schema["fields"]:
-        typ = field["type"]
-        nullable = isinstance(typ, list)
-        if nullable:
-            if len(typ) != 2 or typ[0] != "null":
-                raise NotImplementedError(f"union {typ!r}: only [\"null\", T] is supported")
-            typ = typ[1]
+        typ, nullable = _unwrap_nullable(field)
         if isinstance(typ, dict) and typ.get("type") == "enum":
             kind, symbols = "enum", tuple(typ["symbols"])
         elif typ in ("string", "int", "long", "boolean"):
