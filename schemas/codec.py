@@ -264,11 +264,13 @@ def compile_record_writer(schema: dict, header: bytes):
     return env["write_event"]
 
 
-def native_writer_fields(schema: dict) -> list[tuple]:
-    """The field list the C writer (schemas/avro_writer.c) is configured with:
-    (name, kind, nullable, has_default, default, enum symbols or None) per field.
+def flat_fields(schema: dict) -> list[tuple]:
+    """A flat record schema as the C modules are configured with it (the collector's
+    writer, schemas/avro_writer.c; the sink's transcoder, sinks/avro_to_native.c):
+    (name, kind, nullable, has_default, default, enum symbols or None) per field,
+    kind one of "string", "int", "long", "boolean", "enum".
 
-    Raises NotImplementedError for a type the C writer does not support.
+    Raises NotImplementedError for a type they do not support.
     """
     out = []
     for field in schema["fields"]:
@@ -278,7 +280,7 @@ def native_writer_fields(schema: dict) -> list[tuple]:
         elif typ in ("string", "int", "long", "boolean"):
             kind, symbols = typ, None
         else:
-            raise NotImplementedError(f"no C writer for Avro type {typ!r}")
+            raise NotImplementedError(f"field {field['name']}: no C support for Avro type {typ!r}")
         out.append((field["name"], kind, nullable, "default" in field, field.get("default"), symbols))
     return out
 
@@ -308,7 +310,7 @@ class Encoder:
         self.header = MAGIC + FINGERPRINTS[version]
         try:
             if prefer_c and _NativeRecordWriter is not None:
-                self._write = _NativeRecordWriter(self.header, native_writer_fields(SCHEMAS[version])).encode
+                self._write = _NativeRecordWriter(self.header, flat_fields(SCHEMAS[version])).encode
                 self.writer = "c"
             else:
                 self._write = compile_record_writer(SCHEMAS[version], self.header)

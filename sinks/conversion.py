@@ -74,29 +74,17 @@ def header_version(value: bytes | None) -> int | str:
 # --- Native ----------------------------------------------------------------------
 # Avro primitive type -> the logical kind of fields.py (whose ClickHouse type
 # schemas/clickhouse.py chooses).
-_KIND_OF_AVRO = {"string": "string", "long": "long", "int": "int", "boolean": "bool"}
+_KIND_OF_AVRO = {"string": "string", "long": "long", "int": "int", "boolean": "bool", "enum": "enum"}
 
 
 def native_fields(schema: dict) -> list[tuple[str, str, bool, int, str, bool]]:
     """The transcoder's layout of a flat record schema: per field (name, Avro kind, nullable,
     enum symbols, ClickHouse column type, LowCardinality). NotImplementedError for a type it
-    cannot carry."""
+    cannot carry (codec.flat_fields, which reads the schema for both C modules)."""
     out = []
-    for f in schema["fields"]:
-        typ, nullable = f["type"], False
-        if isinstance(typ, list):
-            if len(typ) != 2 or typ[0] != "null":
-                raise NotImplementedError(f"field {f['name']}: union {typ!r} (only [\"null\", T] is supported)")
-            typ, nullable = typ[1], True
-        if isinstance(typ, dict) and typ.get("type") == "enum":
-            kind, symbols = "enum", tuple(typ["symbols"])
-            field = Field(f["name"], "enum", nullable, "")
-        elif isinstance(typ, str) and typ in _KIND_OF_AVRO:
-            kind, symbols = typ, None
-            field = Field(f["name"], _KIND_OF_AVRO[typ], nullable, "")
-        else:
-            raise NotImplementedError(f"field {f['name']}: Avro type {typ!r}")
-        out.append((f["name"], kind, nullable, len(symbols or ()), ddl.column_type(field, symbols),
+    for name, kind, nullable, _, _, symbols in codec.flat_fields(schema):
+        field = Field(name, _KIND_OF_AVRO[kind], nullable, "")
+        out.append((name, kind, nullable, len(symbols or ()), ddl.column_type(field, symbols),
                     ddl.low_cardinality(field)))
     return out
 
