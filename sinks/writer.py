@@ -211,12 +211,10 @@ class Writer:
         if not by_header and self._native(first):
             return [(first, group)]
         groups: dict[int, list] = {}
-        by_fp, magic, hlen = conversion.VERSION_BY_FP, conversion.MAGIC, conversion.HEADER_LEN
         for i in indexes:
-            value = values[i]
-            v = by_fp.get(value[2:hlen]) if value is not None and len(value) >= hlen and value[:2] == magic else None
-            if v is None:
-                dead.append(self._dead_letter(values, i, conversion.header_version(value), "header check failed"))
+            v = conversion.header_version(values[i])
+            if not isinstance(v, int):  # the DLQ reason
+                dead.append(self._dead_letter(values, i, v, "header check failed"))
             elif v in groups:
                 groups[v].append(i)
             else:
