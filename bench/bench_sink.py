@@ -105,6 +105,7 @@ def main() -> int:
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    from fdpass.collector.publisher import PERFORMANCE_DEFAULTS
     from fdpass.schemas import clickhouse as ddl
     from fdpass.schemas import codec, synthetic
     from fdpass.schemas.avro import CURRENT_VERSION
@@ -136,9 +137,8 @@ def main() -> int:
         topic = f"bench-sink-{os.getpid()}"
         admin = AdminClient({"bootstrap.servers": bootstrap})
         admin.create_topics([NewTopic(topic, args.partitions, 1)])[topic].result(30)
-        # The collector's producer settings (collector/publisher.py).
-        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1 << 20,
-                      "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000})
+        # The collector's producer settings (collector/publisher.py), so the sink reads batches as it would.
+        p = Producer({"bootstrap.servers": bootstrap, **PERFORMANCE_DEFAULTS, "queue.buffering.max.messages": 1_000_000})
         t = time.perf_counter()
         for v, k in zip(values, keys):
             while True:
