@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 import threading
-from collections import Counter
 import time
+from collections import Counter
 import urllib.request
 
 import pytest
