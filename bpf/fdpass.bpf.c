@@ -1,30 +1,41 @@
-/* fdpass kernel side: SCM_RIGHTS transfers seen from the syscall tracepoints.
+/* fdpass kernel side: SCM_RIGHTS transfers seen from tracepoints only.
  *
- * Why tracepoints: the machines fdpass must run on have no kprobes and refuse
- * fentry (DESIGN.md). Why no struct types: the kernel headers bcc compiles
- * against may not match the running kernel, so every kernel struct member is
- * read at a byte offset (OFF_*) that collector/probes.py takes from
- * /sys/kernel/btf/vmlinux and passes in with -D. User-space ABI structs
- * (msghdr, mmsghdr, cmsghdr) are stable and read at their fixed offsets.
+ * docs/kernel.md explains the why of every choice here; in short:
+ * - Hooks: the machines fdpass must run on have no kprobes and refuse fentry.
+ *   Native 64-bit calls come from syscalls:sys_{enter,exit}_{send,recv}{,m}msg;
+ *   32-bit (compat) calls never fire those, so raw_syscalls sys_enter/sys_exit
+ *   catch them (an id test, then the task's TS_COMPAT bit); io_uring requests
+ *   make no syscall at all: io_uring:io_uring_submit_req / io_uring_complete.
+ * - No struct types: the kernel headers bcc compiles against may not match the
+ *   running kernel, so every kernel struct member is read at a byte offset
+ *   (OFF_*) that collector/probes.py takes from /sys/kernel/btf/vmlinux and
+ *   passes in with -D. User-space ABI structs (msghdr, mmsghdr, cmsghdr, in
+ *   their 64-bit and compat layouts) are stable and read at fixed offsets.
+ * - Verification: user memory (the control buffer) and the fd table can be
+ *   changed by another thread while the call runs, so the file an fd number
+ *   names at exit need not be the one the kernel moved. The kernel's own
+ *   record of the transfer is the struct scm_fp_list on the queued skb
+ *   (UNIXCB(skb).fp). SEND takes the file identity from it; RECV checks the
+ *   files it finds installed against a snapshot of it. Events say which
+ *   (FDP_F_VERIFIED).
  *
- * Flow, per traced syscall:
- *   enter: one user read of msg_control/msg_controllen; no control data ->
- *          leave at once. Otherwise remember (msghdr pointer, socket fd) by
- *          thread id (a slot array indexed by tid, with a hash map for the
- *          rare slot collision: a hash update costs ~300 ns, a slot ~10).
- *   exit:  forget the pending entry; if the call failed, stop (a failed
- *          sendmsg passed nothing). Otherwise fill the per-task part of the
- *          record once and tail-call `walk`.
+ * Flow, per traced call:
+ *   enter: read msg_control/msg_controllen; no control data -> leave at once.
+ *          Resolve the socket; not AF_UNIX -> leave. Count the call in the
+ *          socket's sk_state (so exit can tell whether it ran alone on the
+ *          socket) and, for RECV, snapshot the SCM_RIGHTS list at the head of
+ *          the receive queue. Remember all of it by thread id (a slot array
+ *          indexed by tid, with a hash map for the rare slot collision), or
+ *          by request for io_uring.
+ *   exit:  forget the pending entry; if the call failed, stop. Otherwise fill
+ *          the per-task part of the record once, find the kernel's SCM_RIGHTS
+ *          list (SEND) or the snapshot (RECV) and tail-call `walk`.
  *   walk:  a state machine over messages (sendmmsg/recvmmsg: only the `ret`
  *          messages the kernel handled) and their SCM_RIGHTS fds; per fd it
- *          resolves current->files->fdt->fd[fd] and walks the dentry chain
- *          into a path, then emits one record. WALK_STEPS steps per
- *          invocation, re-invoking itself by tail call (the kernel allows 33),
- *          so 253 fds (SCM_MAX_FD) fit; whatever exceeds the budget is
- *          reported as a LOSS record, never cut silently.
- *   SEND reads the control data the sender supplied (validated by the kernel
- *   since the call succeeded); RECV reads what the kernel wrote back, so the
- *   fd numbers are the receiver's new ones.
+ *          resolves the file, walks the dentry chain into a path and emits one
+ *          record. WALK_STEPS steps per invocation, re-invoking itself by tail
+ *          call (the kernel allows 33), so 253 fds (SCM_MAX_FD) fit; whatever
+ *          exceeds the budget is reported as a LOSS record, never cut silently.
  * Records go to a ring buffer without per-record wakeups; user space drains it
  * on a short timer, and every WAKE_EVERY-th record forces a wakeup.
  */
@@ -42,20 +53,56 @@
 #ifndef WAKE_EVERY
 #define WAKE_EVERY 256     /* power of two */
 #endif
+#ifndef COMPAT
+#define COMPAT 1           /* probes.py sets 0 where BTF has no thread_info.status (not x86) */
+#endif
+#ifndef URING
+#define URING 1            /* probes.py sets 0 where the io_uring tracepoints are missing */
+#endif
 #define MAX_CMSGS 16       /* control messages parsed per message */
 #define MAX_MSGS 1024      /* UIO_MAXIOV: sendmmsg/recvmmsg vlen limit */
 #define SCM_MAX_FD 253
 #define FDS_SLOTS 512      /* 2 * 256: masked offsets stay in bounds */
+#define QUEUE_WALK 4       /* skbs looked at on a receive queue */
+#define SNAP_FDS 16        /* fds of one SCM_RIGHTS list a RECV snapshot keeps */
 
 #define AF_UNIX_ 1
 #define SOCK_STREAM_ 1
 #define SOL_SOCKET_ 1
 #define SCM_RIGHTS_ 1
 #define MSG_CTRUNC_ 0x8
+#define MSG_PEEK_ 0x2
+#define TS_COMPAT_ 0x0002  /* arch/x86/include/asm/thread_info.h */
+#define X32_BIT 0x40000000ULL
 
-/* struct user_msghdr (uapi, x86_64) */
-#define MSGHDR_CONTROL 32  /* msg_control, then msg_controllen (u64), msg_flags (u32) */
+/* struct user_msghdr (uapi, x86_64): msg_control at 32, then msg_controllen
+ * (u64), msg_flags (u32). struct compat_msghdr: seven u32, msg_control at 16.
+ * struct mmsghdr: 64 bytes; compat_mmsghdr: 32. cmsghdr: {u64 len; int level,
+ * type} = 16 bytes, 8-aligned; compat_cmsghdr: {u32 len; int level, type} =
+ * 12 bytes, 4-aligned. */
+#define MSGHDR_CONTROL 32
 #define MMSGHDR_SIZE 64
+#define CMSG_HDR 16
+#define C_MSGHDR_CONTROL 16
+#define C_MMSGHDR_SIZE 32
+#define C_CMSG_HDR 12
+
+/* ia32 and x32 syscall numbers (arch/x86/entry/syscalls/syscall_{32,64}.tbl) */
+#define NR32_SOCKETCALL 102
+#define NR32_RECVMMSG 337
+#define NR32_SENDMMSG 345
+#define NR32_SENDMSG 370
+#define NR32_RECVMSG 372
+#define NR32_RECVMMSG_TIME64 417
+#define NRX32_SENDMSG 518
+#define NRX32_RECVMSG 519
+#define NRX32_RECVMMSG 537
+#define NRX32_SENDMMSG 538
+/* socketcall's call numbers (include/uapi/linux/net.h) */
+#define SYS_SENDMSG_ 16
+#define SYS_RECVMSG_ 17
+#define SYS_RECVMMSG_ 19
+#define SYS_SENDMMSG_ 20
 
 /* Read a kernel value of type T at base + off. */
 #define KREAD(T, base, off) ({ T _v = 0; bpf_probe_read_kernel(&_v, sizeof(_v), (void *)((u64)(base) + (off))); _v; })
@@ -63,21 +110,67 @@
 struct pending {
     u64 msgvec;  /* user pointer: msghdr, or mmsghdr array */
     u64 tid;     /* owner of a slot; 0 = free (u64: BPF cmpxchg is 64-bit here) */
+    u64 sk;      /* the unix socket's struct sock */
+    u64 fpl;     /* RECV: the SCM_RIGHTS list snapshotted at entry (0: none) */
+    u64 peer;    /* SEND: the peer socket at entry, and the tail of its receive */
+    u64 tail0;   /*       queue then: only an skb queued after it can be this call's */
+    u64 ticket;  /* this call's number in sk_state (send or recv side) */
+    u32 before;  /* calls of the same side in progress on sk at entry */
     s32 sock_fd;
+    u32 flags;   /* RECV: the call's flags (MSG_PEEK) */
     u8 syscall;
     u8 direction;
+    u8 abi;
+    u8 probe;
 };
 
 #ifndef PENDING_SLOTS
 #define PENDING_SLOTS 65536 /* power of two */
 #endif
 
+/* Per unix socket: how many sends/receives with control data have started
+ * and are in progress. A call that ran alone on its socket (nothing else of
+ * its side started or was running during it) knows that the newest SCM_RIGHTS
+ * skb its socket queued is its own (docs/kernel.md, "Verification"). */
+struct sk_state {
+    u64 send_started;
+    u64 send_active;
+    u64 recv_started;
+    u64 recv_active;
+};
+
+/* One passed file as a RECV checks it: the same struct file, still on the
+ * same inode, with the same open flags. */
+struct snap_item {
+    u64 file;
+    u64 inode;
+    u32 flags;
+    u32 _pad;
+};
+
+/* What fdpass knows of one SCM_RIGHTS list (keyed by its struct scm_fp_list
+ * address): its transfer id, the skb it rode on (an address is reused once
+ * freed: a stale entry never matches a new skb), and for RECV the files. */
+struct xfer {
+    u64 transfer_id;
+    u64 skb;
+    u32 count;
+    u32 nsnap;   /* items[] filled (0: id only) */
+    u32 first;   /* the skb was at the head of its queue when its SEND saw it */
+    u32 _pad;
+    struct snap_item items[SNAP_FDS];
+};
+
 struct work {
     struct fdp_event ev; /* shared header; per-fd fields overwritten */
+    struct xfer x;       /* RECV: the snapshot the installed files are checked against */
     u64 msgvec;
     u64 root_dentry;
     u64 root_mnt;
     u64 fd_array;        /* current->files->fdt->fd */
+    u64 fpl;             /* SEND: the message's scm_fp_list (0: not found) */
+    u64 skb;             /* SEND: the skb carrying fpl */
+    u32 fpl_count;
     u32 max_fds;
     u32 nmsgs;           /* messages to examine */
     u32 msgs_total;      /* messages the kernel handled (ret) */
@@ -86,7 +179,9 @@ struct work {
     u32 fd_pos;          /* next fd to emit */
     u64 cmsg_off;        /* parse position in the control buffer */
     u8 is_mmsg;
+    u8 compat;
     u8 msg_flags;        /* FDP_F_* bits of the loaded message */
+    u8 verify;           /* the loaded message has a kernel list (SEND) or snapshot (RECV) */
     s32 fds[FDS_SLOTS];
 };
 
@@ -106,11 +201,16 @@ struct proc_info {
 BPF_ARRAY(pending_slots, struct pending, PENDING_SLOTS);
 BPF_HASH(pending_spill, u32, struct pending, 16384);
 BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup at 0 */
+BPF_TABLE("lru_hash", u64, struct pending, uring_pending, 16384); /* io_uring: by struct io_kiocb address */
+BPF_TABLE("lru_hash", u64, struct sk_state, sk_states, 65536);
+BPF_TABLE("lru_hash", u64, struct xfer, xfers, 16384);
+BPF_TABLE("lru_hash", u64, u64, last_to_sock, 16384); /* receiving sk -> newest fpl sent to it */
 BPF_TABLE("lru_hash", u32, struct proc_info, procs, 8192);
 BPF_PERCPU_ARRAY(work, struct work, 1);
 BPF_PERCPU_ARRAY(stats, u64, FDP_STAT_N);
-BPF_ARRAY(seqno, u64, 1);
+BPF_ARRAY(seqno, u64, 2); /* [0] record sequence, [1] transfer ids */
 BPF_PROG_ARRAY(progs, 1);
+BPF_PROG_ARRAY(progs_raw, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #ifdef FILTER_MNTNS
 BPF_HASH(mntns_filter, u32, u8, 1024);
@@ -120,6 +220,11 @@ static __always_inline void stat_inc(u32 idx) {
     u64 *v = stats.lookup(&idx);
     if (v)
         *v += 1;
+}
+
+static __always_inline u64 next_id(u32 which) {
+    u64 *n = seqno.lookup(&which);
+    return ((u64)RUN_ID << 48) | (n ? __sync_fetch_and_add(n, 1) : 0);
 }
 
 static __always_inline u32 task_mntns(u64 task) {
@@ -142,41 +247,199 @@ static __always_inline int filtered_out(void) {
     return 0;
 }
 
-static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 direction) {
+/* current->files->fdt: the fd array and its size, in one read when adjacent. */
+static __always_inline u64 fd_array_of(u64 task, u32 *max_fds) {
+    u64 files = KREAD(u64, task, OFF_TASK_FILES);
+    u64 fdt = KREAD(u64, files, OFF_FILES_FDT);
+#if OFF_FDTABLE_FD == OFF_FDTABLE_MAX_FDS + 8
+    struct { u32 max_fds; u32 pad; u64 fd; } t = {};
+    bpf_probe_read_kernel(&t, sizeof(t), (void *)(fdt + OFF_FDTABLE_MAX_FDS));
+    *max_fds = t.max_fds;
+    return t.fd;
+#else
+    *max_fds = KREAD(u32, fdt, OFF_FDTABLE_MAX_FDS);
+    return KREAD(u64, fdt, OFF_FDTABLE_FD);
+#endif
+}
+
+/* The struct sock of a socket file if it is a unix socket, else 0. */
+static __always_inline u64 unix_sk_of_file(u64 file) {
+    if (!file)
+        return 0;
+    u64 socket = KREAD(u64, file, OFF_FILE_PRIVATE_DATA);
+    u64 sk = KREAD(u64, socket, OFF_SOCKET_SK);
+    if (!sk || KREAD(u16, sk, OFF_SOCK_FAMILY) != AF_UNIX_)
+        return 0;
+    return sk;
+}
+
+static __always_inline u64 unix_sk_of_fd(s32 fd) {
+    u32 max_fds = 0;
+    u64 arr = fd_array_of(bpf_get_current_task(), &max_fds);
+    if (fd < 0 || (u32)fd >= max_fds)
+        return 0;
+    return unix_sk_of_file(KREAD(u64, arr, (u64)fd * 8));
+}
+
+static __always_inline u64 skb_fpl(u64 skb) {
+    return KREAD(u64, skb, OFF_SK_BUFF_CB + OFF_UNIX_SKB_PARMS_FP);
+}
+
+/* Count this call in its socket's sk_state; returns the state (0: untracked). */
+static __always_inline void count_start(struct pending *p) {
+    struct sk_state zero = {};
+    struct sk_state *st = sk_states.lookup(&p->sk);
+    if (!st) {
+        sk_states.insert(&p->sk, &zero);
+        st = sk_states.lookup(&p->sk);
+    }
+    if (!st) {
+        p->before = ~0U; /* cannot tell: never "alone" */
+        return;
+    }
+    if (p->direction == FDP_DIR_SEND) {
+        p->ticket = __sync_fetch_and_add(&st->send_started, 1);
+        p->before = (u32)__sync_fetch_and_add(&st->send_active, 1);
+    } else {
+        p->ticket = __sync_fetch_and_add(&st->recv_started, 1);
+        p->before = (u32)__sync_fetch_and_add(&st->recv_active, 1);
+    }
+}
+
+/* Close this call's count; 1 when no other call of its side overlapped it. */
+static __always_inline int count_end(struct pending *p) {
+    struct sk_state *st = sk_states.lookup(&p->sk);
+    if (!st || p->before == ~0U)
+        return 0;
+    u64 started;
+    if (p->direction == FDP_DIR_SEND) {
+        __sync_fetch_and_add(&st->send_active, -1);
+        started = st->send_started;
+    } else {
+        __sync_fetch_and_add(&st->recv_active, -1);
+        started = st->recv_started;
+    }
+    return p->before == 0 && started == p->ticket + 1;
+}
+
+/* Copy the first SNAP_FDS files of an SCM_RIGHTS list into x. */
+static __always_inline void snap_files(struct xfer *x, u64 fpl) {
+    u32 n = x->count < SNAP_FDS ? x->count : SNAP_FDS;
+    x->nsnap = n;
+    u64 files[SNAP_FDS] = {};
+    bpf_probe_read_kernel(files, sizeof(files), (void *)(fpl + OFF_SCM_FP_LIST_FP));
+    for (int i = 0; i < SNAP_FDS; i++) {
+        if (i >= n)
+            break;
+        x->items[i].file = files[i];
+        x->items[i].inode = KREAD(u64, files[i], OFF_FILE_F_INODE);
+        x->items[i].flags = KREAD(u32, files[i], OFF_FILE_F_FLAGS);
+    }
+}
+
+/* RECV entry: the first SCM_RIGHTS list at the head of sk's receive queue is
+ * what this call is about to install (a stream read stops at the first skb
+ * with fds). Snapshot its files into `xfers`, keeping the transfer id a SEND
+ * gave it. Returns the list's address, or 0. */
+static __always_inline u64 snapshot_head(u64 sk) {
+    u64 skb = KREAD(u64, sk, OFF_SOCK_SK_RECEIVE_QUEUE); /* queue.next */
+    u64 head = sk + OFF_SOCK_SK_RECEIVE_QUEUE;
+    u64 fpl = 0;
+    for (int i = 0; i < QUEUE_WALK; i++) {
+        if (!skb || skb == head)
+            return 0;
+        fpl = skb_fpl(skb);
+        if (fpl)
+            break;
+        skb = KREAD(u64, skb, OFF_SK_BUFF_NEXT);
+    }
+    if (!fpl)
+        return 0;
+    u32 zero = 0;
+    struct work *w = work.lookup(&zero);
+    if (!w)
+        return 0;
+    struct xfer *x = &w->x;
+    x->count = (u32)KREAD(s16, fpl, OFF_SCM_FP_LIST_COUNT);
+    x->first = 0;
+    snap_files(x, fpl);
+    /* Still queued with this list: everything above was read while the list
+     * held its files. Otherwise another reader took it meanwhile. */
+    if (skb_fpl(skb) != fpl)
+        return 0;
+    struct xfer *known = xfers.lookup(&fpl);
+    x->transfer_id = known && known->skb == skb && known->count == x->count ? known->transfer_id : next_id(1);
+    x->skb = skb;
+    xfers.update(&fpl, x);
+    return fpl;
+}
+
+/* Everything an enter probe does once it has a unix socket with control data. */
+static __always_inline void begin_call(struct pending *p) {
+    count_start(p);
+    if (p->direction == FDP_DIR_RECV) {
+        p->fpl = snapshot_head(p->sk);
+    } else {
+        p->peer = KREAD(u64, p->sk, OFF_UNIX_SOCK_PEER);
+        if (p->peer)
+            p->tail0 = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE + 8); /* queue.prev */
+    }
+}
+
+static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 direction, u8 abi, u8 probe,
+                                     u32 flags) {
     if (filtered_out())
         return;
+    u64 sk = unix_sk_of_fd(sock_fd);
+    if (!sk)
+        return; /* only unix sockets carry SCM_RIGHTS; other families ignore the cmsg */
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending p = {.msgvec = msgvec, .sock_fd = sock_fd, .tid = tid, .syscall = syscall, .direction = direction};
+    struct pending p = {.msgvec = msgvec, .sock_fd = sock_fd, .tid = tid, .sk = sk, .syscall = syscall,
+                        .direction = direction, .abi = abi, .probe = probe, .flags = flags};
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
     if (!slot)
         return;
     /* Claim the slot atomically: two CPUs may find it free at once. */
     if (slot->tid == tid || __sync_val_compare_and_swap(&slot->tid, 0, (u64)tid) == 0) {
+        begin_call(&p);
         slot->msgvec = p.msgvec;
         slot->sock_fd = p.sock_fd;
+        slot->sk = p.sk;
+        slot->fpl = p.fpl;
+        slot->peer = p.peer;
+        slot->tail0 = p.tail0;
+        slot->ticket = p.ticket;
+        slot->before = p.before;
+        slot->flags = p.flags;
         slot->syscall = p.syscall;
         slot->direction = p.direction;
+        slot->abi = p.abi;
+        slot->probe = p.probe;
         return;
     }
     /* Another live thread holds the slot (e.g. blocked in recvmsg). */
     u32 zero = 0;
     u64 *n = spilled.lookup(&zero);
-    if (pending_spill.update(&tid, &p) != 0)
+    begin_call(&p);
+    if (pending_spill.update(&tid, &p) != 0) {
         stat_inc(FDP_STAT_PENDING_FULL);
-    else {
+        count_end(&p);
+    } else {
         stat_inc(FDP_STAT_SPILLED);
         if (n)
             __sync_fetch_and_add(n, 1);
     }
 }
 
-/* Take this thread's pending entry, if any. */
-static __always_inline int take_pending(struct pending *out) {
+/* Take this thread's pending entry of the given probe kind, if any. */
+static __always_inline int take_pending(struct pending *out, u8 probe) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
     if (slot && slot->tid == tid) {
+        if (slot->probe != probe)
+            return 0;
         *out = *slot;
         slot->tid = 0;
         return 1;
@@ -186,7 +449,7 @@ static __always_inline int take_pending(struct pending *out) {
     if (!n || *n == 0)
         return 0;
     struct pending *pp = pending_spill.lookup(&tid);
-    if (!pp)
+    if (!pp || pp->probe != probe)
         return 0;
     *out = *pp;
     pending_spill.delete(&tid);
@@ -195,67 +458,138 @@ static __always_inline int take_pending(struct pending *out) {
 }
 
 /* Enough room for one cmsghdr carrying one int? Anything less cannot pass an fd. */
-static __always_inline int has_control(u64 msghdr) {
+static __always_inline int has_control(u64 msghdr, u8 compat) {
+    if (compat) {
+        struct { u32 control; u32 controllen; } c = {};
+        if (bpf_probe_read_user(&c, sizeof(c), (void *)(msghdr + C_MSGHDR_CONTROL)) != 0)
+            return 0;
+        return c.control != 0 && c.controllen >= C_CMSG_HDR + 4;
+    }
     struct { u64 control; u64 controllen; } c = {};
     if (bpf_probe_read_user(&c, sizeof(c), (void *)(msghdr + MSGHDR_CONTROL)) != 0)
         return 0;
-    return c.control != 0 && c.controllen >= 16 + 4;
+    return c.control != 0 && c.controllen >= CMSG_HDR + 4;
 }
 
 /* sendmmsg/recvmmsg: trace the call if any examined message has control data. */
-static __always_inline int any_control(u64 vec, u32 vlen) {
+static __always_inline int any_control(u64 vec, u32 vlen, u8 compat) {
+    u64 stride = compat ? C_MMSGHDR_SIZE : MMSGHDR_SIZE;
     for (u32 i = 0; i < 64; i++) {
         if (i >= vlen)
             return 0;
-        if (has_control(vec + (u64)i * MMSGHDR_SIZE))
+        if (has_control(vec + (u64)i * stride, compat))
             return 1;
     }
     return 1; /* more than 64 messages: let the exit side look */
 }
 
+/* One entry point for every ABI and hook: msgvec is a msghdr (or mmsghdr array of vlen). */
+static __always_inline void on_enter(u64 msgvec, u32 vlen, s32 fd, u8 syscall, u8 direction, u8 abi, u8 probe,
+                                     u32 flags) {
+    u8 compat = abi != FDP_ABI_X86_64;
+    int mmsg = syscall == FDP_SYS_SENDMMSG || syscall == FDP_SYS_RECVMMSG;
+    if (mmsg ? any_control(msgvec, vlen, compat) : has_control(msgvec, compat))
+        remember(msgvec, fd, syscall, direction, abi, probe, flags);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
-    if (has_control((u64)args->msg))
-        remember((u64)args->msg, (s32)args->fd, FDP_SYS_SENDMSG, FDP_DIR_SEND);
+    on_enter((u64)args->msg, 1, (s32)args->fd, FDP_SYS_SENDMSG, FDP_DIR_SEND, FDP_ABI_X86_64, FDP_PROBE_TRACEPOINT, 0);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
-    if (any_control((u64)args->mmsg, (u32)args->vlen))
-        remember((u64)args->mmsg, (s32)args->fd, FDP_SYS_SENDMMSG, FDP_DIR_SEND);
+    on_enter((u64)args->mmsg, (u32)args->vlen, (s32)args->fd, FDP_SYS_SENDMMSG, FDP_DIR_SEND, FDP_ABI_X86_64,
+             FDP_PROBE_TRACEPOINT, 0);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
-    if (has_control((u64)args->msg))
-        remember((u64)args->msg, (s32)args->fd, FDP_SYS_RECVMSG, FDP_DIR_RECV);
+    on_enter((u64)args->msg, 1, (s32)args->fd, FDP_SYS_RECVMSG, FDP_DIR_RECV, FDP_ABI_X86_64, FDP_PROBE_TRACEPOINT,
+             (u32)args->flags);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) {
-    if (any_control((u64)args->mmsg, (u32)args->vlen))
-        remember((u64)args->mmsg, (s32)args->fd, FDP_SYS_RECVMMSG, FDP_DIR_RECV);
+    on_enter((u64)args->mmsg, (u32)args->vlen, (s32)args->fd, FDP_SYS_RECVMMSG, FDP_DIR_RECV, FDP_ABI_X86_64,
+             FDP_PROBE_TRACEPOINT, (u32)args->flags);
     return 0;
 }
+
+#if COMPAT
+/* Compat calls (32-bit programs, int $0x80, x32): raw_syscalls, which fire for
+ * every syscall of every task, so the common case must leave after one
+ * compare. The numbers are ia32's; 102 is also getuid for 64-bit tasks, hence
+ * the TS_COMPAT test of the task (what in_ia32_syscall() reads). */
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    u64 id = ctx->args[1];
+    u8 abi = FDP_ABI_IA32;
+    if (id & X32_BIT) {
+        id &= ~X32_BIT;
+        if (id != NRX32_SENDMSG && id != NRX32_RECVMSG && id != NRX32_RECVMMSG && id != NRX32_SENDMMSG)
+            return 0;
+        abi = FDP_ABI_X32;
+    } else {
+        if (id != NR32_SENDMSG && id != NR32_RECVMSG && id != NR32_SENDMMSG && id != NR32_RECVMMSG &&
+            id != NR32_RECVMMSG_TIME64 && id != NR32_SOCKETCALL)
+            return 0;
+        u64 task = bpf_get_current_task();
+        if (!(KREAD(u32, task, OFF_TASK_TI_STATUS) & TS_COMPAT_))
+            return 0;
+    }
+    u64 regs = ctx->args[0];
+    u32 a0, a1, a2, a3;
+    if (abi == FDP_ABI_X32) { /* x32 passes arguments as x86_64 does */
+        a0 = (u32)KREAD(u64, regs, OFF_PT_REGS_DI);
+        a1 = (u32)KREAD(u64, regs, OFF_PT_REGS_SI);
+        a2 = (u32)KREAD(u64, regs, OFF_PT_REGS_DX);
+        a3 = (u32)KREAD(u64, regs, OFF_PT_REGS_R10);
+    } else {
+        a0 = (u32)KREAD(u64, regs, OFF_PT_REGS_BX);
+        a1 = (u32)KREAD(u64, regs, OFF_PT_REGS_CX);
+        a2 = (u32)KREAD(u64, regs, OFF_PT_REGS_DX);
+        a3 = (u32)KREAD(u64, regs, OFF_PT_REGS_SI);
+    }
+    if (id == NR32_SOCKETCALL) {
+        /* socketcall(call, u32 args[]): the real arguments are in user memory */
+        u32 call = a0;
+        if (call != SYS_SENDMSG_ && call != SYS_RECVMSG_ && call != SYS_SENDMMSG_ && call != SYS_RECVMMSG_)
+            return 0;
+        u32 sargs[4] = {};
+        if (bpf_probe_read_user(sargs, sizeof(sargs), (void *)(u64)a1) != 0)
+            return 0;
+        a0 = sargs[0];
+        a1 = sargs[1];
+        a2 = sargs[2];
+        a3 = sargs[3];
+        id = call == SYS_SENDMSG_ ? NR32_SENDMSG : call == SYS_RECVMSG_ ? NR32_RECVMSG
+           : call == SYS_SENDMMSG_ ? NR32_SENDMMSG : NR32_RECVMMSG;
+    }
+    switch (id) {
+    case NR32_SENDMSG:
+    case NRX32_SENDMSG:
+        on_enter(a1, 1, (s32)a0, FDP_SYS_SENDMSG, FDP_DIR_SEND, abi, FDP_PROBE_RAW_TRACEPOINT, 0);
+        break;
+    case NR32_RECVMSG:
+    case NRX32_RECVMSG:
+        on_enter(a1, 1, (s32)a0, FDP_SYS_RECVMSG, FDP_DIR_RECV, abi, FDP_PROBE_RAW_TRACEPOINT, a2);
+        break;
+    case NR32_SENDMMSG:
+    case NRX32_SENDMMSG:
+        on_enter(a1, a2, (s32)a0, FDP_SYS_SENDMMSG, FDP_DIR_SEND, abi, FDP_PROBE_RAW_TRACEPOINT, 0);
+        break;
+    default: /* the recvmmsg variants */
+        on_enter(a1, a2, (s32)a0, FDP_SYS_RECVMMSG, FDP_DIR_RECV, abi, FDP_PROBE_RAW_TRACEPOINT, a3);
+        break;
+    }
+    return 0;
+}
+#endif
 
 /* current->files->fdt->fd[fd], or 0. */
 static __always_inline u64 fd_file(struct work *w, s32 fd) {
     if (fd < 0 || (u32)fd >= w->max_fds)
         return 0;
     return KREAD(u64, w->fd_array, (u64)fd * 8);
-}
-
-static __always_inline void load_fd_table(struct work *w, u64 task) {
-    u64 files = KREAD(u64, task, OFF_TASK_FILES);
-    u64 fdt = KREAD(u64, files, OFF_FILES_FDT);
-#if OFF_FDTABLE_FD == OFF_FDTABLE_MAX_FDS + 8
-    struct { u32 max_fds; u32 pad; u64 fd; } t = {};  /* adjacent: one read */
-    bpf_probe_read_kernel(&t, sizeof(t), (void *)(fdt + OFF_FDTABLE_MAX_FDS));
-    w->max_fds = t.max_fds;
-    w->fd_array = t.fd;
-#else
-    w->max_fds = KREAD(u32, fdt, OFF_FDTABLE_MAX_FDS);
-    w->fd_array = KREAD(u64, fdt, OFF_FDTABLE_FD);
-#endif
 }
 
 /* struct path is { vfsmount *mnt; dentry *dentry; } on every kernel: one read. */
@@ -283,22 +617,43 @@ static __always_inline struct proc_info *proc_info(u64 task, u32 tgid) {
     return procs.lookup(&tgid);
 }
 
-/* Fill the per-task, per-syscall part of the record. Returns 0 to go on. */
-static __always_inline int begin(struct work *w, struct pending *p, long ret) {
+/* SEND exit, for a call that ran alone on its socket: an skb on the peer's
+ * queue that our socket sent with an SCM_RIGHTS list, queued after the tail
+ * the call saw at entry, can only be this call's. Returns 1 when it is also
+ * the head of the queue (the next one a receiver takes). */
+static __always_inline int find_sent_list(struct work *w, struct pending *p) {
+    u64 head = p->peer + OFF_SOCK_SK_RECEIVE_QUEUE;
+    u64 skb = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE + 8); /* queue.prev: the tail */
+    for (int i = 0; i < QUEUE_WALK; i++) {
+        if (!skb || skb == head || skb == p->tail0)
+            return 0;
+        struct { u64 sk; } owner = {};
+        bpf_probe_read_kernel(&owner, sizeof(owner), (void *)(skb + OFF_SK_BUFF_SK));
+        if (owner.sk == p->sk) {
+            u64 fpl = skb_fpl(skb);
+            if (fpl) {
+                w->fpl = fpl;
+                w->skb = skb;
+                w->fpl_count = (u32)KREAD(s16, fpl, OFF_SCM_FP_LIST_COUNT);
+                return KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE) == skb;
+            }
+        }
+        skb = KREAD(u64, skb, OFF_SK_BUFF_PREV);
+    }
+    return 0;
+}
+
+/* Fill the per-task, per-call part of the record. Returns 0 to go on. */
+static __always_inline int begin(struct work *w, struct pending *p, long ret, int alone) {
     u64 task = bpf_get_current_task();
     struct fdp_event *ev = &w->ev;
 
-    load_fd_table(w, task);
-    u64 sfile = fd_file(w, p->sock_fd);
-    if (!sfile)
-        return -1;
-    u64 socket = KREAD(u64, sfile, OFF_FILE_PRIVATE_DATA);
-    u64 sk = KREAD(u64, socket, OFF_SOCKET_SK);
-    /* Only unix sockets carry SCM_RIGHTS; other families ignore the cmsg. */
-    if (KREAD(u16, sk, OFF_SOCK_FAMILY) != AF_UNIX_)
-        return -1;
+    w->fd_array = fd_array_of(task, &w->max_fds);
+    u64 sk = p->sk;
+    u64 socket = KREAD(u64, sk, OFF_SOCK_SK_SOCKET);
     /* A 0-byte send on a stream socket queues nothing, so passes no fds. */
-    if (p->syscall == FDP_SYS_SENDMSG && ret == 0 && KREAD(u16, socket, OFF_SOCKET_TYPE) == SOCK_STREAM_)
+    if ((p->syscall == FDP_SYS_SENDMSG || p->syscall == FDP_SYS_URING_SENDMSG) && ret == 0 &&
+        KREAD(u16, socket, OFF_SOCKET_TYPE) == SOCK_STREAM_)
         return -1;
 
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -309,7 +664,13 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     ev->uid = (u32)uid_gid;
     ev->gid = uid_gid >> 32;
     ev->cgroup_id = bpf_get_current_cgroup_id();
-    bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+    if (p->probe == FDP_PROBE_TRACEPOINT && p->syscall >= FDP_SYS_URING_SENDMSG) {
+        /* io-wq workers are named iou-wrk-PID: name the ring owner's process */
+        u64 leader = KREAD(u64, task, OFF_TASK_GROUP_LEADER);
+        bpf_probe_read_kernel(ev->comm, sizeof(ev->comm), (void *)(leader + OFF_TASK_COMM));
+    } else {
+        bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+    }
     struct proc_info *pi = proc_info(task, ev->pid);
     if (!pi)
         return -1;
@@ -321,14 +682,14 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     bpf_probe_read_kernel(ev->parent_comm, sizeof(ev->parent_comm), (void *)(pi->real_parent + OFF_TASK_COMM));
 
     ev->sock_fd = p->sock_fd;
-    ev->sock_ino = KREAD(u64, KREAD(u64, sfile, OFF_FILE_F_INODE), OFF_INODE_I_INO);
+    /* SOCK_INODE(): the inode sits beside the socket in struct socket_alloc */
+    ev->sock_ino = KREAD(u64, socket, OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
     ev->peer_sock_ino = 0;
     u8 peer_flag = 0;
     u64 peer = KREAD(u64, sk, OFF_UNIX_SOCK_PEER);
     if (peer) {
         u64 psocket = KREAD(u64, peer, OFF_SOCK_SK_SOCKET);
         if (psocket) {
-            /* SOCK_INODE(): the inode sits beside the socket in struct socket_alloc */
             ev->peer_sock_ino = KREAD(u64, psocket, OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
             peer_flag = FDP_F_PEER;
         }
@@ -336,8 +697,11 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     ev->ret = ret;
     ev->syscall = p->syscall;
     ev->direction = p->direction;
+    ev->abi = p->abi;
+    ev->probe = p->probe;
     ev->kind = FDP_KIND_FD;
     ev->flags = peer_flag;
+    ev->transfer_id = 0;
 
     struct kpath root = {};
     bpf_probe_read_kernel(&root, sizeof(root), (void *)(KREAD(u64, task, OFF_TASK_FS) + OFF_FS_ROOT));
@@ -345,6 +709,7 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     w->root_dentry = root.dentry;
 
     w->msgvec = p->msgvec;
+    w->compat = p->abi != FDP_ABI_X86_64;
     w->is_mmsg = p->syscall == FDP_SYS_SENDMMSG || p->syscall == FDP_SYS_RECVMMSG;
     w->msgs_total = w->is_mmsg ? (u32)ret : 1;
     w->nmsgs = w->msgs_total > MAX_MSGS ? MAX_MSGS : w->msgs_total;
@@ -352,15 +717,63 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret) {
     w->nfds = 0;
     w->fd_pos = 0;
     w->msg_flags = 0;
+    w->verify = 0;
+    w->fpl = 0;
+    w->skb = 0;
+    w->x.nsnap = 0;
+
+    if (p->direction == FDP_DIR_SEND) {
+        /* Only a single message is matched to its skb (sendmmsg's messages
+         * are not told apart: docs/kernel.md). */
+        if (alone && p->peer && w->msgs_total == 1) {
+            int first = find_sent_list(w, p);
+            u64 fpl = w->fpl;
+            if (fpl) {
+                struct xfer *known = xfers.lookup(&fpl);
+                if (known && known->skb == w->skb && known->count == w->fpl_count) {
+                    ev->transfer_id = known->transfer_id; /* a RECV snapshotted it first */
+                } else {
+                    struct xfer *x = &w->x;
+                    x->transfer_id = next_id(1);
+                    x->skb = w->skb;
+                    x->count = w->fpl_count;
+                    x->nsnap = 0;
+                    x->first = first;
+                    /* At the head of the queue, it is what a receiver asleep in
+                     * recvmsg gets next: keep its files for that RECV to check. */
+                    if (first)
+                        snap_files(x, fpl);
+                    ev->transfer_id = x->transfer_id;
+                    xfers.update(&fpl, x);
+                    if (first)
+                        last_to_sock.update(&p->peer, &fpl);
+                }
+            }
+        }
+    } else {
+        /* The snapshot taken at entry; for a receiver that slept in the call
+         * (empty queue at entry), the list a SEND saw at the head of this
+         * socket's queue, if it was the newest sent here. */
+        u64 fpl = p->fpl;
+        if (!fpl) {
+            u64 *last = last_to_sock.lookup(&sk);
+            if (last)
+                fpl = *last;
+        }
+        struct xfer *x = fpl ? xfers.lookup(&fpl) : 0;
+        if (x && x->nsnap && (p->fpl || x->first)) {
+            w->x = *x;
+            if (alone)
+                ev->transfer_id = x->transfer_id;
+        }
+    }
     return 0;
 }
 
 /* Send w->ev (header + ev.path_len bytes of path) to user space. */
 static __always_inline void emit(void *ctx, struct work *w) {
     struct fdp_event *ev = &w->ev;
-    u32 zero = 0;
-    u64 *seq = seqno.lookup(&zero);
-    ev->seq = ((u64)RUN_ID << 48) | (seq ? __sync_fetch_and_add(seq, 1) : 0);
+    ev->seq = next_id(0);
     u64 size = offsetof(struct fdp_event, path) + ev->path_len;
     /* Keep the bound check and the use on one register, or clang may test a
      * copy and the verifier sees an unbounded size. */
@@ -443,6 +856,33 @@ static __always_inline void walk_path(struct work *w, u64 dentry, u64 vfsmnt) {
         ev->flags |= FDP_F_PATH_TRUNC;
 }
 
+/* The file to report for fd at position index, and whether it is verified. */
+static __always_inline u64 file_for(struct work *w, s32 fd, u32 index, u8 *verified) {
+    *verified = 0;
+    if (w->ev.direction == FDP_DIR_SEND) {
+        /* The kernel's list is the truth; the sender's fd table only for a
+         * message whose list was not found. */
+        if (w->verify && index < w->fpl_count && index < SCM_MAX_FD) {
+            u64 file = KREAD(u64, w->fpl, OFF_SCM_FP_LIST_FP + (u64)(index & 255) * 8);
+            /* Read while the list was on its skb: the list's own entry. */
+            if (file && skb_fpl(w->skb) == w->fpl) {
+                *verified = 1;
+                return file;
+            }
+        }
+        return fd_file(w, fd);
+    }
+    /* RECV: what the fd holds now, confirmed if it is the snapshot's file. */
+    u64 file = fd_file(w, fd);
+    if (w->verify && file && index < w->x.nsnap && index < SNAP_FDS) {
+        struct snap_item *it = &w->x.items[index & (SNAP_FDS - 1)];
+        if (it->file == file && it->inode == KREAD(u64, file, OFF_FILE_F_INODE) &&
+            it->flags == KREAD(u32, file, OFF_FILE_F_FLAGS))
+            *verified = 1;
+    }
+    return file;
+}
+
 static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index) {
     struct fdp_event *ev = &w->ev;
     ev->kind = FDP_KIND_FD;
@@ -456,7 +896,8 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
     ev->sb_magic = 0;
     ev->i_mode = 0;
 
-    u64 file = fd_file(w, fd);
+    u8 verified = 0;
+    u64 file = file_for(w, fd, index, &verified);
     if (!file) {
         ev->flags |= FDP_F_NO_FILE;
         ev->path_len = 0;
@@ -473,6 +914,15 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
     struct kpath fp = {};
     bpf_probe_read_kernel(&fp, sizeof(fp), (void *)(file + OFF_FILE_F_PATH));
     walk_path(w, fp.dentry, fp.mnt);
+    /* SEND: the reads above were of the file the list held if the list still
+     * holds it now, or else (a receiver took the list meanwhile) if the sender
+     * still has that same file, on the same inode, open at fd. */
+    if (verified && ev->direction == FDP_DIR_SEND && skb_fpl(w->skb) != w->fpl &&
+        !(fd_file(w, fd) == file && KREAD(u64, file, OFF_FILE_F_INODE) == inode &&
+          KREAD(u32, file, OFF_FILE_F_FLAGS) == ev->file_flags))
+        verified = 0;
+    if (verified)
+        ev->flags |= FDP_F_VERIFIED;
     emit(ctx, w);
 }
 
@@ -480,58 +930,98 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
  * (several SCM_RIGHTS cmsgs concatenate, as the kernel's scm_fp_copy does). */
 static __always_inline void load_msg(struct work *w) {
     u32 idx = w->msg_idx;
-    u64 msghdr = w->msgvec + (w->is_mmsg ? (u64)idx * MMSGHDR_SIZE : 0);
-    struct { u64 control; u64 controllen; u32 flags; } h = {};
+    u8 compat = w->compat;
+    u64 msghdr = w->msgvec + (w->is_mmsg ? (u64)idx * (compat ? C_MMSGHDR_SIZE : MMSGHDR_SIZE) : 0);
+    u64 control = 0, controllen = 0;
+    u32 mflags = 0;
     w->msg_idx = idx + 1;
     w->nfds = 0;
     w->fd_pos = 0;
     w->msg_flags = 0;
     w->ev.msg_index = idx;
-    if (bpf_probe_read_user(&h, sizeof(h), (void *)(msghdr + MSGHDR_CONTROL)) != 0 || !h.control)
-        return;
-    if (w->ev.direction == FDP_DIR_RECV && (h.flags & MSG_CTRUNC_))
+    if (compat) {
+        struct { u32 control; u32 controllen; u32 flags; } h = {};
+        if (bpf_probe_read_user(&h, sizeof(h), (void *)(msghdr + C_MSGHDR_CONTROL)) != 0)
+            goto parsed;
+        control = h.control;
+        controllen = h.controllen;
+        mflags = h.flags;
+    } else {
+        struct { u64 control; u64 controllen; u32 flags; } h = {};
+        if (bpf_probe_read_user(&h, sizeof(h), (void *)(msghdr + MSGHDR_CONTROL)) != 0)
+            goto parsed;
+        control = h.control;
+        controllen = h.controllen;
+        mflags = h.flags;
+    }
+    if (!control)
+        goto parsed;
+    if (w->ev.direction == FDP_DIR_RECV && (mflags & MSG_CTRUNC_))
         w->msg_flags |= FDP_F_CTRUNC;
+    u64 hdr = compat ? C_CMSG_HDR : CMSG_HDR;
+    u64 align = compat ? 3 : 7;
     /* Running offset and count in map memory, for the reason given at walk_path(). */
     w->cmsg_off = 0;
     for (int c = 0; c < MAX_CMSGS; c++) {
         u64 off = w->cmsg_off;
         u32 n = w->nfds;
-        if (off + 16 > h.controllen)
+        if (off + hdr > controllen)
             goto parsed;
         /* Header and the first two fds in one read when the buffer holds
          * them (the common 1-2 fd case then costs one user read, not two). */
-        struct { u64 len; s32 level; s32 type; s32 fd[2]; } ch = {};
-        int inline_fds = off + sizeof(ch) <= h.controllen &&
-                         bpf_probe_read_user(&ch, sizeof(ch), (void *)(h.control + off)) == 0;
-        if (!inline_fds && bpf_probe_read_user(&ch, 16, (void *)(h.control + off)) != 0)
+        u8 raw[24] = {};
+        int inline_fds = off + hdr + 8 <= controllen &&
+                         bpf_probe_read_user(raw, hdr + 8, (void *)(control + off)) == 0;
+        if (!inline_fds && bpf_probe_read_user(raw, hdr, (void *)(control + off)) != 0)
             goto parsed;
-        if (ch.len < 16 || ch.len > h.controllen - off)
+        u64 len;
+        s32 level, type, fd0, fd1;
+        if (compat) {
+            len = *(u32 *)&raw[0];
+            level = *(s32 *)&raw[4];
+            type = *(s32 *)&raw[8];
+            fd0 = *(s32 *)&raw[12];
+            fd1 = *(s32 *)&raw[16];
+        } else {
+            len = *(u64 *)&raw[0];
+            level = *(s32 *)&raw[8];
+            type = *(s32 *)&raw[12];
+            fd0 = *(s32 *)&raw[16];
+            fd1 = *(s32 *)&raw[20];
+        }
+        if (len < hdr || len > controllen - off)
             goto parsed;
-        if (ch.level == SOL_SOCKET_ && ch.type == SCM_RIGHTS_) {
-            u32 cnt = (u32)((ch.len - 16) / 4);
+        if (level == SOL_SOCKET_ && type == SCM_RIGHTS_) {
+            u32 cnt = (u32)((len - hdr) / 4);
             if (n + cnt > SCM_MAX_FD) {
                 cnt = SCM_MAX_FD - n;
                 w->msg_flags |= FDP_F_FDS_TRUNC;
             }
             if (inline_fds && cnt <= 2) {
                 if (cnt > 0)
-                    w->fds[n & 255] = ch.fd[0];
+                    w->fds[n & 255] = fd0;
                 if (cnt > 1)
-                    w->fds[(n + 1) & 255] = ch.fd[1];
+                    w->fds[(n + 1) & 255] = fd1;
             } else if (cnt > 0 && cnt <= 255 && n <= 255) {
-                bpf_probe_read_user(&w->fds[n & 255], (cnt & 255) * 4, (void *)(h.control + off + 16));
+                bpf_probe_read_user(&w->fds[n & 255], (cnt & 255) * 4, (void *)(control + off + hdr));
             }
             w->nfds = n + cnt;
         }
-        w->cmsg_off = off + ((ch.len + 7) & ~7ULL);
+        w->cmsg_off = off + ((len + align) & ~align);
     }
-    if (w->cmsg_off + 16 <= h.controllen)
+    if (w->cmsg_off + hdr <= controllen)
         w->msg_flags |= FDP_F_FDS_TRUNC; /* more cmsgs than MAX_CMSGS */
 parsed:
     w->ev.fd_count = w->nfds;
+    /* The kernel's list (SEND) or the snapshot (RECV) stands for this message
+     * only if it carries as many files as the message names. */
+    if (w->ev.direction == FDP_DIR_SEND)
+        w->verify = w->fpl && w->fpl_count == w->nfds;
+    else
+        w->verify = idx == 0 && w->x.nsnap && w->x.count == w->nfds;
 }
 
-int walk(void *ctx) {
+static __always_inline int walk_impl(void *ctx, int raw) {
     u32 zero = 0;
     struct work *w = work.lookup(&zero);
     if (!w)
@@ -549,7 +1039,10 @@ int walk(void *ctx) {
     }
     if (w->fd_pos >= w->nfds && w->msg_idx >= w->nmsgs)
         return 0;
-    progs.call(ctx, 0);
+    if (raw)
+        progs_raw.call(ctx, 0);
+    else
+        progs.call(ctx, 0);
     /* Tail-call budget spent: say what is left unreported. */
     stat_inc(FDP_STAT_BUDGET);
     struct fdp_event *ev = &w->ev;
@@ -565,23 +1058,121 @@ int walk(void *ctx) {
     return 0;
 }
 
-static __always_inline int on_exit(void *ctx, long ret) {
-    struct pending p = {};
-    if (!take_pending(&p))
-        return 0;
+int walk(void *ctx) { return walk_impl(ctx, 0); }
+int walk_raw(void *ctx) { return walk_impl(ctx, 1); }
+
+static __always_inline int finish(void *ctx, struct pending *p, long ret, int raw) {
+    int alone = count_end(p);
     if (ret < 0)
         return 0;
-    if ((p.syscall == FDP_SYS_SENDMMSG || p.syscall == FDP_SYS_RECVMMSG) && ret == 0)
+    if ((p->syscall == FDP_SYS_SENDMMSG || p->syscall == FDP_SYS_RECVMMSG) && ret == 0)
         return 0;
     u32 zero = 0;
     struct work *w = work.lookup(&zero);
-    if (!w || begin(w, &p, ret) != 0)
+    if (!w || begin(w, p, ret, alone) != 0)
         return 0;
-    progs.call(ctx, 0);
+    if (raw)
+        progs_raw.call(ctx, 0);
+    else
+        progs.call(ctx, 0);
     return 0;
+}
+
+static __always_inline int on_exit(void *ctx, long ret) {
+    struct pending p = {};
+    if (!take_pending(&p, FDP_PROBE_TRACEPOINT))
+        return 0;
+    return finish(ctx, &p, ret, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return on_exit(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return on_exit(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return on_exit(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return on_exit(args, args->ret); }
+
+#if COMPAT
+/* Every syscall's exit: one slot look-up by tid, and out unless a compat call
+ * of this thread is pending. */
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    struct pending p = {};
+    if (!take_pending(&p, FDP_PROBE_RAW_TRACEPOINT))
+        return 0;
+    return finish(ctx, &p, (long)ctx->args[1], 1);
+}
+#endif
+
+#if URING
+/* io_uring: a request is prepared (its user msghdr pointer known) when
+ * io_uring_submit_req fires, in the submitter; it may run later, inline or in
+ * an io-wq worker thread of the same process (same fd table, same memory),
+ * and io_uring_complete fires with its result. Pending entries are keyed by
+ * the request. */
+TRACEPOINT_PROBE(io_uring, io_uring_submit_req) {
+    u8 op = args->opcode;
+    u8 syscall, direction;
+    if (op == IORING_OP_SENDMSG_) {
+        syscall = FDP_SYS_URING_SENDMSG;
+        direction = FDP_DIR_SEND;
+    } else if (op == IORING_OP_RECVMSG_) {
+        syscall = FDP_SYS_URING_RECVMSG;
+        direction = FDP_DIR_RECV;
+#ifdef IORING_OP_SENDMSG_ZC_
+    } else if (op == IORING_OP_SENDMSG_ZC_) {
+        syscall = FDP_SYS_URING_SENDMSG_ZC;
+        direction = FDP_DIR_SEND;
+#endif
+    } else {
+        return 0;
+    }
+    if (filtered_out())
+        return 0;
+    u64 req = (u64)args->req;
+    u64 ctxp = KREAD(u64, req, OFF_IO_KIOCB_CTX);
+    u8 abi = (KREAD(u8, ctxp, OFF_IO_RING_CTX_COMPAT_BYTE) >> OFF_IO_RING_CTX_COMPAT_BIT) & 1 ? FDP_ABI_IA32
+                                                                                           : FDP_ABI_X86_64;
+    u64 umsg = KREAD(u64, req, OFF_IO_KIOCB_CMD + OFF_IO_SR_MSG_UMSG);
+    if (!has_control(umsg, abi != FDP_ABI_X86_64))
+        return 0;
+    s32 fd = KREAD(s32, req, OFF_IO_KIOCB_CQE + OFF_IO_CQE_FD);
+    u32 rflags = KREAD(u32, req, OFF_IO_KIOCB_CMD + OFF_IO_SR_MSG_MSG_FLAGS);
+    struct pending p = {.msgvec = umsg, .sock_fd = fd, .tid = (u32)bpf_get_current_pid_tgid(), .syscall = syscall,
+                        .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags};
+    /* A fixed-file request names a slot of the ring's table, not an fd: the
+     * socket is taken from the request at completion, uncounted. */
+    if (!(KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */)) {
+        p.sk = unix_sk_of_fd(fd);
+        if (!p.sk)
+            return 0;
+        begin_call(&p);
+    } else {
+        p.before = ~0U;
+        p.sock_fd = -1;
+    }
+    if (uring_pending.update(&req, &p) != 0) {
+        stat_inc(FDP_STAT_URING_FULL);
+        count_end(&p);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(io_uring, io_uring_complete) {
+    u64 req = (u64)args->req;
+    struct pending *pp = uring_pending.lookup(&req);
+    if (!pp)
+        return 0;
+    struct pending p = *pp;
+    uring_pending.delete(&req);
+    /* The socket the request really used: req->file (the first member of io_sr_msg too). */
+    u64 sk = unix_sk_of_file(KREAD(u64, req, OFF_IO_KIOCB_CMD));
+    if (!sk) {
+        count_end(&p);
+        return 0;
+    }
+    if (p.sk != sk) { /* fixed file, or not the socket counted at submit */
+        count_end(&p);
+        p.sk = sk;
+        p.before = ~0U;
+    }
+    return finish(args, &p, args->res, 0);
+}
+#endif

@@ -27,11 +27,23 @@
 #define FDP_DIR_SEND 1
 #define FDP_DIR_RECV 2
 
-/* syscall */
+/* syscall: the entry point that moved the fds */
 #define FDP_SYS_SENDMSG 1
 #define FDP_SYS_SENDMMSG 2
 #define FDP_SYS_RECVMSG 3
 #define FDP_SYS_RECVMMSG 4
+#define FDP_SYS_URING_SENDMSG 5    /* io_uring IORING_OP_SENDMSG */
+#define FDP_SYS_URING_SENDMSG_ZC 6 /* io_uring IORING_OP_SENDMSG_ZC */
+#define FDP_SYS_URING_RECVMSG 7    /* io_uring IORING_OP_RECVMSG */
+
+/* abi: the layout of the caller's msghdr/cmsghdr */
+#define FDP_ABI_X86_64 1
+#define FDP_ABI_IA32 2  /* 32-bit program, or int $0x80 from a 64-bit one */
+#define FDP_ABI_X32 3
+
+/* probe: the kind of hook that produced the record */
+#define FDP_PROBE_TRACEPOINT 1     /* syscalls:sys_{enter,exit}_* and io_uring:* */
+#define FDP_PROBE_RAW_TRACEPOINT 2 /* raw_syscalls sys_enter/sys_exit (compat calls) */
 
 /* flags */
 #define FDP_F_PATH_TRUNC 0x01 /* the path walk hit a bound: path is incomplete */
@@ -42,6 +54,9 @@
 #define FDP_F_DELETED 0x10    /* the file is unlinked: the kernel would append " (deleted)" */
 #define FDP_F_NO_FILE 0x20    /* the fd did not resolve to an open file (raced with close) */
 #define FDP_F_PEER 0x40       /* peer_sock_ino is known */
+#define FDP_F_VERIFIED 0x80   /* the file identity comes from (SEND) or was checked against (RECV)
+                                 the kernel's SCM_RIGHTS list on the socket, not from user memory
+                                 or the fd table alone: docs/kernel.md, "Verification" */
 
 struct fdp_event {
     __u64 ktime_ns;      /* CLOCK_MONOTONIC at syscall exit */
@@ -53,6 +68,8 @@ struct fdp_event {
     __u64 peer_sock_ino; /* valid when FDP_F_PEER */
     __u64 file_ino;
     __s64 ret;
+    __u64 transfer_id;   /* RUN_ID << 48 | n per SCM_RIGHTS list seen; equal on a SEND and its
+                            RECV(s); 0 = the kernel object was not seen */
     __u32 pid;           /* thread group id */
     __u32 tid;
     __u32 ppid;
@@ -76,7 +93,9 @@ struct fdp_event {
     __u8 syscall;
     __u8 flags;
     __u8 ncomp;          /* components in path[] */
-    __u8 _pad[5];
+    __u8 abi;            /* FDP_ABI_* */
+    __u8 probe;          /* FDP_PROBE_* */
+    __u8 _pad[3];
     char comm[FDP_COMM_LEN];
     char parent_comm[FDP_COMM_LEN];
     /* Path components leaf first, each NUL-terminated ("passwd\0etc\0" for
@@ -91,6 +110,7 @@ struct fdp_event {
 #define FDP_STAT_PENDING_FULL 2  /* syscalls not traced: pending map full */
 #define FDP_STAT_BUDGET 3        /* syscalls whose fds outran the tail-call budget */
 #define FDP_STAT_SPILLED 4       /* pending entries that took the spill map (slot collision) */
-#define FDP_STAT_N 5
+#define FDP_STAT_URING_FULL 5    /* io_uring requests not traced: uring_pending map full */
+#define FDP_STAT_N 6
 
 #endif

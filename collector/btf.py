@@ -1,8 +1,8 @@
 """Kernel struct member offsets from the running kernel's BTF.
 
 fdpass never dereferences a kernel struct through header types: the headers
-bcc compiles against may belong to another kernel (DESIGN.md, "Kernel
-side"). Instead the collector reads /sys/kernel/btf/vmlinux with this small
+bcc compiles against may belong to another kernel (docs/kernel.md, "Struct
+layouts"). Instead the collector reads /sys/kernel/btf/vmlinux with this small
 parser, looks up each member it needs (following anonymous structs and
 unions, as the compiler would), and hands the byte offsets to the BPF C as
 #defines. That is CO-RE done in user space.
@@ -72,6 +72,7 @@ class BTF:
         # _types[i] = offset of type id i's header (id 0 is void).
         self._types = [0]
         self._struct_by_name: dict[str, int] = {}
+        self._enum_ids: list[int] = []
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         unpack = struct.unpack_from
         while pos < end:
@@ -83,6 +84,8 @@ class BTF:
             if (kind == KIND_STRUCT or kind == KIND_UNION) and name_off:
                 # First definition wins; duplicates are rare and identical.
                 self._struct_by_name.setdefault(self._str(name_off), tid)
+            elif kind == KIND_ENUM or kind == KIND_ENUM64:
+                self._enum_ids.append(tid)
             fixed, per = _TRAILER.get(kind, (0, 0))
             pos += 12 + fixed + per * vlen
 
@@ -149,8 +152,8 @@ class BTF:
     def sizeof(self, struct_name: str) -> int:
         return self._header(self.struct_id(struct_name))[4] & 0xFFFFFFFF
 
-    def offsetof(self, struct_name: str, path: str) -> int:
-        """Byte offset of a (dotted) member path, e.g. offsetof('dentry', 'd_name.name')."""
+    def bit_offsetof(self, struct_name: str, path: str) -> int:
+        """Bit offset of a (dotted) member path; bitfields allowed."""
         tid = self.struct_id(struct_name)
         total = 0
         for part in path.split("."):
@@ -158,11 +161,30 @@ class BTF:
             if found is None:
                 raise BTFError(f"struct {struct_name} has no member {path} on this kernel")
             bit_off, m_type = found
-            if bit_off % 8:
-                raise BTFError(f"{struct_name}.{path} is a bitfield")
-            total += bit_off // 8
+            total += bit_off
             tid = self._resolve(m_type)
         return total
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        """Byte offset of a (dotted) member path, e.g. offsetof('dentry', 'd_name.name')."""
+        bits = self.bit_offsetof(struct_name, path)
+        if bits % 8:
+            raise BTFError(f"{struct_name}.{path} is a bitfield")
+        return bits // 8
+
+    def enum_value(self, name: str) -> int:
+        """Value of an enumerator (e.g. IORING_OP_SENDMSG), from any enum of the kernel."""
+        for tid in self._enum_ids:
+            pos, _n, kind, vlen, _s = self._header(tid)
+            step = 8 if kind == KIND_ENUM else 12
+            for i in range(vlen):
+                e_name, val = struct.unpack_from("<Ii", self._data, pos + 12 + step * i)
+                if self._str(e_name) == name:
+                    if kind == KIND_ENUM64:
+                        lo, hi = struct.unpack_from("<II", self._data, pos + 12 + step * i + 4)
+                        return lo | (hi << 32)
+                    return val
+        raise BTFError(f"enumerator {name} is not in this kernel's BTF")
 
     def has_member(self, struct_name: str, path: str) -> bool:
         try:

@@ -37,7 +37,7 @@ def check_btf() -> Check:
 
     try:
         btf = BTF.load()
-        n = len(kernel_defines(btf))
+        n = len(kernel_defines(btf)[0])
     except BTFError as e:
         return Check("BTF", "FAIL", str(e), "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
     return Check("BTF", "OK", f"/sys/kernel/btf/vmlinux: all {n} struct offsets fdpass needs found")
@@ -56,12 +56,49 @@ def check_tracepoints() -> Check:
     return Check("tracepoints", "OK", f"{len(TRACEPOINTS)} syscall tracepoints present ({d})")
 
 
+def coverage_checks() -> list[Check]:
+    """Each way an fd can move over a unix socket: seen on this kernel or not, and why.
+    The README's "What it sees" section says the same; docs/kernel.md says how."""
+    from fdpass.collector.btf import BTF, BTFError
+    from fdpass.collector.probes import kernel_defines
+
+    try:
+        _defines, cov = kernel_defines(BTF.load())
+    except BTFError as e:
+        return [Check("coverage", "FAIL", f"cannot tell: {e}")]
+    d = _tracefs() or TRACEFS_DIRS[0]
+    raw = os.path.isdir(os.path.join(d, "events", "raw_syscalls", "sys_enter"))
+    out = [Check("seen: native", "OK", "64-bit sendmsg, sendmmsg, recvmsg, recvmmsg (syscalls:sys_{enter,exit}_*)")]
+    if cov.compat is None and raw:
+        out.append(Check("seen: compat", "OK", "32-bit programs and int $0x80: sendmsg, sendmmsg, recvmsg, "
+                         "recvmmsg(_time64), socketcall (raw_syscalls:sys_enter/sys_exit)"))
+    else:
+        out.append(Check("not seen: compat", "WARN", cov.compat or "raw_syscalls tracepoints missing",
+                         "32-bit programs' transfers are not recorded on this kernel"))
+    if cov.io_uring is None:
+        zc = "" if cov.io_uring_zc is None else f" (SENDMSG_ZC: {cov.io_uring_zc})"
+        out.append(Check("seen: io_uring", "OK", "IORING_OP_SENDMSG, SENDMSG_ZC and RECVMSG, inline and in io-wq "
+                         f"workers (io_uring:io_uring_submit_req/complete){zc}"))
+    else:
+        out.append(Check("not seen: io_uring", "WARN", cov.io_uring, "io_uring transfers are not recorded"))
+    out.append(Check("not seen: io_uring", "WARN", "IORING_OP_MSG_RING with IORING_MSG_SEND_FD (moves a file "
+                     "between rings, no SCM_RIGHTS) and multishot RECVMSG (fds land in provided buffers)",
+                     "out of scope for now: docs/kernel.md, \"What is not seen\""))
+    if os.path.exists(os.path.join(d, "kprobe_events")):
+        out.append(Check("not seen: in-kernel", "WARN", "this kernel has kprobes, but fdpass does not hook the "
+                         "kernel's SCM_RIGHTS functions yet: only the paths above are seen"))
+    else:
+        out.append(Check("in-kernel hooks", "OK", "none on this kernel (no kprobes, fentry refused): the "
+                         "tracepoints above are the capture paths"))
+    return out
+
+
 def check_kprobes() -> Check:
     d = _tracefs()
     if d and os.path.exists(os.path.join(d, "kprobe_events")):
         return Check("kprobes", "OK", "available (optional; fdpass uses tracepoints)")
     return Check("kprobes", "WARN", "not available (CONFIG_KPROBES off)",
-                 "none needed: fdpass works from syscall tracepoints; in-kernel io_uring transfers are not seen")
+                 "none needed: fdpass captures from tracepoints (syscalls, raw_syscalls, io_uring)")
 
 
 def check_fentry() -> Check:
@@ -145,6 +182,8 @@ CHECKS: tuple[Callable[[], Check], ...] = (
 
 def run_checks(out: TextIO) -> int:
     results = [c() for c in CHECKS]
+    if all(r.verdict != "FAIL" for r in results):
+        results += coverage_checks()
     if all(r.verdict != "FAIL" for r in results):
         results.append(check_compile())
     width = max(len(r.name) for r in results)

@@ -62,8 +62,42 @@ OFFSETS: dict[str, tuple[str, str]] = {
     "OFF_SOCK_FAMILY": ("sock", "__sk_common.skc_family"),
     "OFF_SOCK_SK_SOCKET": ("sock", "sk_socket"),
     "OFF_UNIX_SOCK_PEER": ("unix_sock", "peer"),
+    "OFF_TASK_GROUP_LEADER": ("task_struct", "group_leader"),
+    # Verification: the SCM_RIGHTS list on the queued skb (docs/kernel.md)
+    "OFF_SOCK_SK_RECEIVE_QUEUE": ("sock", "sk_receive_queue"),
+    "OFF_SK_BUFF_NEXT": ("sk_buff", "next"),
+    "OFF_SK_BUFF_PREV": ("sk_buff", "prev"),
+    "OFF_SK_BUFF_SK": ("sk_buff", "sk"),
+    "OFF_SK_BUFF_CB": ("sk_buff", "cb"),
+    "OFF_UNIX_SKB_PARMS_FP": ("unix_skb_parms", "fp"),
+    "OFF_SCM_FP_LIST_COUNT": ("scm_fp_list", "count"),
+    "OFF_SCM_FP_LIST_FP": ("scm_fp_list", "fp"),
 }
 SIZES: dict[str, str] = {"SIZEOF_UPID": "upid"}
+
+# Compat (32-bit) calls: the task's TS_COMPAT bit and the syscall arguments in pt_regs (x86).
+COMPAT_OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_TASK_TI_STATUS": ("task_struct", "thread_info.status"),
+    "OFF_PT_REGS_BX": ("pt_regs", "bx"),
+    "OFF_PT_REGS_CX": ("pt_regs", "cx"),
+    "OFF_PT_REGS_DX": ("pt_regs", "dx"),
+    "OFF_PT_REGS_SI": ("pt_regs", "si"),
+    "OFF_PT_REGS_DI": ("pt_regs", "di"),
+    "OFF_PT_REGS_R10": ("pt_regs", "r10"),
+}
+# io_uring requests (io_uring/ in the kernel): the request, its socket and user msghdr.
+URING_OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_IO_KIOCB_CMD": ("io_kiocb", "cmd"),
+    "OFF_IO_KIOCB_CTX": ("io_kiocb", "ctx"),
+    "OFF_IO_KIOCB_FLAGS": ("io_kiocb", "flags"),
+    "OFF_IO_KIOCB_CQE": ("io_kiocb", "cqe"),
+    "OFF_IO_CQE_FD": ("io_cqe", "fd"),
+    "OFF_IO_SR_MSG_UMSG": ("io_sr_msg", "umsg"),
+    "OFF_IO_SR_MSG_MSG_FLAGS": ("io_sr_msg", "msg_flags"),
+}
+URING_OPS = {"IORING_OP_SENDMSG_": "IORING_OP_SENDMSG", "IORING_OP_RECVMSG_": "IORING_OP_RECVMSG"}
+URING_OPTIONAL_OPS = {"IORING_OP_SENDMSG_ZC_": "IORING_OP_SENDMSG_ZC"}  # Linux 6.1+
+URING_TRACEPOINTS = ("io_uring:io_uring_submit_req", "io_uring:io_uring_complete")
 
 TRACEPOINTS = tuple(
     f"syscalls:sys_{phase}_{call}"
@@ -75,17 +109,67 @@ TRACEPOINTS = tuple(
 # reader that falls behind a burst, for 16 MiB of locked kernel memory.
 DEFAULT_RINGBUF_PAGES = 4096
 
-STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled")
+# Indices of the BPF `stats` array (FDP_STAT_* in bpf/fdpass.h).
+STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled", "uring_full")
 
 
-def kernel_defines(btf: BTF) -> dict[str, int]:
-    """Every OFF_*/SIZEOF_* the BPF C needs, from this kernel's BTF."""
+def _tracepoint_exists(name: str) -> bool:
+    group, event = name.split(":")
+    return any(os.path.isdir(f"{root}/events/{group}/{event}")
+               for root in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
+
+
+@dataclass
+class Coverage:
+    """Which capture paths the probes cover on this kernel, and why not where not."""
+    compat: str | None = None  # None: covered; else the reason it is not
+    io_uring: str | None = None
+    io_uring_zc: str | None = None
+
+
+def _compat_defines(btf: BTF) -> tuple[dict[str, int], str | None]:
+    try:
+        return {name: btf.offsetof(s, m) for name, (s, m) in COMPAT_OFFSETS.items()}, None
+    except BTFError as e:
+        return {}, f"not x86 compat layout ({e})"
+
+
+def _uring_defines(btf: BTF) -> tuple[dict[str, int], str | None, str | None]:
+    missing = [t for t in URING_TRACEPOINTS if not _tracepoint_exists(t)]
+    if missing:
+        return {}, f"tracepoint {missing[0]} missing (kernel without io_uring, or older than 6.0)", "no io_uring"
+    try:
+        out = {name: btf.offsetof(s, m) for name, (s, m) in URING_OFFSETS.items()}
+        bit = btf.bit_offsetof("io_ring_ctx", "compat")
+        out["OFF_IO_RING_CTX_COMPAT_BYTE"], out["OFF_IO_RING_CTX_COMPAT_BIT"] = bit // 8, bit % 8
+        out.update({name: btf.enum_value(e) for name, e in URING_OPS.items()})
+    except BTFError as e:
+        return {}, f"io_uring layout not understood: {e}", "no io_uring"
+    zc = None
+    for name, e in URING_OPTIONAL_OPS.items():
+        try:
+            out[name] = btf.enum_value(e)
+        except BTFError:
+            zc = f"{e} is not in this kernel"
+    return out, None, zc
+
+
+def kernel_defines(btf: BTF) -> tuple[dict[str, int], Coverage]:
+    """Every OFF_*/SIZEOF_* the BPF C needs, from this kernel's BTF, and the
+    capture paths they make possible (COMPAT=0 / URING=0 leave a path out)."""
     # The C reads a struct path as {mnt, dentry} in one go.
     if (btf.offsetof("path", "mnt"), btf.offsetof("path", "dentry")) != (0, 8):
         raise BTFError("struct path is not {mnt, dentry} on this kernel; fdpass does not support it yet")
     out = {name: btf.offsetof(s, m) for name, (s, m) in OFFSETS.items()}
     out.update({name: btf.sizeof(s) for name, s in SIZES.items()})
-    return out
+    cov = Coverage()
+    compat, cov.compat = _compat_defines(btf)
+    out.update(compat)
+    out["COMPAT"] = int(cov.compat is None)
+    uring, cov.io_uring, cov.io_uring_zc = _uring_defines(btf)
+    out.update(uring)
+    out["URING"] = int(cov.io_uring is None)
+    return out, cov
 
 
 @dataclass
@@ -151,7 +235,7 @@ class Probes:
         bcc = _import_bcc()
         self.filters = filters or Filters()
         btf = BTF.load()
-        defines = kernel_defines(btf)
+        defines, self.coverage = kernel_defines(btf)
         defines["RINGBUF_PAGES"] = ringbuf_pages
         self.run_id = next_run_id()
         defines["RUN_ID"] = self.run_id
@@ -168,10 +252,15 @@ class Probes:
         except Exception as e:  # bcc raises bare Exception for compile and load errors
             raise UserError(f"could not compile or load the BPF program: {e} (see `fdpass doctor`)") from None
         try:
+            # The per-fd walk is tail-called, and a tail call stays within one
+            # program type: one copy for the tracepoints, one for raw_syscalls.
             walk = self.bpf.load_func(b"walk", bcc.BPF.TRACEPOINT)
+            self.bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(walk.fd)
+            if defines["COMPAT"]:
+                walk_raw = self.bpf.load_func(b"walk_raw", bcc.BPF.RAW_TRACEPOINT)
+                self.bpf[b"progs_raw"][ctypes.c_int(0)] = ctypes.c_int(walk_raw.fd)
         except Exception as e:
             raise UserError(f"the kernel refused the BPF walk program: {e}") from None
-        self.bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(walk.fd)
         if self.filters.mntns:
             table = self.bpf[b"mntns_filter"]
             for ns in self.filters.mntns:

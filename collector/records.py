@@ -19,7 +19,10 @@ FDP_PATH_BUF = FDP_PATH_MAX + FDP_NAME_MAX
 
 KIND_FD, KIND_LOSS = 1, 2
 DIRECTIONS = {1: "SEND", 2: "RECV"}
-SYSCALLS = {1: "SENDMSG", 2: "SENDMMSG", 3: "RECVMSG", 4: "RECVMMSG"}
+SYSCALLS = {1: "SENDMSG", 2: "SENDMMSG", 3: "RECVMSG", 4: "RECVMMSG",
+            5: "IO_URING_SENDMSG", 6: "IO_URING_SENDMSG_ZC", 7: "IO_URING_RECVMSG"}
+ABIS = {1: "X86_64", 2: "IA32", 3: "X32"}
+PROBES = {1: "tracepoint", 2: "raw_tracepoint"}
 
 F_PATH_TRUNC = 0x01
 F_FDS_TRUNC = 0x02
@@ -28,6 +31,7 @@ F_DNAME = 0x08
 F_DELETED = 0x10
 F_NO_FILE = 0x20
 F_PEER = 0x40
+F_VERIFIED = 0x80
 
 # Superblock magics of the pseudo filesystems whose files name themselves
 # (d_op->d_dname in the kernel); include/uapi/linux/magic.h.
@@ -49,6 +53,7 @@ class FdpHeader(ctypes.Structure):
         ("peer_sock_ino", ctypes.c_uint64),
         ("file_ino", ctypes.c_uint64),
         ("ret", ctypes.c_int64),
+        ("transfer_id", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
         ("ppid", ctypes.c_uint32),
@@ -72,7 +77,9 @@ class FdpHeader(ctypes.Structure):
         ("syscall", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("ncomp", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 5),
+        ("abi", ctypes.c_uint8),
+        ("probe", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
         ("comm", ctypes.c_char * FDP_COMM_LEN),
         ("parent_comm", ctypes.c_char * FDP_COMM_LEN),
     ]
