@@ -1,7 +1,9 @@
 /* Workload for bench/bench_probes.py: times N sendmsg calls without control
  * data ("plain"), or N SCM_RIGHTS transfers of K fds, sendmsg + recvmsg
- * ("fds"), on a unix socketpair; prints nanoseconds per operation. C, so
- * that the interpreter's own cost does not hide the probes' cost. */
+ * ("fds"), on a unix socketpair, or N unrelated syscalls, getuid and getpid
+ * alternately ("unrelated": what the raw_syscalls programs cost every other
+ * syscall); prints nanoseconds per operation. C, so that the interpreter's
+ * own cost does not hide the probes' cost. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +11,7 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 
 static double now_ns(void) {
     struct timespec ts;
@@ -17,8 +20,15 @@ static double now_ns(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) { fprintf(stderr, "usage: %s plain|fds N [K]\n", argv[0]); return 2; }
+    if (argc < 3) { fprintf(stderr, "usage: %s plain|fds|unrelated N [K]\n", argv[0]); return 2; }
     int n = atoi(argv[2]), k = argc > 3 ? atoi(argv[3]) : 1, sv[2];
+    if (strcmp(argv[1], "unrelated") == 0) {
+        double a = now_ns();
+        for (int i = 0; i < n; i++)
+            syscall(i & 1 ? SYS_getpid : SYS_getuid);
+        printf("%.1f\n", (now_ns() - a) / n);
+        return 0;
+    }
     if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv)) { perror("socketpair"); return 1; }
     char byte = 'x', buf[16];
     int fds[253];
