@@ -111,7 +111,11 @@ struct pending {
     u64 msgvec;  /* user pointer: msghdr, or mmsghdr array */
     u64 tid;     /* owner of a slot; 0 = free (u64: BPF cmpxchg is 64-bit here) */
     u64 sk;      /* the unix socket's struct sock */
-    u64 fpl;     /* RECV: the SCM_RIGHTS list snapshotted at entry (0: none) */
+    u64 fpl;     /* RECV: the SCM_RIGHTS list snapshotted at entry; SEND: the list this call */
+    u64 skb;     /* queued, once found (0: none); and the skb it is on */
+    u64 xid;     /* SEND: that list's transfer id */
+    u32 fcount;  /* SEND: files in that list */
+    u64 enter_ns; /* when the call began */
     u64 peer;    /* SEND: the peer socket at entry, and the tail of its receive */
     u64 tail0;   /*       queue then: only an skb queued after it can be this call's */
     u64 ticket;  /* this call's number in sk_state (send or recv side) */
@@ -148,22 +152,30 @@ struct snap_item {
     u32 _pad;
 };
 
-/* What fdpass knows of one SCM_RIGHTS list (keyed by its struct scm_fp_list
- * address): its transfer id, the skb it rode on (an address is reused once
- * freed: a stale entry never matches a new skb), and for RECV the files. */
+/* One SCM_RIGHTS list in flight: its struct scm_fp_list and the skb it rides
+ * on. Both addresses are reused as soon as they are freed (the next message
+ * often gets the same pair), so the RECV that takes a list deletes its entry,
+ * and an entry older than the SEND that claims it is stale. */
+struct xfer_key {
+    u64 fpl;
+    u64 skb;
+};
+
+/* What fdpass knows of one list: its transfer id and, for a RECV to check
+ * what it installed against, its files. */
 struct xfer {
     u64 transfer_id;
-    u64 skb;
+    u64 created_ns;
     u32 count;
     u32 nsnap;   /* items[] filled (0: id only) */
     u32 first;   /* the skb was at the head of its queue when its SEND saw it */
-    u32 _pad;
     struct snap_item items[SNAP_FDS];
 };
 
 struct work {
     struct fdp_event ev; /* shared header; per-fd fields overwritten */
     struct xfer x;       /* RECV: the snapshot the installed files are checked against */
+    struct xfer_key key;
     u64 msgvec;
     u64 root_dentry;
     u64 root_mnt;
@@ -182,6 +194,7 @@ struct work {
     u8 compat;
     u8 msg_flags;        /* FDP_F_* bits of the loaded message */
     u8 verify;           /* the loaded message has a kernel list (SEND) or snapshot (RECV) */
+    u8 alone;            /* no other call of its side overlapped this one on its socket */
     s32 fds[FDS_SLOTS];
 };
 
@@ -203,8 +216,9 @@ BPF_HASH(pending_spill, u32, struct pending, 16384);
 BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup at 0 */
 BPF_TABLE("lru_hash", u64, struct pending, uring_pending, 16384); /* io_uring: by struct io_kiocb address */
 BPF_TABLE("lru_hash", u64, struct sk_state, sk_states, 65536);
-BPF_TABLE("lru_hash", u64, struct xfer, xfers, 16384);
-BPF_TABLE("lru_hash", u64, u64, last_to_sock, 16384); /* receiving sk -> newest fpl sent to it */
+BPF_TABLE("lru_hash", struct xfer_key, struct xfer, xfers, 16384);
+/* receiving sk -> the list a SEND saw at the head of its queue, for a receiver asleep in the call */
+BPF_TABLE("lru_hash", u64, struct xfer_key, last_to_sock, 16384);
 BPF_TABLE("lru_hash", u32, struct proc_info, procs, 8192);
 BPF_PERCPU_ARRAY(work, struct work, 1);
 BPF_PERCPU_ARRAY(stats, u64, FDP_STAT_N);
@@ -337,28 +351,61 @@ static __always_inline void snap_files(struct xfer *x, u64 fpl) {
     }
 }
 
+/* The one entry of a list in `xfers`: the first SEND or RECV that sees the
+ * list inserts it with a new transfer id, a racing one reads the winner's.
+ * An entry created before `fresh_ns` (a SEND's entry: the list did not exist
+ * then) or whose files differ from x's is stale and is replaced. Files
+ * (x->nsnap) are added when the entry has none yet. */
+static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, u64 fresh_ns) {
+    struct xfer *known = xfers.lookup(k);
+    if (known && (known->created_ns < fresh_ns ||
+                  (x->nsnap && known->nsnap && (known->count != x->count || known->items[0].file != x->items[0].file)))) {
+        x->transfer_id = next_id(1);
+        x->created_ns = bpf_ktime_get_ns();
+        xfers.update(k, x);
+        return xfers.lookup(k);
+    }
+    if (!known) {
+        x->transfer_id = next_id(1);
+        x->created_ns = bpf_ktime_get_ns();
+        xfers.insert(k, x);
+        known = xfers.lookup(k);
+        if (!known)
+            return 0;
+    }
+    if (x->first)
+        known->first = 1;
+    if (!known->nsnap && x->nsnap) {
+        for (int i = 0; i < SNAP_FDS; i++)
+            known->items[i] = x->items[i];
+        known->nsnap = x->nsnap;
+    }
+    return known;
+}
+
 /* RECV entry: the first SCM_RIGHTS list at the head of sk's receive queue is
  * what this call is about to install (a stream read stops at the first skb
  * with fds). Snapshot its files into `xfers`, keeping the transfer id a SEND
- * gave it. Returns the list's address, or 0. */
-static __always_inline u64 snapshot_head(u64 sk) {
+ * gave it. Notes the list and its skb in p (fpl 0: none). */
+static __always_inline void snapshot_head(struct pending *p) {
+    u64 sk = p->sk;
     u64 skb = KREAD(u64, sk, OFF_SOCK_SK_RECEIVE_QUEUE); /* queue.next */
     u64 head = sk + OFF_SOCK_SK_RECEIVE_QUEUE;
     u64 fpl = 0;
     for (int i = 0; i < QUEUE_WALK; i++) {
         if (!skb || skb == head)
-            return 0;
+            return;
         fpl = skb_fpl(skb);
         if (fpl)
             break;
         skb = KREAD(u64, skb, OFF_SK_BUFF_NEXT);
     }
     if (!fpl)
-        return 0;
+        return;
     u32 zero = 0;
     struct work *w = work.lookup(&zero);
     if (!w)
-        return 0;
+        return;
     struct xfer *x = &w->x;
     x->count = (u32)KREAD(s16, fpl, OFF_SCM_FP_LIST_COUNT);
     x->first = 0;
@@ -366,19 +413,61 @@ static __always_inline u64 snapshot_head(u64 sk) {
     /* Still queued with this list: everything above was read while the list
      * held its files. Otherwise another reader took it meanwhile. */
     if (skb_fpl(skb) != fpl)
-        return 0;
-    struct xfer *known = xfers.lookup(&fpl);
-    x->transfer_id = known && known->skb == skb && known->count == x->count ? known->transfer_id : next_id(1);
-    x->skb = skb;
-    xfers.update(&fpl, x);
-    return fpl;
+        return;
+    struct xfer_key k = {.fpl = fpl, .skb = skb};
+    if (publish(&k, x, 0)) {
+        p->fpl = fpl;
+        p->skb = skb;
+    }
+}
+
+/* SEND, for a call that has run alone on its socket so far: an skb on the
+ * peer's queue that our socket sent with an SCM_RIGHTS list, queued after the
+ * tail the call saw at entry, can only be this call's (unix queues are FIFO:
+ * had the receiver taken it, it would have taken every older one too). Notes
+ * it in p and gives it its transfer id. At the head of the queue it is what a
+ * receiver asleep in recvmsg gets next: its files are kept for that RECV to
+ * check. x is scratch. */
+static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
+    u64 head = p->peer + OFF_SOCK_SK_RECEIVE_QUEUE;
+    u64 skb = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE + 8); /* queue.prev: the tail */
+    u64 fpl = 0;
+    for (int i = 0; i < QUEUE_WALK; i++) {
+        if (!skb || skb == head || skb == p->tail0)
+            return;
+        struct { u64 sk; } owner = {};
+        bpf_probe_read_kernel(&owner, sizeof(owner), (void *)(skb + OFF_SK_BUFF_SK));
+        if (owner.sk == p->sk) {
+            fpl = skb_fpl(skb);
+            if (fpl)
+                break;
+        }
+        skb = KREAD(u64, skb, OFF_SK_BUFF_PREV);
+    }
+    if (!fpl)
+        return;
+    struct xfer_key k = {.fpl = fpl, .skb = skb};
+    x->count = (u32)KREAD(s16, fpl, OFF_SCM_FP_LIST_COUNT);
+    x->first = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE) == skb;
+    x->nsnap = 0;
+    if (x->first)
+        snap_files(x, fpl);
+    struct xfer *known = publish(&k, x, p->enter_ns);
+    if (!known)
+        return;
+    p->fpl = fpl;
+    p->skb = skb;
+    p->fcount = x->count;
+    p->xid = known->transfer_id;
+    if (x->first)
+        last_to_sock.update(&p->peer, &k);
 }
 
 /* Everything an enter probe does once it has a unix socket with control data. */
 static __always_inline void begin_call(struct pending *p) {
     count_start(p);
     if (p->direction == FDP_DIR_RECV) {
-        p->fpl = snapshot_head(p->sk);
+        snapshot_head(p);
     } else {
         p->peer = KREAD(u64, p->sk, OFF_UNIX_SOCK_PEER);
         if (p->peer)
@@ -395,7 +484,8 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
         return; /* only unix sockets carry SCM_RIGHTS; other families ignore the cmsg */
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending p = {.msgvec = msgvec, .sock_fd = sock_fd, .tid = tid, .sk = sk, .syscall = syscall,
-                        .direction = direction, .abi = abi, .probe = probe, .flags = flags};
+                        .direction = direction, .abi = abi, .probe = probe, .flags = flags,
+                        .enter_ns = bpf_ktime_get_ns()};
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
     if (!slot)
@@ -407,6 +497,10 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
         slot->sock_fd = p.sock_fd;
         slot->sk = p.sk;
         slot->fpl = p.fpl;
+        slot->skb = p.skb;
+        slot->xid = 0;
+        slot->fcount = 0;
+        slot->enter_ns = p.enter_ns;
         slot->peer = p.peer;
         slot->tail0 = p.tail0;
         slot->ticket = p.ticket;
@@ -617,32 +711,6 @@ static __always_inline struct proc_info *proc_info(u64 task, u32 tgid) {
     return procs.lookup(&tgid);
 }
 
-/* SEND exit, for a call that ran alone on its socket: an skb on the peer's
- * queue that our socket sent with an SCM_RIGHTS list, queued after the tail
- * the call saw at entry, can only be this call's. Returns 1 when it is also
- * the head of the queue (the next one a receiver takes). */
-static __always_inline int find_sent_list(struct work *w, struct pending *p) {
-    u64 head = p->peer + OFF_SOCK_SK_RECEIVE_QUEUE;
-    u64 skb = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE + 8); /* queue.prev: the tail */
-    for (int i = 0; i < QUEUE_WALK; i++) {
-        if (!skb || skb == head || skb == p->tail0)
-            return 0;
-        struct { u64 sk; } owner = {};
-        bpf_probe_read_kernel(&owner, sizeof(owner), (void *)(skb + OFF_SK_BUFF_SK));
-        if (owner.sk == p->sk) {
-            u64 fpl = skb_fpl(skb);
-            if (fpl) {
-                w->fpl = fpl;
-                w->skb = skb;
-                w->fpl_count = (u32)KREAD(s16, fpl, OFF_SCM_FP_LIST_COUNT);
-                return KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE) == skb;
-            }
-        }
-        skb = KREAD(u64, skb, OFF_SK_BUFF_PREV);
-    }
-    return 0;
-}
-
 /* Fill the per-task, per-call part of the record. Returns 0 to go on. */
 static __always_inline int begin(struct work *w, struct pending *p, long ret, int alone) {
     u64 task = bpf_get_current_task();
@@ -725,48 +793,32 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
     if (p->direction == FDP_DIR_SEND) {
         /* Only a single message is matched to its skb (sendmmsg's messages
          * are not told apart: docs/kernel.md). */
-        if (alone && p->peer && w->msgs_total == 1) {
-            int first = find_sent_list(w, p);
-            u64 fpl = w->fpl;
-            if (fpl) {
-                struct xfer *known = xfers.lookup(&fpl);
-                if (known && known->skb == w->skb && known->count == w->fpl_count) {
-                    ev->transfer_id = known->transfer_id; /* a RECV snapshotted it first */
-                } else {
-                    struct xfer *x = &w->x;
-                    x->transfer_id = next_id(1);
-                    x->skb = w->skb;
-                    x->count = w->fpl_count;
-                    x->nsnap = 0;
-                    x->first = first;
-                    /* At the head of the queue, it is what a receiver asleep in
-                     * recvmsg gets next: keep its files for that RECV to check. */
-                    if (first)
-                        snap_files(x, fpl);
-                    ev->transfer_id = x->transfer_id;
-                    xfers.update(&fpl, x);
-                    if (first)
-                        last_to_sock.update(&p->peer, &fpl);
-                }
-            }
+        if (!p->fpl && alone && p->peer && w->msgs_total == 1)
+            claim_sent_list(p, &w->x);
+        if (p->fpl && w->msgs_total == 1) { /* found here, or when it woke the receiver */
+            w->fpl = p->fpl;
+            w->skb = p->skb;
+            w->fpl_count = p->fcount;
+            ev->transfer_id = p->xid;
         }
+        w->x.nsnap = 0;
     } else {
         /* The snapshot taken at entry; for a receiver that slept in the call
          * (empty queue at entry), the list a SEND saw at the head of this
-         * socket's queue, if it was the newest sent here. */
-        u64 fpl = p->fpl;
-        if (!fpl) {
-            u64 *last = last_to_sock.lookup(&sk);
-            if (last)
-                fpl = *last;
-        }
-        struct xfer *x = fpl ? xfers.lookup(&fpl) : 0;
-        if (x && x->nsnap && (p->fpl || x->first)) {
+         * socket's queue. A list taken (not peeked) is no one's fallback. */
+        struct xfer_key k = {.fpl = p->fpl, .skb = p->skb};
+        struct xfer_key *last = last_to_sock.lookup(&sk);
+        if (!k.fpl && last)
+            k = *last;
+        if (last && last->fpl == k.fpl && last->skb == k.skb && !(p->flags & MSG_PEEK_))
+            last_to_sock.delete(&sk);
+        struct xfer *x = k.fpl ? xfers.lookup(&k) : 0;
+        if (x && x->nsnap && (p->fpl || x->first))
             w->x = *x;
-            if (alone)
-                ev->transfer_id = x->transfer_id;
-        }
+        if (x && !(p->flags & MSG_PEEK_))
+            xfers.delete(&k); /* taken: its addresses are free for the next list */
     }
+    w->alone = alone;
     return 0;
 }
 
@@ -923,6 +975,10 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
         verified = 0;
     if (verified)
         ev->flags |= FDP_F_VERIFIED;
+    /* A RECV names its list's transfer only when the list is certainly what
+     * it installed: verified, and no other receive overlapped on the socket. */
+    if (ev->direction == FDP_DIR_RECV)
+        ev->transfer_id = verified && w->alone ? w->x.transfer_id : 0;
     emit(ctx, w);
 }
 
@@ -1101,6 +1157,36 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
 }
 #endif
 
+/* The sender wakes a receiver asleep in recvmsg (or in poll) right after it
+ * queued the skb, before the receiver can take it and before the sender's own
+ * exit: the moment to find the skb that its exit could find gone. One slot
+ * look-up per wakeup otherwise. */
+BPF_PERCPU_ARRAY(wake_scratch, struct xfer, 1);
+RAW_TRACEPOINT_PROBE(sched_waking) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u32 idx = tid & (PENDING_SLOTS - 1);
+    struct pending *slot = pending_slots.lookup(&idx);
+    if (!slot || slot->tid != tid || slot->direction != FDP_DIR_SEND || slot->fpl || !slot->peer ||
+        slot->before != 0 || slot->syscall == FDP_SYS_SENDMMSG)
+        return 0;
+    struct sk_state *st = sk_states.lookup(&slot->sk);
+    if (!st || st->send_started != slot->ticket + 1)
+        return 0; /* another send started on the socket since: not alone */
+    u32 zero = 0;
+    struct xfer *x = wake_scratch.lookup(&zero);
+    if (!x)
+        return 0;
+    struct pending p = *slot;
+    claim_sent_list(&p, x);
+    if (p.fpl && slot->tid == tid) {
+        slot->fpl = p.fpl;
+        slot->skb = p.skb;
+        slot->fcount = p.fcount;
+        slot->xid = p.xid;
+    }
+    return 0;
+}
+
 #if URING
 /* io_uring: a request is prepared (its user msghdr pointer known) when
  * io_uring_submit_req fires, in the submitter; it may run later, inline or in
@@ -1136,7 +1222,8 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req) {
     s32 fd = KREAD(s32, req, OFF_IO_KIOCB_CQE + OFF_IO_CQE_FD);
     u32 rflags = KREAD(u32, req, OFF_IO_KIOCB_CMD + OFF_IO_SR_MSG_MSG_FLAGS);
     struct pending p = {.msgvec = umsg, .sock_fd = fd, .tid = (u32)bpf_get_current_pid_tgid(), .syscall = syscall,
-                        .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags};
+                        .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags,
+                        .enter_ns = bpf_ktime_get_ns()};
     /* A fixed-file request names a slot of the ring's table, not an fd: the
      * socket is taken from the request at completion, uncounted. */
     if (!(KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */)) {
