@@ -64,7 +64,7 @@ _CROSS = _TRANSFERS.replace(
 )
 
 _EVENTS = f"""
-SELECT time, host, direction, syscall, pid, comm, exe, ifNull(container_id, '') AS container,
+SELECT time, host, direction, syscall, abi, pid, comm, exe, ifNull(container_id, '') AS container,
        sock_ino, peer_sock_ino, fd, fd_index, fd_count, file_path, file_type
 FROM {TABLE}
 WHERE {{pushdown}} AND {{after}}
@@ -76,6 +76,17 @@ _TIMELINE = f"""
 SELECT time, direction, pid, comm, fd, file_path, sock_ino, peer_sock_ino
 FROM {TABLE}
 WHERE {{pushdown}} AND {{after}}
+ORDER BY time, seq
+LIMIT {{{{limit:UInt32}}}}
+"""
+
+# file_verified = false: the file's identity came from the process's memory or fd
+# table, not from the kernel's SCM_RIGHTS list, so a racing thread could have
+# swapped it (fields.py). Rows stored before schema v3 read as false too.
+_UNVERIFIED = f"""
+SELECT time, host, direction, syscall, abi, pid, comm, fd, file_path AS file, probe
+FROM {TABLE}
+WHERE NOT file_verified AND {{pushdown}} AND {{after}}
 ORDER BY time, seq
 LIMIT {{{{limit:UInt32}}}}
 """
@@ -172,6 +183,9 @@ QUESTIONS: dict[str, Question] = {q.name: q for q in (
              pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
     Question("timeline", "one host's transfers in time order, compact", _TIMELINE, needs=("host",),
              pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
+    Question("unverified", "events whose file identity rests on process memory or the fd table, not on "
+             "the kernel's SCM_RIGHTS list (file_verified false)",
+             _UNVERIFIED, pushdown=_FILE_OPTS + _TIME_OPTS + ("pid", "comm", "exe", "container")),
     Question("gaps", "where events are missing: lost records (sequence holes) and collector restarts",
              _GAPS, pushdown=("host",), after=("since", "until")),
 )}
@@ -231,6 +245,7 @@ examples:
   fdpass query transfers --path /etc/shadow --since 24h
   fdpass query cross-container --host node-7
   fdpass query process --comm containerd --json
+  fdpass query unverified --host node-7 --since 24h
   fdpass query gaps
   fdpass query "SELECT comm, count() FROM fdpass.events GROUP BY comm ORDER BY 2 DESC"
 """

@@ -5,14 +5,19 @@ to Avro types. The shipped schema files are what readers resolve fingerprints
 against, so they are frozen versions:
 
   fdpass_event.v1.avsc  the DESIGN.md contract (every field up to `probe`)
-  fdpass_event.v2.avsc  all of FIELDS (current)
+  fdpass_event.v2.avsc  + msg_index, seq, path_truncated, fds_truncated, msg_ctrunc
+  fdpass_event.v3.avsc  + abi, file_verified, transfer_id; syscall gains the
+                        IO_URING_* symbols (current: all of FIELDS)
 
 tests/test_codec.py checks that the current .avsc equals `event_schema()`, so
 a change to FIELDS without a new schema file fails the tests instead of
 silently producing messages no shipped schema can read. To add a field:
-append it to FIELDS (with a default, i.e. after `probe`), write
-fdpass_event.v3.avsc with `python -m fdpass.schemas.avro > schemas/fdpass_event.v3.avsc`,
-add it to SCHEMA_FILES and move CURRENT_VERSION. Never edit a shipped file.
+append it to FIELDS (with a default, i.e. after `probe`; an enum names its
+default symbol with Field(default=...)), write the next version's file with
+`python -m fdpass.schemas.avro > schemas/fdpass_event.vN.avsc`, add it to
+SCHEMA_FILES and move CURRENT_VERSION. Enum symbols are only appended. Never
+edit a shipped file (tests/test_codec.py checks each is an earlier state of
+FIELDS).
 """
 
 from __future__ import annotations
@@ -26,15 +31,15 @@ NAMESPACE = "io.fdpass"
 RECORD_NAME = "Event"
 SCHEMA_DIR = Path(__file__).resolve().parent
 # version -> file name. Order matters only for readability.
-SCHEMA_FILES = {1: "fdpass_event.v1.avsc", 2: "fdpass_event.v2.avsc"}
-CURRENT_VERSION = 2
+SCHEMA_FILES = {1: "fdpass_event.v1.avsc", 2: "fdpass_event.v2.avsc", 3: "fdpass_event.v3.avsc"}
+CURRENT_VERSION = 3
 # The original contract (DESIGN.md) ends at this field; every later field is
 # an addition and must carry a default so v1 messages stay readable.
 LAST_V1_FIELD = "probe"
 
 _PRIMITIVE = {"string": "string", "long": "long", "int": "int", "bool": "boolean"}
 # Avro enum type names (CamelCase, as Avro named types usually are).
-_ENUM_TYPE_NAMES = {"direction": "Direction", "syscall": "Syscall", "file_type": "FileType"}
+_ENUM_TYPE_NAMES = {"direction": "Direction", "syscall": "Syscall", "file_type": "FileType", "abi": "Abi"}
 # Default of a non-nullable added field, by kind.
 _ZERO = {"string": "", "long": 0, "int": 0, "bool": False}
 
@@ -48,6 +53,21 @@ def _avro_type(field: Field):
         raise ValueError(f"field {field.name!r}: no Avro type for kind {field.kind!r}") from None
 
 
+def default_value(field: Field):
+    """The value a message or row without `field` reads as: null for a nullable
+    field, else the field's explicit default, else its kind's zero. An enum has
+    no zero: an added enum field must name its default symbol (ValueError)."""
+    if field.nullable:
+        return None
+    if field.default is not None:
+        if field.kind == "enum" and field.default not in ENUMS[field.name]:
+            raise ValueError(f"field {field.name!r}: default {field.default!r} is not one of its symbols")
+        return field.default
+    if field.kind == "enum":
+        raise ValueError(f"field {field.name!r}: an added enum field needs an explicit default")
+    return _ZERO[field.kind]
+
+
 def _avro_field(field: Field, defaulted: bool) -> dict:
     typ = _avro_type(field)
     out: dict = {"name": field.name}
@@ -57,10 +77,8 @@ def _avro_field(field: Field, defaulted: bool) -> dict:
         out["default"] = None
     else:
         out["type"] = typ
-        if defaulted:
-            if field.kind == "enum":
-                raise ValueError(f"field {field.name!r}: an added enum field needs an explicit default")
-            out["default"] = _ZERO[field.kind]
+        if defaulted:  # an enum's default is its symbol, as Avro writes enum defaults
+            out["default"] = default_value(field)
     out["doc"] = field.doc
     return out
 
@@ -97,7 +115,7 @@ def current_schema() -> dict:
     return load_schema_file(CURRENT_VERSION)
 
 
-if __name__ == "__main__":  # python -m fdpass.schemas.avro [v1] > file.avsc
-    import sys
-
-    print(render(event_schema(v1_fields() if sys.argv[1:] == ["v1"] else FIELDS)), end="")
+if __name__ == "__main__":  # python -m fdpass.schemas.avro > schemas/fdpass_event.vN.avsc
+    # Only the current FIELDS can be rendered: earlier versions had fewer enum
+    # symbols, and their shipped files are the record of them.
+    print(render(event_schema(FIELDS)), end="")

@@ -126,9 +126,22 @@ def column_type(field: Field, symbols: tuple[str, ...] | None = None) -> str:
     return f"LowCardinality({base})" if low_cardinality(field) else base
 
 
+def _sql_literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def column_def(field: Field) -> str:
+    """`name type [DEFAULT value] [codec]`. A field's explicit default (fields.py; an added enum
+    has one) becomes the column's DEFAULT, so rows of older writers -- inserted without the
+    column, or there before an ADD COLUMN -- read as what the Avro reader gives old messages.
+    Other columns keep ClickHouse's implicit default, which is already the kind's zero or NULL."""
     codec = _CODECS.get(field.name)
-    return f"{field.name} {column_type(field)}" + (f" {codec}" if codec else "")
+    default = f" DEFAULT {_sql_literal(field.default)}" if field.default is not None and not field.nullable else ""
+    return f"{field.name} {column_type(field)}{default}" + (f" {codec}" if codec else "")
 
 
 def _ttl_clause(ttl_days: int | None) -> str:

@@ -387,6 +387,17 @@ class Decoder:
             event = schemaless_reader(body, _PARSED[version], reader)
         except (EOFError, StopIteration) as exc:
             raise TruncatedMessage(f"body ends early for schema v{version} ({len(data)} bytes)") from exc
+        except IndexError as exc:
+            # fastavro raises IndexError, not EOFError, for a varint cut short after
+            # its first byte: the body is used up and ends in 1-9 bytes that each say
+            # more follows (10 or more: an over-long varint, i.e. garbage). A bad enum
+            # or union index is an IndexError too, of a complete varint.
+            run = 0
+            while run < 10 and HEADER_LEN + run < len(data) and data[-1 - run] & 0x80:
+                run += 1
+            if body.tell() >= len(data) and 0 < run < 10:
+                raise TruncatedMessage(f"body ends inside a number for schema v{version} ({len(data)} bytes)") from exc
+            raise CorruptBody(f"body does not decode with schema v{version}: {exc!r}") from exc
         except Exception as exc:  # bad enum/union index, bad UTF-8, absurd lengths...
             raise CorruptBody(f"body does not decode with schema v{version}: {exc!r}") from exc
         if body.tell() < len(data):

@@ -6,8 +6,12 @@ ClickHouse columns. Names and meanings are those of ../DESIGN.md ("The
 event"); fields after `probe` are additions of fdpass's own, each with a
 default so older readers and writers keep working.
 
-Each entry: (name, kind, nullable, doc). `kind` is one of the logical kinds
-below; the Avro and ClickHouse types are chosen from it in one place each.
+Each entry: (name, kind, nullable, doc[, default]). `kind` is one of the
+logical kinds below; the Avro and ClickHouse types are chosen from it in one
+place each. `default` matters only for an added (post-`probe`), non-nullable
+field: the value old messages and old rows read as. Left out, it is the
+kind's zero (0, "", false); an enum has no zero, so an added enum names its
+default symbol. A nullable field's default is always null.
 """
 
 from __future__ import annotations
@@ -15,10 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DIRECTIONS = ("SEND", "RECV")
-SYSCALLS = ("SENDMSG", "SENDMMSG", "RECVMSG", "RECVMMSG", "KERNEL")
+# Symbols are only ever appended: Avro writes an enum as its index, ClickHouse's
+# Enum8 values follow the order, and the collector maps kernel codes to these.
+SYSCALLS = ("SENDMSG", "SENDMMSG", "RECVMSG", "RECVMMSG", "KERNEL",
+            "IO_URING_SENDMSG", "IO_URING_SENDMSG_ZC", "IO_URING_RECVMSG")
 FILE_TYPES = ("REGULAR", "DIRECTORY", "CHAR", "BLOCK", "FIFO", "SOCKET", "SYMLINK", "ANON", "UNKNOWN")
 
-ENUMS = {"direction": DIRECTIONS, "syscall": SYSCALLS, "file_type": FILE_TYPES}
+# The syscall ABI of the call (or, for io_uring, of the ring).
+ABIS = ("X86_64", "IA32", "X32")
+
+ENUMS = {"direction": DIRECTIONS, "syscall": SYSCALLS, "file_type": FILE_TYPES, "abi": ABIS}
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class Field:
     kind: str  # string | long | int | bool | enum
     nullable: bool
     doc: str
+    default: str | int | bool | None = None  # added non-nullable fields only; None: the kind's zero
 
 
 FIELDS: tuple[Field, ...] = (
@@ -37,7 +48,8 @@ FIELDS: tuple[Field, ...] = (
     Field("boot_id", "string", False, "/proc/sys/kernel/random/boot_id"),
     Field("kernel", "string", False, "kernel release (uname -r)"),
     Field("direction", "enum", False, "SEND: sender side; RECV: receiver side"),
-    Field("syscall", "enum", False, "SENDMSG, SENDMMSG, RECVMSG, RECVMMSG or KERNEL"),
+    Field("syscall", "enum", False, "SENDMSG, SENDMMSG, RECVMSG, RECVMMSG or KERNEL; IO_URING_SENDMSG, "
+          "IO_URING_SENDMSG_ZC or IO_URING_RECVMSG for transfers made by io_uring requests"),
     Field("pid", "int", False, "acting process (thread group id)"),
     Field("tid", "int", False, "acting thread"),
     Field("ppid", "int", False, "parent of the acting process"),
@@ -70,6 +82,15 @@ FIELDS: tuple[Field, ...] = (
     Field("path_truncated", "bool", False, "the path walk hit its depth or size bound: file_path is incomplete"),
     Field("fds_truncated", "bool", False, "the message carried more fds than the probe reads: some are not reported"),
     Field("msg_ctrunc", "bool", False, "RECV: the kernel set MSG_CTRUNC (receiver's control buffer too small; fds dropped)"),
+    # v3
+    Field("abi", "enum", False, "ABI of the call that moved the fd: X86_64 (native), IA32 (32-bit program or "
+          "int $0x80), X32; for io_uring the ring's ABI", default="X86_64"),
+    Field("file_verified", "bool", False, "true only when the file identity (path, ino, dev, type, flags) was "
+          "read from the kernel's own objects for this transfer (the SCM_RIGHTS list on the socket); false when "
+          "it rests on the process's memory or fd table alone (a racing thread could have changed those)"),
+    Field("transfer_id", "long", True, "per-boot id of the kernel's SCM_RIGHTS list the fd travelled in: equal "
+          "on a SEND and its RECV(s) (join on host_id, boot_id, transfer_id); null when the probe did not see "
+          "that kernel object"),
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)

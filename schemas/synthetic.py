@@ -7,7 +7,7 @@ timings match production's.
 
 from __future__ import annotations
 
-from fdpass.schemas.fields import DIRECTIONS, FILE_TYPES, SYSCALLS
+from fdpass.schemas.fields import ABIS, DIRECTIONS, FILE_TYPES, SYSCALLS
 
 _BOOT_ID = "4f7c1b2e-9d3a-4c55-8e61-0a2b3c4d5e6f"
 
@@ -55,4 +55,8 @@ def make_event(seq: int, host_id: str = "0123456789abcdef0123456789abcdef", host
         "path_truncated": False,
         "fds_truncated": False,
         "msg_ctrunc": False,
+        "abi": ABIS[1] if seq % 10 == 9 else ABIS[0],  # now and then a 32-bit program
+        "file_verified": seq % 4 != 3,
+        # a SEND (even seq) and the RECV after it share their kernel SCM_RIGHTS list
+        "transfer_id": None if seq % 6 == 5 else 0x10000 + seq // 2,
     }

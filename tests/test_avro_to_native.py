@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fdpass.schemas import avro, codec
 from fdpass.schemas import clickhouse as ddl
-from fdpass.schemas import codec
 from fdpass.schemas.fields import ENUMS, FIELDS
 from fdpass.schemas.synthetic import make_event
 from fdpass.sinks import conversion
@@ -22,6 +22,8 @@ from fdpass.sinks import conversion
 # The rules on which the transcoder is stricter than fastavro: when the codec
 # accepts a message the transcoder rejects, the detail must name one of them
 # (avro_to_native.c's header comment).
+CURRENT = avro.CURRENT_VERSION
+
 STRICTER = re.compile(r"over-long varint|boolean byte 0x[0-9a-f]{2} is neither|enum index -\d+ |union index -\d+ ")
 
 
@@ -154,14 +156,31 @@ def expected(version: int, msg: bytes) -> dict:
 
 
 # --- round trips -------------------------------------------------------------------
-def _covering_events() -> list[dict]:
-    """Every enum symbol, NULL and not for every nullable field, the integer extremes, odd strings."""
+def writer_symbols(version: int) -> dict[str, list[str]]:
+    """The enum symbols of a writer version, by field (older versions have fewer)."""
+    return {f["name"]: f["type"]["symbols"] for f in codec.SCHEMAS[version]["fields"]
+            if isinstance(f["type"], dict) and f["type"]["type"] == "enum"}
+
+
+def fit(version: int, event: dict) -> dict:
+    """`event` with each enum value mapped onto a symbol writer `version` has."""
+    out = dict(event)
+    for name, symbols in writer_symbols(version).items():
+        if out[name] not in symbols:
+            out[name] = symbols[ENUMS[name].index(out[name]) % len(symbols)]
+    return out
+
+
+def _covering_events(version: int = CURRENT) -> list[dict]:
+    """Every enum symbol (of writer `version`), NULL and not for every nullable field, the
+    integer extremes, odd strings."""
     out = []
-    n = max(len(s) for s in ENUMS.values())
+    enums = writer_symbols(version)
+    n = max(len(s) for s in enums.values())
     for i in range(max(n, 4)):
         e = make_event(i)
         for name, symbols in ENUMS.items():
-            e[name] = symbols[i % len(symbols)]
+            e[name] = enums.get(name, symbols)[i % len(enums.get(name, symbols))]
         for f in FIELDS:
             if f.nullable and i % 2:
                 e[f.name] = None
@@ -181,7 +200,7 @@ def _covering_events() -> list[dict]:
 @pytest.mark.parametrize("version", sorted(codec.SCHEMAS))
 def test_every_field_symbol_and_null_round_trips(version):
     enc = codec.Encoder(version)
-    msgs = [enc.encode(e) for e in _covering_events()]
+    msgs = [enc.encode(e) for e in _covering_events(version)]
     rows, rejected = transcode(version, msgs)
     assert rejected == []
     assert rows == [expected(version, m) for m in msgs]
@@ -190,7 +209,7 @@ def test_every_field_symbol_and_null_round_trips(version):
 
 def test_block_types_are_the_tables():
     types = {}
-    read_native(conversion.payload(2, [codec.encode(make_event(1))]).data, types)
+    read_native(conversion.payload(CURRENT, [codec.encode(make_event(1))]).data, types)
     assert types == {f.name: ddl.column_type(f) for f in FIELDS}
 
 
@@ -199,27 +218,34 @@ def test_dictionaries_of_many_values_widen_their_keys():
     for n in (250, 300, 70000):
         msgs = [codec.encode(make_event(i) | {"comm": f"c{i}", "exe": None if i % 3 else f"/x/{i % 257}"})
                 for i in range(n)]
-        rows, rejected = transcode(2, msgs)
-        assert rejected == [] and rows == [expected(2, m) for m in msgs]
+        rows, rejected = transcode(CURRENT, msgs)
+        assert rejected == [] and rows == [expected(CURRENT, m) for m in msgs]
 
 
-def test_chdb_reads_the_block_with_defaults_for_what_v1_lacks(open_store):
-    """Through real ClickHouse: every value lands as codec.decode reads it, v1 messages get the defaults."""
+@pytest.mark.parametrize("native", [True, False], ids=["native", "avro-fallback"])
+def test_chdb_reads_the_block_with_defaults_for_what_older_writers_lack(open_store, native):
+    """Through real ClickHouse: every value lands as codec.decode reads it, v1 and v2 messages get
+    the defaults (a v2 message: abi X86_64, file_verified false, transfer_id NULL)."""
     client = open_store().client()
     ddl.ensure_schema(client)
     from fdpass.sinks.writer import insert_messages
 
     msgs = []
-    for v in (1, 2):
-        batch = [codec.Encoder(v).encode(e | {"event_id": f"v{v}-{e['event_id']}"}) for e in _covering_events()]
-        assert insert_messages(client, "fdpass.events", v, batch, f"test/v{v}", {}) == []
+    for v in sorted(codec.SCHEMAS):
+        # v3 keys in an older writer's events are not written: its rows take the defaults
+        extra = {} if v == CURRENT else {"abi": "X32", "file_verified": True, "transfer_id": 5}
+        batch = [codec.Encoder(v).encode(e | extra | {"event_id": f"v{v}-{e['event_id']}"})
+                 for e in _covering_events(v)]
+        assert insert_messages(client, "fdpass.events", v, batch, f"test/v{v}", {}, native=native) == []
         msgs += batch
     names = [f.name for f in FIELDS]
     got = {r[0]: dict(zip(names, r)) for r in client.query(f"SELECT {', '.join(names)} FROM fdpass.events").result_rows}
     assert len(got) == len(msgs)
     for m in msgs:
-        want = codec.decode(m)  # the current reader: v1 messages carry the defaults
+        want = codec.decode(m)  # the current reader: older messages carry the defaults
         assert got[want["event_id"]] == want
+    old = [r for k, r in got.items() if not k.startswith(f"v{CURRENT}-")]
+    assert old and {(r["abi"], r["file_verified"], r["transfer_id"]) for r in old} == {("X86_64", False, None)}
 
 
 def test_a_batch_of_mixed_messages_keeps_only_the_good_rows_in_order():
@@ -227,7 +253,7 @@ def test_a_batch_of_mixed_messages_keeps_only_the_good_rows_in_order():
     v1 = codec.Encoder(1).encode(make_event(9))
     batch = [good[0], b"", None, good[1], b"garbage", good[2][:30], v1, good[3],
              good[4] + b"\x00", codec.MAGIC + bytes(8) + good[5][10:], good[5]]
-    rows, rejected = transcode(2, batch)
+    rows, rejected = transcode(CURRENT, batch)
     assert [r["event_id"] for r in rows] == [make_event(i)["event_id"] for i in (0, 1, 3, 5)]
     assert [(i, reason) for i, reason, _ in rejected] == [
         (1, "truncated"), (2, "truncated"), (4, "bad_magic"), (5, "truncated"), (6, "unknown_fingerprint"),
@@ -239,22 +265,22 @@ def test_a_rejected_message_leaves_no_byte_in_the_block():
     """Not in a column, not in a LowCardinality dictionary: its values were read before the reject."""
     bad = codec.encode(make_event(1) | {"comm": "comm-of-a-bad-one", "file_path": "/path/of/a/bad/one"}) + b"\x00"
     good = [codec.encode(make_event(i)) for i in range(3)]
-    p = conversion.payload(2, [good[0], bad, good[1], bad, good[2]])
+    p = conversion.payload(CURRENT, [good[0], bad, good[1], bad, good[2]])
     assert [(i, r) for i, r, _ in p.rejected] == [(1, "corrupt_body"), (3, "corrupt_body")]
     block = bytes(p.data)
     assert b"comm-of-a-bad-one" not in block and b"/path/of/a/bad/one" not in block
-    assert block == bytes(conversion.payload(2, good).data)
+    assert block == bytes(conversion.payload(CURRENT, good).data)
 
 
 def test_no_message_accepted_is_an_empty_block():
-    p = conversion.payload(2, [b"", b"xx"])
+    p = conversion.payload(CURRENT, [b"", b"xx"])
     assert (p.rows, len(p.data), [r for _, r, _ in p.rejected]) == (0, 0, ["truncated", "bad_magic"])
-    assert conversion.payload(2, []).rows == 0
+    assert conversion.payload(CURRENT, []).rows == 0
 
 
 def test_values_that_are_not_bytes_are_a_type_error():
     with pytest.raises(TypeError, match="not bytes"):
-        conversion.payload(2, [codec.encode(make_event(0)), "a str"])
+        conversion.payload(CURRENT, [codec.encode(make_event(0)), "a str"])
 
 
 # --- hand-made bodies: each validation rule ------------------------------------------
@@ -279,7 +305,7 @@ def _encode_value(typ, v) -> bytes:
     return _zz(len(raw)) + raw
 
 
-def body(event: dict, raw: dict[str, bytes] | None = None, version: int = 2) -> bytes:
+def body(event: dict, raw: dict[str, bytes] | None = None, version: int = CURRENT) -> bytes:
     """A message with the fields of `raw` replaced by the given bytes (the rest encoded normally)."""
     raw = raw or {}
     out = codec.MAGIC + codec.FINGERPRINTS[version]
@@ -302,6 +328,8 @@ def test_the_hand_encoder_is_the_codecs():
     ({"direction": _zz(-1)}, "corrupt_body", "field direction: enum index -1 out of range", True),
     ({"exe": _zz(-1) + _zz(1) + b"x"}, "corrupt_body", "field exe: union index -1 is neither", True),
     ({"direction": _zz(2)}, "corrupt_body", "field direction: enum index 2 out of range 0..1", False),
+    ({"abi": _zz(3)}, "corrupt_body", "field abi: enum index 3 out of range 0..2", False),
+    ({"transfer_id": _zz(2)}, "corrupt_body", "field transfer_id: union index 2", False),
     ({"exe": _zz(2)}, "corrupt_body", "field exe: union index 2", False),
     ({"pid": _zz(2**31)}, "corrupt_body", "field pid: int 2147483648 beyond 32 bits", False),
     ({"fd": _zz(-(2**31) - 1)}, "corrupt_body", "beyond 32 bits", False),
@@ -314,7 +342,7 @@ def test_the_hand_encoder_is_the_codecs():
 ])
 def test_each_rule(raw, reason, detail, codec_accepts):
     msg = body(EV, raw)
-    rows, rejected = transcode(2, [msg])
+    rows, rejected = transcode(CURRENT, [msg])
     assert rows == [] and len(rejected) == 1
     _, got_reason, got_detail = rejected[0]
     assert (got_reason, detail in got_detail) == (reason, True), got_detail
@@ -331,18 +359,18 @@ def test_each_rule(raw, reason, detail, codec_accepts):
 def test_what_is_valid_passes():
     for s in ("", "a", "é", "日本語", "\U0001f600", "\U0010ffff", "\ud7ff", "\ue000", "a" * 1000):
         msg = body(EV | {"comm": s})
-        rows, rejected = transcode(2, [msg])
+        rows, rejected = transcode(CURRENT, [msg])
         assert rejected == [] and rows[0]["comm"] == s
     # a varint padded to 10 bytes is still an Avro long (fastavro reads it the same)
     msg = body(EV, {"uid": b"\x80" * 9 + b"\x00"})
-    rows, rejected = transcode(2, [msg])
-    assert rejected == [] and rows[0] == expected(2, msg) and rows[0]["uid"] == 0
+    rows, rejected = transcode(CURRENT, [msg])
+    assert rejected == [] and rows[0] == expected(CURRENT, msg) and rows[0]["uid"] == 0
 
 
 def test_truncation_at_every_byte_is_rejected():
     msg = codec.encode(make_event(7))
     for cut in range(len(msg)):
-        rows, rejected = transcode(2, [msg[:cut]])
+        rows, rejected = transcode(CURRENT, [msg[:cut]])
         assert rows == [] and rejected[0][1] in ("truncated", "corrupt_body", "bad_magic"), cut
 
 
@@ -366,7 +394,7 @@ EVENTS = st.fixed_dictionaries({f.name: _strategy(f) for f in FIELDS})
 @st.composite
 def damaged_messages(draw):
     version = draw(st.sampled_from(sorted(codec.SCHEMAS)))
-    msg = bytearray(codec.Encoder(version).encode(draw(EVENTS)))
+    msg = bytearray(codec.Encoder(version).encode(fit(version, draw(EVENTS))))
     for _ in range(draw(st.integers(1, 3))):
         if not msg:
             break
@@ -396,7 +424,7 @@ def test_damaged_messages_are_judged_by_the_codec(damaged, neighbour):
         codec_error = None
     except codec.CodecError as e:
         want, codec_error = None, e
-    good = codec.Encoder(version).encode(neighbour)
+    good = codec.Encoder(version).encode(fit(version, neighbour))
     rows, rejected = transcode(version, [good, msg, good])
     assert rows[0] == rows[-1] == expected(version, good)  # the neighbours are untouched
     if rejected:
@@ -415,12 +443,12 @@ def test_damaged_messages_are_judged_by_the_codec(damaged, neighbour):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400), st.sampled_from([b"", b"\xc3\x01", codec.MAGIC + codec.FINGERPRINTS[2]]))
+@given(st.binary(max_size=400), st.sampled_from([b"", b"\xc3\x01", codec.MAGIC + codec.FINGERPRINTS[CURRENT]]))
 def test_random_bytes_never_crash_and_never_make_a_row_the_codec_refuses(noise, prefix):
     msg = prefix + noise
-    rows, rejected = transcode(2, [msg] * 3)
+    rows, rejected = transcode(CURRENT, [msg] * 3)
     if rows:
-        assert rows == [expected(2, msg)] * 3
+        assert rows == [expected(CURRENT, msg)] * 3
     else:
         assert [i for i, _, _ in rejected] == [0, 1, 2]
 
@@ -430,13 +458,13 @@ def test_blocks_outlive_the_next_call_and_other_threads():
     import threading
 
     msgs = [codec.encode(make_event(i)) for i in range(2000)]
-    first = conversion.payload(2, msgs)
+    first = conversion.payload(CURRENT, msgs)
     keep = bytes(first.data)
     results = []
 
     def work():
         for _ in range(20):
-            p = conversion.payload(2, msgs)
+            p = conversion.payload(CURRENT, msgs)
             results.append(bytes(p.data) == keep)
 
     threads = [threading.Thread(target=work) for _ in range(2)]

@@ -6,11 +6,15 @@ import pytest
 
 from fdpass.errors import UserError
 from fdpass.schemas import clickhouse as ddl
-from fdpass.schemas.avro import LAST_V1_FIELD
-from fdpass.schemas.fields import FIELD_NAMES, FIELDS
+from fdpass.schemas import codec
+from fdpass.schemas.avro import LAST_V1_FIELD, load_schema_file
+from fdpass.schemas.fields import BY_NAME, FIELD_NAMES, FIELDS
+from fdpass.schemas.synthetic import make_event
 from fdpass.sinks.store import parse_dsn
 
 V1_FIELDS = FIELDS[: FIELD_NAMES.index(LAST_V1_FIELD) + 1]
+V2_FIELDS = FIELDS[: len(load_schema_file(2)["fields"])]
+V2_SYSCALLS = ("SENDMSG", "SENDMMSG", "RECVMSG", "RECVMMSG", "KERNEL")
 
 
 def _columns(client) -> dict[str, str]:
@@ -31,6 +35,13 @@ def test_create_is_idempotent_and_follows_the_contract(open_store):
     assert cols["host"] == "LowCardinality(String)"
     assert cols["exe"] == "LowCardinality(Nullable(String))"
     assert cols["peer_sock_ino"] == "Nullable(Int64)"
+    assert cols["abi"] == "Enum8('X86_64' = 1, 'IA32' = 2, 'X32' = 3)"
+    assert cols["file_verified"] == "Bool" and cols["transfer_id"] == "Nullable(Int64)"
+    assert cols["syscall"].endswith("'KERNEL' = 5, 'IO_URING_SENDMSG' = 6, 'IO_URING_SENDMSG_ZC' = 7, "
+                                    "'IO_URING_RECVMSG' = 8)")
+    defaults = dict(c.query("SELECT name, default_expression FROM system.columns WHERE database = 'fdpass' "
+                            "AND table = 'events' AND default_kind = 'DEFAULT'").result_rows)
+    assert defaults == {"abi": "'X86_64'"}
     create = c.query("SELECT create_table_query, partition_key, sorting_key FROM system.tables "
                      "WHERE database = 'fdpass' AND name = 'events'").result_rows[0]
     assert create[1] == "toDate(time)"
@@ -77,6 +88,46 @@ def test_migrate_adds_missing_contract_columns(open_store):
     assert len(alters) == len(added) and all("ADD COLUMN" in a for a in alters)
     assert list(_columns(c))[: len(FIELDS)] == list(FIELD_NAMES)
     assert ddl.ensure_schema(c) == []
+
+
+def _v2_store(c) -> None:
+    """The events table as a v2-era sink made it: no v3 columns, syscall without the IO_URING_* symbols."""
+    old = ddl.enum_type(BY_NAME["syscall"], V2_SYSCALLS)
+    for stmt in ddl.create_statements(fields=V2_FIELDS):
+        c.command(stmt.replace(f"syscall {ddl.column_type(BY_NAME['syscall'])}", f"syscall {old}"))
+    assert _columns(c)["syscall"] == old and "abi" not in _columns(c)
+
+
+def test_migrate_from_v2_widens_syscall_and_adds_the_v3_columns_with_their_defaults(open_store):
+    """Rows stored before the migration read as what a v2 message gives the current reader:
+    abi X86_64, file_verified false, transfer_id NULL."""
+    from fdpass.sinks.writer import insert_messages
+
+    c = open_store().client()
+    _v2_store(c)
+    old = [make_event(i) | {"event_id": f"old-{i}"} for i in range(4)]
+    assert insert_messages(c, "fdpass.events", 2, [codec.Encoder(2).encode(e) for e in old], "t/v2", {}) == []
+    alters = ddl.ensure_schema(c)
+    assert alters == [
+        f"ALTER TABLE fdpass.events MODIFY COLUMN {ddl.column_def(BY_NAME['syscall'])}",
+        "ALTER TABLE fdpass.events ADD COLUMN IF NOT EXISTS abi Enum8('X86_64' = 1, 'IA32' = 2, 'X32' = 3) "
+        "DEFAULT 'X86_64' AFTER msg_ctrunc",
+        "ALTER TABLE fdpass.events ADD COLUMN IF NOT EXISTS file_verified Bool AFTER abi",
+        "ALTER TABLE fdpass.events ADD COLUMN IF NOT EXISTS transfer_id Nullable(Int64) AFTER file_verified",
+    ]
+    assert list(_columns(c))[: len(FIELDS)] == list(FIELD_NAMES)
+    assert ddl.ensure_schema(c) == []
+    new = make_event(9) | {"event_id": "new", "syscall": "IO_URING_SENDMSG_ZC", "abi": "IA32",
+                           "file_verified": True, "transfer_id": 42}
+    assert insert_messages(c, "fdpass.events", 3, [codec.encode(new)], "t/v3", {}) == []
+    # and a v2 message after the migration, through the Native transcoder (its block lacks the v3 columns)
+    late = make_event(5) | {"event_id": "late"}
+    assert insert_messages(c, "fdpass.events", 2, [codec.Encoder(2).encode(late)], "t/v2b", {}) == []
+    rows = {r[0]: r[1:] for r in c.query("SELECT event_id, syscall, abi, file_verified, transfer_id "
+                                         "FROM fdpass.events").result_rows}
+    for e in old + [late]:
+        assert rows[e["event_id"]] == (e["syscall"], "X86_64", False, None)
+    assert rows["new"] == ("IO_URING_SENDMSG_ZC", "IA32", True, 42)
 
 
 def test_enum_gaining_a_symbol_is_widened():
@@ -140,6 +191,8 @@ def test_cluster_migration_alters_render_on_cluster_and_parse(open_store):
               + ddl.migrate_statements(existing, cluster="{cluster}"))
     assert alters[0] == "ALTER TABLE fdpass.events_local ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS msg_index Int32 AFTER probe"
     assert len(alters) == 2 * (len(FIELDS) - len(V1_FIELDS))
+    assert ("ALTER TABLE fdpass.events ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS abi "
+            "Enum8('X86_64' = 1, 'IA32' = 2, 'X32' = 3) DEFAULT 'X86_64' AFTER msg_ctrunc") in alters
     for a in alters:
         c.query("SELECT formatQuery({q:String})", parameters={"q": a})
     assert "events_local ON CLUSTER" in str(ddl.ClusterSchemaOutdated(alters))

@@ -16,37 +16,39 @@ CONTAINER = "c0ffee" + "0" * 58
 
 
 def ev(n: int, direction: str, *, pid, comm, sock, peer, fd, file_ino, path, t, container=None, mntns=4026531841,
-       host="node-1", fd_index=0, seq=None, run=1) -> dict:
+       host="node-1", fd_index=0, seq=None, run=1, verified=True, abi="X86_64") -> dict:
     e = make_event(n)
     e.update(direction=direction, syscall="SENDMSG" if direction == "SEND" else "RECVMSG", pid=pid, tid=pid,
              comm=comm, sock_ino=sock, peer_sock_ino=peer, fd=fd, file_ino=file_ino, file_dev=2049,
              file_path=path, time_ns=T0 + t * SEC, container_id=container, mntns_id=mntns, host=host,
              host_id=host * 4, fd_index=fd_index, fd_count=1, seq=(run << 48) | (n if seq is None else seq),
-             event_id=f"{host}:{n}:{direction}")
+             event_id=f"{host}:{n}:{direction}", file_verified=verified, abi=abi)
     return e
 
 
 def story() -> list[dict]:
     """helper(100) -> daemon(200): /etc/shadow twice over one socket pair, then a
-    memfd into a container (pid 300, other mntns), and one send never received."""
+    memfd into a container (pid 300, other mntns; a 32-bit receiver whose file the
+    kernel's list did not confirm), and one send never received (unconfirmed too)."""
     out = []
     n = 0
 
     def pair(s_pid, s_comm, r_pid, r_comm, ssock, rsock, sfd, rfd, ino, path, t, container=None, mntns=4026531841,
-             deliver=True):
+             deliver=True, s_verified=True, r_verified=True, r_abi="X86_64"):
         nonlocal n
-        out.append(ev(n, "SEND", pid=s_pid, comm=s_comm, sock=ssock, peer=rsock, fd=sfd, file_ino=ino, path=path, t=t))
+        out.append(ev(n, "SEND", pid=s_pid, comm=s_comm, sock=ssock, peer=rsock, fd=sfd, file_ino=ino, path=path, t=t,
+                      verified=s_verified))
         n += 1
         if deliver:
             out.append(ev(n, "RECV", pid=r_pid, comm=r_comm, sock=rsock, peer=ssock, fd=rfd, file_ino=ino, path=path,
-                          t=t + 1, container=container, mntns=mntns))
+                          t=t + 1, container=container, mntns=mntns, verified=r_verified, abi=r_abi))
         n += 1
 
     pair(100, "helper", 200, "daemon", 11, 12, 5, 7, 777, "/etc/shadow", 0)
     pair(100, "helper", 200, "daemon", 11, 12, 5, 8, 777, "/etc/shadow", 10)
     pair(100, "runtime", 300, "app", 21, 22, 9, 3, 888, "/memfd:payload (deleted)", 20, container=CONTAINER,
-         mntns=4026532999)
-    pair(100, "helper", 0, "", 31, 32, 6, 0, 999, "/tmp/lost", 30, deliver=False)
+         mntns=4026532999, r_verified=False, r_abi="IA32")
+    pair(100, "helper", 0, "", 31, 32, 6, 0, 999, "/tmp/lost", 30, deliver=False, s_verified=False)
     return out
 
 
@@ -67,6 +69,11 @@ def store(tmp_path_factory):
     events.append(ev(61, "SEND", pid=1, comm="x", sock=1, peer=2, fd=1, file_ino=1, path="/x", t=50, seq=0, run=2))
     client.raw_insert("fdpass.events", insert_block=conversion.avro_container(
         avro.CURRENT_VERSION, [codec.encode(e) for e in events]), fmt="Avro")
+    # an event stored by a v2-era collector, on another host: no file_verified, so unverified
+    old = ev(70, "SEND", pid=7, comm="old", sock=1, peer=2, fd=4, file_ino=5, path="/old", t=60, host="node-2")
+    client.raw_insert("fdpass.events", insert_block=conversion.avro_container(
+        2, [codec.Encoder(2).encode(old | {"file_verified": True})]), fmt="Avro",
+        settings={"input_format_avro_allow_missing_fields": 1})
     yield client
     s.close()
 
@@ -110,10 +117,35 @@ def test_process_filters_match_either_side_of_a_transfer(store):
 
 
 def test_file_process_host_timeline(store):
-    assert {r["direction"] for r in ask(store, "file", path="/memfd:%")} == {"SEND", "RECV"}
+    assert {(r["direction"], r["abi"]) for r in ask(store, "file", path="/memfd:%")} == {("SEND", "X86_64"),
+                                                                                       ("RECV", "IA32")}
     assert {r["pid"] for r in ask(store, "process", comm="daemon")} == {200}
     assert len(ask(store, "host", host="node-1")) == 10
     assert len(ask(store, "timeline", host="node-1", limit=3)) == 3
+
+
+def _at(t: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(T0 / SEC + t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_unverified_lists_the_events_the_kernel_did_not_confirm(store):
+    rows = ask(store, "unverified")
+    assert list(rows[0]) == ["time", "host", "direction", "syscall", "abi", "pid", "comm", "fd", "file", "probe"]
+    assert [(r["host"], r["direction"], r["syscall"], r["abi"], r["pid"], r["comm"], r["fd"], r["file"])
+            for r in rows] == [
+        ("node-1", "RECV", "RECVMSG", "IA32", 300, "app", 3, "/memfd:payload (deleted)"),
+        ("node-1", "SEND", "SENDMSG", "X86_64", 100, "helper", 6, "/tmp/lost"),
+        ("node-2", "SEND", "SENDMSG", "X86_64", 7, "old", 4, "/old"),  # stored before v3: false by default
+    ]
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows) and rows[0]["probe"] == "tracepoint"
+    assert [r["file"] for r in ask(store, "unverified", host="node-1", pid=100)] == ["/tmp/lost"]
+    assert [r["file"] for r in ask(store, "unverified", container=CONTAINER[:8])] == ["/memfd:payload (deleted)"]
+    assert [r["host"] for r in ask(store, "unverified", since=_at(40))] == ["node-2"]
+    assert [r["file"] for r in ask(store, "unverified", until=_at(40))] == ["/memfd:payload (deleted)", "/tmp/lost"]
+    assert [r["file"] for r in ask(store, "unverified", limit=1)] == ["/memfd:payload (deleted)"]
+    assert "unverified" in Q.QUERY_EPILOG
 
 
 def test_gaps_find_sequence_holes_and_restarts(store):
@@ -128,7 +160,7 @@ def test_values_are_bound_not_injected(store, value):
     assert ask(store, "transfers", comm=value) == []
     assert ask(store, "file", path=value) == []
     assert ask(store, "host", host=value) == []
-    assert store.query("SELECT count() FROM fdpass.events").result_rows[0][0] == 10  # still all there
+    assert store.query("SELECT count() FROM fdpass.events").result_rows[0][0] == 11  # still all there
 
 
 def test_bad_question_options():

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from fdpass.schemas import codec, synthetic
+from fdpass.schemas import avro, codec, synthetic
 from fdpass.schemas import clickhouse as ddl
 from fdpass.sinks.consumer import SinkConfig
 from tests.fixtures_clickhouse import (
@@ -146,9 +146,10 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
         return Batch(topic, 0, a, b, [m.value() for m in part], [m.key() for m in part], [m.offset() for m in part])
 
     log.intent(0, 0, 299, 300)
-    assert w._insert_group(batch(0, 299), 2, None, f"{topic}/0/0-299/v2") == (300, [], [])  # the writer's own tokens
+    v = avro.CURRENT_VERSION
+    assert w._insert_group(batch(0, 299), v, None, f"{topic}/0/0-299/v{v}") == (300, [], [])  # the writer's own tokens
     log.intent(0, 300, 399, 100)
-    assert w._insert_group(batch(300, 399), 2, None, f"{topic}/0/300-399/v2") == (100, [], [])
+    assert w._insert_group(batch(300, 399), v, None, f"{topic}/0/300-399/v{v}") == (100, [], [])
     log.done(0, 300, 399, 100)
     assert client.query("SELECT count() FROM fdpass.events").result_rows == [(400,)]
 
@@ -280,8 +281,8 @@ def test_two_sinks_in_one_group_share_the_partitions(kafka_broker, open_store):
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "avro-fallback"])
 def test_schema_evolution_v1_messages_get_defaults(kafka_broker, open_store, native):
-    """A store created by a v1-era sink is migrated; v1 and v2 messages land side by side (in every
-    batch: they alternate), on both insert paths."""
+    """A store created by a v1-era sink is migrated; v1, v2 and v3 messages land side by side (in every
+    batch: they take turns), on both insert paths."""
     topic, group = unique("t-evo"), unique("g-evo")
     create_topic(kafka_broker.bootstrap, topic, 2)
     store = open_store()
@@ -289,11 +290,11 @@ def test_schema_evolution_v1_messages_get_defaults(kafka_broker, open_store, nat
     v1_fields = ddl.FIELDS[: [f.name for f in ddl.FIELDS].index("probe") + 1]
     for stmt in ddl.create_statements(fields=v1_fields):
         c.command(stmt)
-    v1, v2 = codec.Encoder(1), codec.Encoder(2)
+    encoders = [codec.Encoder(v) for v in (1, 2, 3)]
     evs = events(2000)
     for i, e in enumerate(evs):
-        e.update(seq=i + 1, msg_index=1, path_truncated=True)
-    values = [(v1 if i % 2 else v2).encode(e) for i, e in enumerate(evs)]
+        e.update(seq=i + 1, msg_index=1, path_truncated=True, abi="X32", file_verified=True, transfer_id=i)
+    values = [encoders[i % 3].encode(e) for i, e in enumerate(evs)]
     # both partitions get messages of both versions (keyless messages could all stick to one
     # partition, and an empty partition is never committed)
     produce(kafka_broker.bootstrap, topic, values, partition_of=lambda i: i // 2 % 2)
@@ -301,16 +302,21 @@ def test_schema_evolution_v1_messages_get_defaults(kafka_broker, open_store, nat
                                         batch_age=0.2, native=native)).start()
     wait_until(lambda: all_committed(kafka_broker.bootstrap, group, topic, 2), 60, "all committed")
     assert sink.stop() == 0
-    rows = c.query("SELECT event_id, seq, msg_index, path_truncated, exe, file_type FROM fdpass.events").result_rows
+    rows = c.query("SELECT event_id, seq, msg_index, path_truncated, exe, file_type, abi, file_verified, transfer_id "
+                   "FROM fdpass.events").result_rows
     assert len(rows) == 2000
     by_id = {r[0]: r[1:] for r in rows}
     for i, e in enumerate(evs):
-        seq, msg_index, trunc, exe, ftype = by_id[e["event_id"]]
+        seq, msg_index, trunc, exe, ftype, *v3 = by_id[e["event_id"]]
         assert (exe, ftype) == (e["exe"], e["file_type"])
-        if i % 2:  # written with v1: the fields v1 lacks take their defaults
+        if i % 3 == 0:  # written with v1: the fields v1 lacks take their defaults
             assert (seq, msg_index, trunc) == (0, 0, False)
         else:
             assert (seq, msg_index, trunc) == (i + 1, 1, True)
+        if i % 3 == 2:
+            assert v3 == ["X32", True, i]
+        else:  # v1 and v2: what the current reader gives them
+            assert v3 == ["X86_64", False, None]
 
 
 def test_insert_failure_commits_nothing_and_loses_nothing(kafka_broker, open_store):
