@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures_bpf",
     "tests.fixtures_kafka",
     "tests.fixtures_clickhouse",
+    "tests.cprogs",
 ]

@@ -1,0 +1,251 @@
+"""Issue 9: transfers the native syscall tracepoints alone miss or misreport.
+
+32-bit programs (compat system calls, socketcall, int $0x80 from a 64-bit
+program), io_uring's in-kernel sendmsg/recvmsg, fd numbers another thread
+changes while the kernel and the probes look at them, MSG_PEEK; and programs we
+did not write (tmux, Python multiprocessing), whose events must come out
+file_verified. The ground truth comes from the workloads in tests/c, which
+fstat every fd they send and receive (tests/cprogs.py). Root, BTF, bcc, gcc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.bpf
+
+SHADOW, PASSWD, NULL = "/etc/shadow", "/etc/passwd", "/dev/null"
+FD_SETS = {"1fd": [SHADOW], "3fds": [SHADOW, PASSWD, NULL]}
+RACE_COUNT = 2000
+
+
+def by_seq(events: list[dict]) -> list[dict]:
+    return sorted(events, key=lambda e: e["seq"])
+
+
+def sides(events: list[dict]) -> tuple[list[dict], list[dict]]:
+    """SENDs and RECVs, each in the order the kernel recorded them."""
+    return (by_seq([e for e in events if e["direction"] == "SEND"]),
+            by_seq([e for e in events if e["direction"] == "RECV"]))
+
+
+def events_of(live, truth: dict, timeout: float = 10) -> list[dict]:
+    """Every event on the workload's two sockets, once all the fds of its truth are in."""
+    socks = {truth["send_sock_ino"], truth["recv_sock_ino"]}
+    want = sum(len(m["sent"]) + len(m["received"]) for m in truth["messages"])
+    return live.wait(lambda e: e["sock_ino"] in socks, want, timeout)
+
+
+def truth_rows(truth: dict, side: str) -> list[tuple]:
+    """(msg_index, fd_index, fd_count, fd, ino, dev) of every fd on one side."""
+    return [(i, j, len(m[side]), f["fd"], f["ino"], f["dev"])
+            for i, m in enumerate(truth["messages"]) for j, f in enumerate(m[side])]
+
+
+def event_rows(events: list[dict]) -> list[tuple]:
+    return sorted((e["msg_index"], e["fd_index"], e["fd_count"], e["fd"], e["file_ino"], e["file_dev"]) for e in events)
+
+
+def check_exact(events: list[dict], truth: dict, send_syscall: str, recv_syscall: str) -> None:
+    """One SEND per sent fd and one RECV per received fd, each exactly as the workload saw it."""
+    send, recv = sides(events)
+    assert event_rows(send) == truth_rows(truth, "sent"), send
+    assert event_rows(recv) == truth_rows(truth, "received"), recv
+    s, r = truth["send_sock_ino"], truth["recv_sock_ino"]
+    assert {(e["syscall"], e["sock_ino"], e["peer_sock_ino"]) for e in send} == {(send_syscall, s, r)}
+    assert {(e["syscall"], e["sock_ino"], e["peer_sock_ino"]) for e in recv} == {(recv_syscall, r, s)}
+    assert {e["pid"] for e in events} == {truth["pid"]}
+
+
+def verified_share(events: list[dict]) -> float:
+    return sum(e["file_verified"] is True for e in events) / len(events)
+
+
+XFER = [  # program, mode, SEND syscall, RECV syscall
+    ("xfer32", "sendmsg", "SENDMSG", "RECVMSG"),  # direct compat calls 370/372
+    ("xfer32", "mmsg", "SENDMMSG", "RECVMMSG"),  # libc: 345 and recvmmsg_time64 417
+    ("xfer32", "recvmmsg64", "SENDMMSG", "RECVMMSG"),
+    ("xfer32", "recvmmsg32", "SENDMMSG", "RECVMMSG"),
+    ("xfer32", "socketcall", "SENDMSG", "RECVMSG"),
+    ("xfer32", "socketcall_mmsg", "SENDMMSG", "RECVMMSG"),
+    ("xfer64", "sendmsg", "SENDMSG", "RECVMSG"),  # control: the native calls
+    ("xfer64", "mmsg", "SENDMMSG", "RECVMMSG"),
+    ("xfer64", "int80", "SENDMSG", "RECVMSG"),  # compat socketcall from a 64-bit program
+]
+
+
+@pytest.mark.parametrize("paths", FD_SETS.values(), ids=FD_SETS.keys())
+@pytest.mark.parametrize("prog,mode,send_syscall,recv_syscall", XFER, ids=[f"{p}-{m}" for p, m, *_ in XFER])
+def test_compat_entry_points(live, cprogs, prog, mode, send_syscall, recv_syscall, paths):
+    """Every way a 32-bit call can pass fds: the compat syscall tables are not
+    the native ones the x86_64 tracepoints see, and the control data is laid
+    out in 32-bit cmsghdrs."""
+    truth = cprogs.run(prog, mode, *paths)
+    assert truth["abi"] == ("IA32" if prog == "xfer32" or mode == "int80" else "X86_64")
+    events = events_of(live, truth)
+    check_exact(events, truth, send_syscall, recv_syscall)
+    assert {e["abi"] for e in events} == {truth["abi"]}
+    assert {e["tid"] for e in events} == {truth["tid_send"]} == {truth["tid_recv"]}
+
+
+@pytest.mark.parametrize("paths", FD_SETS.values(), ids=FD_SETS.keys())
+@pytest.mark.parametrize("mode", ["inline", "async"])
+def test_io_uring_sendmsg_recvmsg(live, cprogs, mode, paths):
+    """IORING_OP_SENDMSG/RECVMSG make no sendmsg(2)/recvmsg(2) system call; async
+    ones run in an io-wq worker thread, still reported as the ring owner's process."""
+    truth = cprogs.run("uring", mode, *paths)
+    events = events_of(live, truth)
+    check_exact(events, truth, "IO_URING_SENDMSG", "IO_URING_RECVMSG")
+    assert all(e["file_verified"] is True for e in events), events
+
+
+def test_io_uring_sendmsg_zc(live, cprogs):
+    """The zero-copy sendmsg opcode, where the kernel offers it on unix sockets."""
+    truth = cprogs.run("uring", "zc", SHADOW)
+    if truth.get("unsupported"):
+        pytest.skip(f"this kernel refuses IORING_OP_SENDMSG_ZC on unix sockets ({truth['error']})")
+    events = events_of(live, truth)
+    check_exact(events, truth, "IO_URING_SENDMSG_ZC", "IO_URING_RECVMSG")
+    assert all(e["file_verified"] is True for e in events), events
+
+
+# Verified share each race must reach, per side. flip and dup2 race the sender
+# (the issue's racing-thread workload): >= 90%. In close and recvdup the
+# receiver often takes the skb before the sender's exit probe and before any
+# wakeup (it was not asleep), so neither side can snapshot the list for it:
+# those RECVs stay honestly unverified (docs/kernel.md), measured 75-99%.
+MIN_VERIFIED = {"flip": 0.9, "dup2": 0.9, "close": 0.6, "recvdup": 0.6}
+
+
+@pytest.mark.parametrize("mode", ["flip", "dup2", "close", "recvdup"])
+def test_raced_fd_numbers_are_never_verified_wrong(live, cprogs, mode):
+    """A racing thread changes what a passed fd number names (or the number in
+    the sender's buffer) between the kernel's use and the probe's look. An event
+    may say it could not verify its file; one that says file_verified must name
+    the file the kernel really moved, and most must be verified. A RECV's
+    transfer_id, when it has one, is its own SEND's."""
+    truth = cprogs.run("race", mode, str(RACE_COUNT))
+    msgs = truth["messages"]
+    assert len(msgs) == RACE_COUNT
+    s, r = truth["send_sock_ino"], truth["recv_sock_ino"]
+    events = live.wait(lambda e: e["sock_ino"] in (s, r), 2 * RACE_COUNT, timeout=60)
+    send, recv = sides(events)
+    assert {e["sock_ino"] for e in send} <= {s} and {e["sock_ino"] for e in recv} <= {r}
+    assert (len(send), len(recv)) == (RACE_COUNT, RACE_COUNT), "events lost or extra"
+
+    wrong = []
+    for side, evs in (("SEND", send), ("RECV", recv)):
+        for i, (e, m) in enumerate(zip(evs, msgs)):
+            moved = m["received"][0]
+            if e["file_verified"] and (e["file_ino"], e["file_dev"]) != (moved["ino"], moved["dev"]):
+                wrong.append((side, i, e["fd"], e["file_path"], moved))
+    share = {side: verified_share(evs) for side, evs in (("SEND", send), ("RECV", recv))}
+    said = f"race {mode}: file_verified SEND {share['SEND']:.1%}, RECV {share['RECV']:.1%} of {RACE_COUNT}"
+    if "raced" in truth:
+        said += f" ({truth['raced']} received fds replaced or closed before the receiver's fstat)"
+    print(said)
+    assert not wrong, f"{said}; {len(wrong)} verified events name the wrong file, first: {wrong[:5]}"
+    assert [e["fd"] for e in recv] == [m["received"][0]["fd"] for m in msgs], said
+    if mode != "flip":  # the sender's buffer is never changed
+        assert {e["fd"] for e in send} == {msgs[0]["sent"][0]["fd"]}, said
+    assert min(share.values()) >= MIN_VERIFIED[mode], said
+    # a stream socket, one sender and one receiver thread: message i is the i-th SEND and the i-th RECV
+    crossed = [(i, a["transfer_id"], b["transfer_id"], b["file_verified"]) for i, (a, b) in enumerate(zip(send, recv))
+               if None not in (a["transfer_id"], b["transfer_id"]) and a["transfer_id"] != b["transfer_id"]]
+    assert not crossed, (f"{said}; {len(crossed)} RECVs carry another transfer_id than their SEND's "
+                         f"(message, SEND's, RECV's, RECV file_verified): {crossed[:5]}")
+
+
+def test_msg_peek_installs_a_second_fd(live, cprogs):
+    """recvmsg(MSG_PEEK) installs fds without consuming the message: the next
+    recvmsg installs new ones. Two RECVs of one transfer."""
+    truth = cprogs.run("peek")
+    events = events_of(live, truth)
+    send, recv = sides(events)
+    msg = truth["messages"][0]
+    assert [e["fd"] for e in send] == [msg["sent"][0]["fd"]]
+    assert [e["fd"] for e in recv] == [f["fd"] for f in msg["received"]]
+    assert {(e["file_ino"], e["file_dev"]) for e in events} == {(msg["sent"][0]["ino"], msg["sent"][0]["dev"])}
+    ids = {e["transfer_id"] for e in events}
+    assert len(ids) == 1 and None not in ids, events
+
+
+def assert_mostly_verified(events: list[dict], what: str) -> None:
+    share = verified_share(events)
+    said = f"{what}: file_verified {share:.1%} of {len(events)} events"
+    print(said)
+    assert share >= 0.95, said + ": " + repr([e for e in events if not e["file_verified"]][:5])
+
+
+def test_tmux_events_are_verified(live, tmp_path):
+    """A workload we did not write: nothing races there, so its events must verify."""
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.fail("tmux is not installed (scripts/setup installs it)")
+    base = [tmux, "-L", "fdpass-test"]
+    env = dict(os.environ, TMUX="", TERM="xterm")
+    stdin_file = tmp_path / "client-stdin"
+    stdin_file.write_text("")
+    subprocess.run(base + ["kill-server"], capture_output=True)
+    try:
+        with open(stdin_file) as stdin:
+            client = subprocess.Popen(base + ["new-session", "-d", "sleep 30"], stdin=stdin, env=env)
+            assert client.wait(20) == 0
+            ask = subprocess.Popen(base + ["display-message", "-p", "#{pid}"], stdin=stdin, env=env,
+                                   stdout=subprocess.PIPE, text=True)
+            server = int(ask.communicate(timeout=20)[0])
+        pids = {client.pid, ask.pid, server}
+        # each client hands the server its stdin and stdout: at least 2 SENDs and 2 RECVs each
+        events = live.wait(lambda e: e["pid"] in pids, 8, timeout=10)
+        send, recv = sides(events)
+        assert send and recv, events
+        assert_mostly_verified(events, "tmux")
+    finally:
+        subprocess.run(base + ["kill-server"], capture_output=True)
+
+
+MP_WORKLOAD = r'''
+import json, os
+import multiprocessing as mp
+from multiprocessing import forkserver, reduction
+
+
+def child(conn):
+    fd = reduction.recv_handle(conn)
+    conn.send(os.getpid())
+    os.close(fd)
+
+
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    pids = {os.getpid()}
+    for path in ("/etc/passwd", "/etc/shadow", "/dev/null"):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=child, args=(b,))
+        p.start()  # hands the forkserver the child's fds over SCM_RIGHTS
+        with open(path, "rb") as f:
+            reduction.send_handle(a, f.fileno(), p.pid)  # SCM_RIGHTS to the child
+        pids.add(a.recv())
+        p.join()
+    pids.add(forkserver._forkserver._forkserver_pid)
+    print(json.dumps(sorted(pids)))
+'''
+
+
+def test_python_multiprocessing_events_are_verified(live, tmp_path):
+    """Python's forkserver and send_handle pass fds with SCM_RIGHTS the ordinary way."""
+    script = tmp_path / "mp_workload.py"
+    script.write_text(MP_WORKLOAD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True)
+    pids = set(json.loads(out.stdout))
+    # 3 process starts (parent -> forkserver) and 3 send_handle (parent -> child), both sides
+    events = live.wait(lambda e: e["pid"] in pids, 12, timeout=10)
+    send, recv = sides(events)
+    assert len(send) >= 6 and len(recv) >= 6, events
+    assert_mostly_verified(events, "multiprocessing")
