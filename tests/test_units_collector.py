@@ -160,3 +160,34 @@ def test_hostname_override(monkeypatch):
     assert HostInfo().host == "node-7"
     monkeypatch.delenv("FDPASS_HOSTNAME")
     assert HostInfo().host == __import__("socket").gethostname()
+
+
+def _header_defines() -> dict[str, int]:
+    import re
+
+    text = open(os.path.join(REPO, "bpf", "fdpass.h")).read()
+    return {m[1]: int(m[2], 0) for m in re.finditer(r"#define (FDP_\w+)\s+(0x[0-9a-fA-F]+|\d+)", text)}
+
+
+def test_record_constants_match_the_c_header():
+    """Every FDP_* kind, direction, syscall, abi, probe, flag and stat index the
+    header defines is the value records.py and probes.py decode it as."""
+    from fdpass.collector.probes import STAT_NAMES
+
+    d = _header_defines()
+    names = {"FDP_DIR_": R.DIRECTIONS, "FDP_ABI_": R.ABIS, "FDP_PROBE_": R.PROBES}
+    for prefix, table in names.items():
+        consts = {v: k[len(prefix):] for k, v in d.items() if k.startswith(prefix)}
+        assert set(consts) == set(table), prefix
+        for value, name in consts.items():
+            assert table[value].replace("_", "").lower() == name.replace("_", "").lower(), (prefix, value)
+    syscalls = {v: k for k, v in d.items() if k.startswith("FDP_SYS_")}
+    assert set(syscalls) == set(R.SYSCALLS)
+    for value, const in syscalls.items():
+        assert R.SYSCALLS[value].replace("IO_URING_", "URING_") == const[len("FDP_SYS_"):], const
+    assert (d["FDP_KIND_FD"], d["FDP_KIND_LOSS"]) == (R.KIND_FD, R.KIND_LOSS)
+    flags = {k[len("FDP_F_"):]: v for k, v in d.items() if k.startswith("FDP_F_")}
+    assert flags == {n[len("F_"):]: getattr(R, n) for n in dir(R) if n.startswith("F_") and n[2:] in flags} and \
+        len(flags) == len([n for n in dir(R) if n.startswith("F_")])
+    stats = sorted((v, k) for k, v in d.items() if k.startswith("FDP_STAT_") and k != "FDP_STAT_N")
+    assert [v for v, _ in stats] == list(range(d["FDP_STAT_N"])) and len(STAT_NAMES) == d["FDP_STAT_N"]
