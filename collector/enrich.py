@@ -164,8 +164,6 @@ class Enricher:
             "sock_fd": rec.sock_fd,
             "sock_ino": rec.sock_ino,
             "peer_sock_ino": rec.peer_sock_ino if rec.flags & R.F_PEER else None,
-            "probe": R.PROBES.get(rec.probe, "tracepoint"),
-            "abi": R.ABIS.get(rec.abi, "X86_64"),
         }
 
     def event(self, rec: R.Record, raw_path: bytes) -> dict:
@@ -195,11 +193,13 @@ class Enricher:
         e["file_type"] = "UNKNOWN" if flags & R.F_NO_FILE else R.file_type(rec.i_mode, rec.sb_magic)
         e["file_flags"] = rec.file_flags
         e["ret"] = rec.ret
+        e["probe"] = R.PROBES.get(rec.probe, "tracepoint")
         e["msg_index"] = rec.msg_index
         e["seq"] = rec.seq
         e["path_truncated"] = bool(flags & R.F_PATH_TRUNC)
         e["fds_truncated"] = bool(flags & R.F_FDS_TRUNC)
         e["msg_ctrunc"] = bool(flags & R.F_CTRUNC)
+        e["abi"] = R.ABIS.get(rec.abi, "X86_64")
         e["file_verified"] = bool(flags & R.F_VERIFIED)
         e["transfer_id"] = rec.transfer_id or None
         return e

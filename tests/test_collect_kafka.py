@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.bpf, pytest.mark.kafka]
 
 # Both collectors see the same syscalls, but each probe reads the clock and
 # takes a sequence number of its own.
-PER_COLLECTOR = {"event_id", "time_ns", "seq"}
+# transfer_id, like seq, is numbered by each probe load (RUN_ID << 48 | n)
+PER_COLLECTOR = {"event_id", "time_ns", "seq", "transfer_id"}
 
 
 def start_collector(*args):
