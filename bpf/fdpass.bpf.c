@@ -64,7 +64,7 @@
 #define SCM_MAX_FD 253
 #define FDS_SLOTS 512      /* 2 * 256: masked offsets stay in bounds */
 #define QUEUE_WALK 4       /* skbs looked at on a receive queue */
-#define SNAP_FDS 16        /* fds of one SCM_RIGHTS list a RECV snapshot keeps */
+#define SNAP_FDS 16        /* fds of one SCM_RIGHTS list a RECV snapshot keeps (snap_files unrolls 16) */
 
 #define AF_UNIX_ 1
 #define SOCK_STREAM_ 1
@@ -126,6 +126,7 @@ struct pending {
     u8 direction;
     u8 abi;
     u8 probe;
+    u8 first;    /* SEND: the list found was at the head of the peer's queue */
 };
 
 #ifndef PENDING_SLOTS
@@ -217,8 +218,6 @@ BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup a
 BPF_TABLE("lru_hash", u64, struct pending, uring_pending, 16384); /* io_uring: by struct io_kiocb address */
 BPF_TABLE("lru_hash", u64, struct sk_state, sk_states, 65536);
 BPF_TABLE("lru_hash", struct xfer_key, struct xfer, xfers, 16384);
-/* receiving sk -> the list a SEND saw at the head of its queue, for a receiver asleep in the call */
-BPF_TABLE("lru_hash", u64, struct xfer_key, last_to_sock, 16384);
 BPF_TABLE("lru_hash", u32, struct proc_info, procs, 8192);
 BPF_PERCPU_ARRAY(work, struct work, 1);
 BPF_PERCPU_ARRAY(stats, u64, FDP_STAT_N);
@@ -340,15 +339,18 @@ static __always_inline int count_end(struct pending *p) {
 static __always_inline void snap_files(struct xfer *x, u64 fpl) {
     u32 n = x->count < SNAP_FDS ? x->count : SNAP_FDS;
     x->nsnap = n;
-    u64 files[SNAP_FDS] = {};
-    bpf_probe_read_kernel(files, sizeof(files), (void *)(fpl + OFF_SCM_FP_LIST_FP));
-    for (int i = 0; i < SNAP_FDS; i++) {
-        if (i >= n)
-            break;
-        x->items[i].file = files[i];
-        x->items[i].inode = KREAD(u64, files[i], OFF_FILE_F_INODE);
-        x->items[i].flags = KREAD(u32, files[i], OFF_FILE_F_FLAGS);
+    /* Unrolled by hand, each index a constant: older verifiers (6.1) lose
+     * the bound of a loop index that clang turns into a pointer walk. */
+#define SNAP_ONE(i)                                                              \
+    if (n > i) {                                                                 \
+        u64 file = KREAD(u64, fpl, OFF_SCM_FP_LIST_FP + i * 8);                  \
+        x->items[i].file = file;                                                 \
+        x->items[i].inode = KREAD(u64, file, OFF_FILE_F_INODE);                  \
+        x->items[i].flags = KREAD(u32, file, OFF_FILE_F_FLAGS);                  \
     }
+    SNAP_ONE(0) SNAP_ONE(1) SNAP_ONE(2) SNAP_ONE(3) SNAP_ONE(4) SNAP_ONE(5) SNAP_ONE(6) SNAP_ONE(7)
+    SNAP_ONE(8) SNAP_ONE(9) SNAP_ONE(10) SNAP_ONE(11) SNAP_ONE(12) SNAP_ONE(13) SNAP_ONE(14) SNAP_ONE(15)
+#undef SNAP_ONE
 }
 
 /* The one entry of a list in `xfers`: the first SEND or RECV that sees the
@@ -427,7 +429,7 @@ static __always_inline void snapshot_head(struct pending *p) {
  * had the receiver taken it, it would have taken every older one too). Notes
  * it in p and gives it its transfer id. At the head of the queue it is what a
  * receiver asleep in recvmsg gets next: its files are kept for that RECV to
- * check. x is scratch. */
+ * check (see sched_waking). x is scratch. */
 static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
     u64 head = p->peer + OFF_SOCK_SK_RECEIVE_QUEUE;
     u64 skb = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE + 8); /* queue.prev: the tail */
@@ -459,8 +461,7 @@ static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
     p->skb = skb;
     p->fcount = x->count;
     p->xid = known->transfer_id;
-    if (x->first)
-        last_to_sock.update(&p->peer, &k);
+    p->first = x->first;
 }
 
 /* Everything an enter probe does once it has a unix socket with control data. */
@@ -500,6 +501,7 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
         slot->skb = p.skb;
         slot->xid = 0;
         slot->fcount = 0;
+        slot->first = 0;
         slot->enter_ns = p.enter_ns;
         slot->peer = p.peer;
         slot->tail0 = p.tail0;
@@ -803,17 +805,11 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
         }
         w->x.nsnap = 0;
     } else {
-        /* The snapshot taken at entry; for a receiver that slept in the call
-         * (empty queue at entry), the list a SEND saw at the head of this
-         * socket's queue. A list taken (not peeked) is no one's fallback. */
+        /* The snapshot taken at entry, or handed over by the sender that woke
+         * this receiver from its sleep in the call (sched_waking). */
         struct xfer_key k = {.fpl = p->fpl, .skb = p->skb};
-        struct xfer_key *last = last_to_sock.lookup(&sk);
-        if (!k.fpl && last)
-            k = *last;
-        if (last && last->fpl == k.fpl && last->skb == k.skb && !(p->flags & MSG_PEEK_))
-            last_to_sock.delete(&sk);
         struct xfer *x = k.fpl ? xfers.lookup(&k) : 0;
-        if (x && x->nsnap && (p->fpl || x->first))
+        if (x && x->nsnap)
             w->x = *x;
         if (x && !(p->flags & MSG_PEEK_))
             xfers.delete(&k); /* taken: its addresses are free for the next list */
@@ -1158,31 +1154,46 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
 #endif
 
 /* The sender wakes a receiver asleep in recvmsg (or in poll) right after it
- * queued the skb, before the receiver can take it and before the sender's own
- * exit: the moment to find the skb that its exit could find gone. One slot
- * look-up per wakeup otherwise. */
+ * queued the skb, in its own context, before the woken task can run and
+ * before the sender's own exit: the moment to find the skb, which the exit
+ * could find taken. And if the woken task is asleep in a receive on the peer
+ * socket and the skb is at the head of the queue, that is the list it will
+ * take: hand it over, as the snapshot its entry could not take (its queue was
+ * empty). One slot look-up per wakeup otherwise. */
 BPF_PERCPU_ARRAY(wake_scratch, struct xfer, 1);
 RAW_TRACEPOINT_PROBE(sched_waking) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
-    if (!slot || slot->tid != tid || slot->direction != FDP_DIR_SEND || slot->fpl || !slot->peer ||
-        slot->before != 0 || slot->syscall == FDP_SYS_SENDMMSG)
+    if (!slot || slot->tid != tid || slot->direction != FDP_DIR_SEND || !slot->peer || slot->before != 0 ||
+        slot->syscall == FDP_SYS_SENDMMSG)
         return 0;
-    struct sk_state *st = sk_states.lookup(&slot->sk);
-    if (!st || st->send_started != slot->ticket + 1)
-        return 0; /* another send started on the socket since: not alone */
-    u32 zero = 0;
-    struct xfer *x = wake_scratch.lookup(&zero);
-    if (!x)
-        return 0;
-    struct pending p = *slot;
-    claim_sent_list(&p, x);
-    if (p.fpl && slot->tid == tid) {
+    if (!slot->fpl) {
+        struct sk_state *st = sk_states.lookup(&slot->sk);
+        if (!st || st->send_started != slot->ticket + 1)
+            return 0; /* another send started on the socket since: not alone */
+        u32 zero = 0;
+        struct xfer *x = wake_scratch.lookup(&zero);
+        if (!x)
+            return 0;
+        struct pending p = *slot;
+        claim_sent_list(&p, x);
+        if (!p.fpl || slot->tid != tid)
+            return 0;
         slot->fpl = p.fpl;
         slot->skb = p.skb;
         slot->fcount = p.fcount;
         slot->xid = p.xid;
+        slot->first = p.first;
+    }
+    if (!slot->first)
+        return 0;
+    u32 wtid = KREAD(u32, ctx->args[0], OFF_TASK_PID);
+    u32 widx = wtid & (PENDING_SLOTS - 1);
+    struct pending *r = pending_slots.lookup(&widx);
+    if (r && r->tid == wtid && r->direction == FDP_DIR_RECV && r->sk == slot->peer && !r->fpl) {
+        r->skb = slot->skb;
+        r->fpl = slot->fpl;
     }
     return 0;
 }
@@ -1193,8 +1204,7 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
  * an io-wq worker thread of the same process (same fd table, same memory),
  * and io_uring_complete fires with its result. Pending entries are keyed by
  * the request. */
-TRACEPOINT_PROBE(io_uring, io_uring_submit_req) {
-    u8 op = args->opcode;
+static __always_inline int on_uring_submit(u64 req, u8 op) {
     u8 syscall, direction;
     if (op == IORING_OP_SENDMSG_) {
         syscall = FDP_SYS_URING_SENDMSG;
@@ -1212,7 +1222,6 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req) {
     }
     if (filtered_out())
         return 0;
-    u64 req = (u64)args->req;
     u64 ctxp = KREAD(u64, req, OFF_IO_KIOCB_CTX);
     u8 abi = (KREAD(u8, ctxp, OFF_IO_RING_CTX_COMPAT_BYTE) >> OFF_IO_RING_CTX_COMPAT_BIT) & 1 ? FDP_ABI_IA32
                                                                                            : FDP_ABI_X86_64;
@@ -1241,6 +1250,13 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req) {
     }
     return 0;
 }
+
+/* Linux 6.0-6.3 name it io_uring_submit_sqe, later kernels io_uring_submit_req. */
+#if URING_SUBMIT_SQE
+TRACEPOINT_PROBE(io_uring, io_uring_submit_sqe) { return on_uring_submit((u64)args->req, args->opcode); }
+#else
+TRACEPOINT_PROBE(io_uring, io_uring_submit_req) { return on_uring_submit((u64)args->req, args->opcode); }
+#endif
 
 TRACEPOINT_PROBE(io_uring, io_uring_complete) {
     u64 req = (u64)args->req;

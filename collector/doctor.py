@@ -78,7 +78,7 @@ def coverage_checks() -> list[Check]:
     if cov.io_uring is None:
         zc = "" if cov.io_uring_zc is None else f" (SENDMSG_ZC: {cov.io_uring_zc})"
         out.append(Check("seen: io_uring", "OK", "IORING_OP_SENDMSG, SENDMSG_ZC and RECVMSG, inline and in io-wq "
-                         f"workers (io_uring:io_uring_submit_req/complete){zc}"))
+                         f"workers (io_uring:io_uring_submit_req or _sqe, io_uring_complete){zc}"))
     else:
         out.append(Check("not seen: io_uring", "WARN", cov.io_uring, "io_uring transfers are not recorded"))
     out.append(Check("not seen: io_uring", "WARN", "IORING_OP_MSG_RING with IORING_MSG_SEND_FD (moves a file "

@@ -19,6 +19,7 @@ from fdpass.errors import UserError
 
 # -D name -> (struct, member path) in the running kernel's BTF.
 OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_TASK_PID": ("task_struct", "pid"),
     "OFF_TASK_TGID": ("task_struct", "tgid"),
     "OFF_TASK_COMM": ("task_struct", "comm"),
     "OFF_TASK_REAL_PARENT": ("task_struct", "real_parent"),
@@ -97,7 +98,9 @@ URING_OFFSETS: dict[str, tuple[str, str]] = {
 }
 URING_OPS = {"IORING_OP_SENDMSG_": "IORING_OP_SENDMSG", "IORING_OP_RECVMSG_": "IORING_OP_RECVMSG"}
 URING_OPTIONAL_OPS = {"IORING_OP_SENDMSG_ZC_": "IORING_OP_SENDMSG_ZC"}  # Linux 6.1+
-URING_TRACEPOINTS = ("io_uring:io_uring_submit_req", "io_uring:io_uring_complete")
+# The submit tracepoint is io_uring_submit_sqe on Linux 6.0-6.3 and io_uring_submit_req after.
+URING_SUBMIT = ("io_uring:io_uring_submit_req", "io_uring:io_uring_submit_sqe")
+URING_COMPLETE = "io_uring:io_uring_complete"
 
 TRACEPOINTS = tuple(
     f"syscalls:sys_{phase}_{call}"
@@ -135,11 +138,12 @@ def _compat_defines(btf: BTF) -> tuple[dict[str, int], str | None]:
 
 
 def _uring_defines(btf: BTF) -> tuple[dict[str, int], str | None, str | None]:
-    missing = [t for t in URING_TRACEPOINTS if not _tracepoint_exists(t)]
-    if missing:
-        return {}, f"tracepoint {missing[0]} missing (kernel without io_uring, or older than 6.0)", "no io_uring"
+    submit = [t for t in URING_SUBMIT if _tracepoint_exists(t)]
+    if not submit or not _tracepoint_exists(URING_COMPLETE):
+        return {}, "io_uring tracepoints missing (kernel without io_uring, or older than 6.0)", "no io_uring"
     try:
         out = {name: btf.offsetof(s, m) for name, (s, m) in URING_OFFSETS.items()}
+        out["URING_SUBMIT_SQE"] = int(submit[0].endswith("_sqe"))
         bit = btf.bit_offsetof("io_ring_ctx", "compat")
         out["OFF_IO_RING_CTX_COMPAT_BYTE"], out["OFF_IO_RING_CTX_COMPAT_BIT"] = bit // 8, bit % 8
         out.update({name: btf.enum_value(e) for name, e in URING_OPS.items()})
