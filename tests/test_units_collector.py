@@ -191,3 +191,22 @@ def test_record_constants_match_the_c_header():
         len(flags) == len([n for n in dir(R) if n.startswith("F_")])
     stats = sorted((v, k) for k, v in d.items() if k.startswith("FDP_STAT_") and k != "FDP_STAT_N")
     assert [v for v, _ in stats] == list(range(d["FDP_STAT_N"])) and len(STAT_NAMES) == d["FDP_STAT_N"]
+
+
+def test_bpf_program_map_picture_is_current():
+    """docs/bpf-programs.md is generated from the BPF source: regenerate it
+    (python -m fdpass.collector.bpfmap) when the probes change."""
+    from fdpass.collector import bpfmap
+
+    assert bpfmap.main(["--check"]) == 0
+
+
+def test_bpf_program_map_scanner_follows_helpers_and_tail_calls():
+    from fdpass.collector import bpfmap
+
+    unit = bpfmap.scan(bpfmap.BPF_DIR / "fdpass.bpf.c")
+    # the exit probe reaches the pending map through take_pending(), the walker emits
+    exit_ops = bpfmap.map_ops(unit, "tracepoint syscalls:sys_exit_sendmsg")
+    assert ("pending_spill", "delete") in exit_ops and ("progs", "tail call") in exit_ops
+    assert ("events", "emit") in bpfmap.map_ops(unit, "walk")
+    assert bpfmap.tail_targets(bpfmap.LOADER.read_text())["progs"] == "walk"
