@@ -71,6 +71,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from fdpass import defaults
 from fdpass.collector.spool import Spool, SpoolLocked
 from fdpass.errors import UserError
 from fdpass.schemas import codec
@@ -78,8 +79,8 @@ from fdpass.schemas.codec import encode_unchecked as _encode_unchecked
 
 log = logging.getLogger("fdpass.publisher")
 
-DEFAULT_TOPIC = "fdpass.events"
-DEFAULT_SPOOL_DIR = "/var/lib/fdpass/spool"
+DEFAULT_TOPIC = defaults.TOPIC
+DEFAULT_SPOOL_DIR = defaults.SPOOL_DIR
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
 ENV_PREFIX = "FDPASS_KAFKA_"
 # FDPASS_KAFKA_* variables that are not librdkafka properties (scripts/kafka-local's).

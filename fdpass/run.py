@@ -25,12 +25,12 @@ import threading
 import time
 from collections import deque
 
-from fdpass import logs
+from fdpass import defaults, logs
 from fdpass.errors import UserError
 
 log = logging.getLogger("fdpass.run")
 
-DEFAULT_STORE = "/var/lib/fdpass/store"
+DEFAULT_STORE = defaults.STORE_DIR
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
 MAX_QUEUED = 2_000_000  # ~200 bytes each: ~400 MB before anything is dropped

@@ -40,6 +40,7 @@ from itertools import groupby
 
 from confluent_kafka import Message
 
+from fdpass import defaults
 from fdpass.errors import UserError
 from fdpass.sinks.state import BatchLog, Range
 from fdpass.sinks.writer import Batch, StoreError, Writer, backoff_delays, short
@@ -82,7 +83,7 @@ def _client_conf(conf: dict) -> dict:
 @dataclass
 class SinkConfig:
     bootstrap: str
-    topic: str = "fdpass.events"
+    topic: str = defaults.TOPIC
     group: str = "fdpass-sink"
     dlq_topic: str | None = None  # default: <topic>.dlq
     # Chosen with bench/bench_sink.py (2-CPU VM, 366-byte events, Native

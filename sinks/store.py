@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from fdpass import defaults
 from fdpass.errors import UserError
 
-DEFAULT_STORE = "/var/lib/fdpass/store"
+DEFAULT_STORE = defaults.STORE_DIR
 DEFAULT_DATABASE = "fdpass"
 PASSWORD_ENV = "FDPASS_CLICKHOUSE_PASSWORD"
 
@@ -214,3 +215,11 @@ class StoreUnavailable(UserError):
 
 def open_store(dsn: str | None, password_file: str | None = None) -> Store:
     return Store(parse_dsn(dsn), password_file)
+
+
+def add_store_args(p) -> None:
+    """--clickhouse DSN and its password file, for every command that opens the store."""
+    p.add_argument("--clickhouse", metavar="DSN", default=defaults.STORE_DSN,
+                   help="chdb:///path (embedded, default %(default)s) or http(s)://user@host:port/db; "
+                        "the server password comes from $FDPASS_CLICKHOUSE_PASSWORD or --clickhouse-password-file")
+    p.add_argument("--clickhouse-password-file", metavar="FILE", help="file holding the ClickHouse password")

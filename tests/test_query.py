@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from fdpass.schemas import clickhouse as ddl
-from fdpass.sinks import format as fmt
+from fdpass import query as fmt
 from tests.fixtures_clickhouse import FDPASS, ROOT
 
 
