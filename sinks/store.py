@@ -146,6 +146,16 @@ def _release(path: str) -> None:
             os.close(entry[0])  # closing drops the flock
 
 
+def require_chdb() -> None:
+    """The embedded store needs chDB, an optional part of fdpass: say how to get it."""
+    try:
+        import chdb  # noqa: F401  (clickhouse-connect imports it for chdb:// anyway)
+    except ImportError:
+        raise UserError("the embedded store (chdb://) needs chDB, which this install of fdpass leaves out: "
+                        "pip install 'fdpass[embedded]' (scripts/setup installs it), or point --clickhouse at a "
+                        "ClickHouse server (http://user@host:8123/fdpass)") from None
+
+
 class Store:
     """An opened store; `client()` hands out clickhouse-connect clients (one per thread)."""
 
@@ -154,6 +164,7 @@ class Store:
         self._password = read_password(password_file) if spec.kind == "http" else ""
         self._clients: list = []
         if spec.kind == "chdb":
+            require_chdb()
             _acquire(spec.path)
             self._locked = True
         else:
