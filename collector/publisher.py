@@ -61,17 +61,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import re
-import socket
 import threading
 import time
-from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from fdpass import defaults
+from fdpass import defaults, kafka
+from fdpass.kafka import SCRUBBER as _SCRUBBER, TopicProblem as _TopicProblem, is_secret, mask
 from fdpass.collector.spool import Spool, SpoolLocked
 from fdpass.errors import UserError
 from fdpass.schemas import codec
@@ -82,9 +78,6 @@ log = logging.getLogger("fdpass.publisher")
 DEFAULT_TOPIC = defaults.TOPIC
 DEFAULT_SPOOL_DIR = defaults.SPOOL_DIR
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
-ENV_PREFIX = "FDPASS_KAFKA_"
-# FDPASS_KAFKA_* variables that are not librdkafka properties (scripts/kafka-local's).
-ENV_NOT_PROPERTIES = {"FDPASS_KAFKA_PORT", "FDPASS_KAFKA_LIBS"}
 
 # Chosen with bench/bench_publish.py --sweep (one core, 2-core VM, local
 # broker): 20 ms linger with 1 MB batches gave the best publish rates (runs
@@ -110,143 +103,8 @@ POLL_EVERY = 1000  # publishes between inline polls of delivery reports
 # it still is, and how long each of its metadata requests waits.
 START_WARN_EVERY = 30.0  # s
 START_RETRY_TIMEOUT = 2.0  # s
-_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT,
-              KafkaError.REQUEST_TIMED_OUT, KafkaError.BROKER_NOT_AVAILABLE,
-              KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_CONTROLLER}
+_TRANSIENT = kafka.transient_codes()
 SERVE_INTERVAL = 0.05  # s; the background thread's period
-
-_SECRET_WORDS = ("password", "secret", "token", ".pem", "jaas", "credential", "private")
-
-
-def is_secret(prop: str) -> bool:
-    prop = prop.lower()
-    return any(word in prop for word in _SECRET_WORDS)
-
-
-def mask(config: dict) -> dict:
-    """A copy of a librdkafka config fit for logs: secret values replaced."""
-    return {k: ("***" if is_secret(k) else v) for k, v in config.items()}
-
-
-class _SecretScrubber(logging.Filter):
-    """Replaces known secret values in any record that passes (belt and braces:
-    librdkafka does not print property values, but its messages are not ours)."""
-
-    def __init__(self):
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            text = record.getMessage()
-            clean = self.scrub(text)
-            if clean != text:
-                record.msg, record.args = clean, None
-        return True
-
-
-_SCRUBBER = _SecretScrubber()
-
-
-def _remember_secrets(config: dict) -> None:
-    # Short values would blank out ordinary words in log lines; real secrets are longer.
-    _SCRUBBER.secrets.update(str(v) for k, v in config.items() if is_secret(k) and len(str(v)) >= 4)
-
-
-def read_properties_file(path: str) -> dict:
-    """key=value lines; '#' or '!' starts a comment line; blank lines ignored."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read Kafka properties file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"Kafka properties file {path} is not text (UTF-8)") from None
-    props = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line[0] in "#!":
-            continue
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key or " " in key:
-            # Never echo the line: it may hold a secret.
-            raise UserError(f"{path}:{lineno}: expected a librdkafka property as key=value")
-        props[key] = value.strip()
-    return props
-
-
-def properties_from_env(environ: dict | None = None) -> dict:
-    environ = os.environ if environ is None else environ
-    props = {}
-    for name, value in environ.items():
-        if name.startswith(ENV_PREFIX) and name not in ENV_NOT_PROPERTIES:
-            props[name[len(ENV_PREFIX):].lower().replace("_", ".")] = value
-    return props
-
-
-def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
-    """The (host, port) entries of a --kafka value; UserError (one line) for one that is not HOST:PORT.
-
-    Accepts what librdkafka accepts: comma-separated HOST:PORT, an optional
-    PROTOCOL:// prefix, and [IPv6]:PORT.
-    """
-    servers = []
-    for item in bootstrap.split(","):
-        entry = item.strip()
-        addr = entry.split("://", 1)[1] if "://" in entry else entry
-        if addr.startswith("["):  # [IPv6]:PORT
-            host, sep, port = addr[1:].partition("]:")
-        else:
-            host, sep, port = addr.rpartition(":")
-            if ":" in host:  # a bare IPv6 address: which colon starts the port?
-                sep = ""
-        if (not sep or not host or any(c.isspace() for c in host)
-                or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
-            what = f"{entry!r} in {bootstrap!r}" if entry != bootstrap.strip() else repr(bootstrap)
-            raise UserError(f"--kafka {what} is not HOST:PORT (e.g. kafka-1.example:9092; IPv6 as [::1]:9092)")
-        servers.append((host, int(port)))
-    return servers
-
-
-def check_resolvable(servers: list[tuple[str, int]]) -> None:
-    """UserError naming the first host name that does not resolve.
-
-    A temporary DNS failure (EAI_AGAIN: no name server answered) is not bad
-    input but an outage; librdkafka keeps retrying the name, so it passes here.
-    """
-    for host, port in servers:
-        try:
-            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            if exc.errno == socket.EAI_AGAIN:
-                log.info("cannot resolve Kafka host %s right now (%s): treated as an outage", host, exc.strerror)
-                continue
-            raise UserError(f"Kafka host {host!r} (--kafka) does not resolve: {exc.strerror}; "
-                            "check the name") from None
-        except UnicodeError:  # a label too long or empty for IDNA
-            raise UserError(f"Kafka host {host!r} (--kafka) is not a valid host name") from None
-
-
-def _short_reason(text: str) -> str:
-    """librdkafka's error text without its broker prefix and state suffix:
-    "10.0.0.7:9092/bootstrap: Connect to ipv4#10.0.0.7:9092 failed: Connection refused (after 0ms in state
-    CONNECT)" -> "Connect to ipv4#10.0.0.7:9092 failed: Connection refused"."""
-    text = re.sub(r"^\S+/\S+: ", "", text)
-    return re.sub(r" \(after \d+ms in state \w+.*\)$", "", text)
-
-
-class _TopicProblem(Exception):
-    """The topic is not usable yet; `transient` when Kafka may just need time."""
-
-    def __init__(self, message: str, transient: bool):
-        super().__init__(message)
-        self.transient = transient
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Kafka options of `fdpass collect`, on a parser (in a "Kafka" group) or an argument group."""
@@ -297,10 +155,10 @@ class KafkaPublisher:
         self.queue_max_messages = queue_max_messages
         self.stall_seconds = stall_seconds
         # Bad input first, before anything touches the disk or the network.
-        servers = parse_bootstrap(bootstrap)
+        servers = kafka.parse_bootstrap(bootstrap)
         if create_topic and (partitions < 1 or replication < 1):
             raise UserError(f"--partitions and --replication must be >= 1 (got {partitions}, {replication})")
-        check_resolvable(servers)
+        kafka.check_resolvable(servers)
         self._partitions, self._replication, self._create_topic = partitions, replication, create_topic
         user = dict(config or {})
         for key, value in REQUIRED.items():
@@ -311,7 +169,7 @@ class KafkaPublisher:
                        "bootstrap.servers": bootstrap,
                        "queue.buffering.max.messages": queue_max_messages,
                        "statistics.interval.ms": 5000}
-        _remember_secrets(self.config)
+        kafka.remember_secrets(self.config)
         log.info("Kafka producer config: %s", mask(self.config))
         # The spool first: it is local and cheap to check, and holding its
         # lock keeps a second collector on the same directory from starting.
@@ -392,8 +250,8 @@ class KafkaPublisher:
             raise UserError("--kafka HOST:PORT is required to publish to Kafka")
         config = {}
         if args.kafka_config:
-            config.update(read_properties_file(args.kafka_config))
-        config.update(properties_from_env(environ))
+            config.update(kafka.read_properties_file(args.kafka_config))
+        config.update(kafka.properties_from_env(environ))
         if args.spool_max_bytes <= 0:
             raise UserError(f"--spool-max-bytes must be positive, got {args.spool_max_bytes}")
         return cls(args.kafka, args.topic, config=config, spool_dir=args.spool_dir,
@@ -402,21 +260,15 @@ class KafkaPublisher:
                    connect_timeout=connect_timeout)
 
     # --- the topic check: at start, and in the background while Kafka is down ----
-    def _new_admin(self) -> AdminClient:
-        admin_conf = {k: v for k, v in self.config.items() if not _producer_only(k)}
-        try:
-            return AdminClient({**admin_conf, "logger": _QUIET, "error_cb": self._on_admin_error})
-        except KafkaException as exc:
-            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
-        except (ValueError, TypeError) as exc:
-            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc}")) from None
+    def _new_admin(self):
+        return kafka.admin_client(self.config, error_cb=self._on_admin_error)
 
     def _on_admin_error(self, err) -> None:
         # "Connect to ipv4#10.0.0.7:9092 failed: Connection refused" says more than "1/1 brokers are down".
         if err.code() != KafkaError._ALL_BROKERS_DOWN or not self._admin_error:
-            self._admin_error = _short_reason(_SCRUBBER.scrub(err.str()))
+            self._admin_error = kafka.short_reason(_SCRUBBER.scrub(err.str()))
 
-    def _metadata(self, admin: AdminClient, timeout: float):
+    def _metadata(self, admin, timeout: float):
         """Cluster metadata, or None when Kafka did not answer within `timeout` s."""
         try:
             return admin.list_topics(timeout=timeout)
@@ -427,7 +279,7 @@ class KafkaPublisher:
         finally:
             admin.poll(0)  # serves error_cb: the reason Kafka does not answer
 
-    def _check_topic(self, admin: AdminClient, timeout: float) -> bool:
+    def _check_topic(self, admin, timeout: float) -> bool:
         """At start: True once the topic is there (created if missing and allowed).
 
         UserError for bad input (a missing topic with --no-create-topic, a
@@ -448,31 +300,12 @@ class KafkaPublisher:
                     self._spool.dir)
         return False
 
-    def _ensure_topic(self, admin: AdminClient, md, timeout: float) -> None:
+    def _ensure_topic(self, admin, md, timeout: float) -> None:
         """The topic exists when this returns; _TopicProblem otherwise."""
-        topic = md.topics.get(self.topic)
-        if topic is not None and topic.error is None:
-            return
-        if not self._create_topic:
-            raise _TopicProblem(f"topic {self.topic!r} does not exist on {self.bootstrap} "
-                                "(and --no-create-topic was given): create it or drop the flag", transient=False)
-        future = admin.create_topics([NewTopic(self.topic, self._partitions, self._replication)],
-                                     operation_timeout=timeout)[self.topic]
-        try:
-            future.result(timeout=timeout + 5)
-            log.info("created topic %s (%d partitions, replication %d)", self.topic,
-                     self._partitions, self._replication)
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # lost a race with another collector
-                return
-            raise _TopicProblem(f"cannot create topic {self.topic!r} on {self.bootstrap}: {err.str()}",
-                                transient=err.code() in _TRANSIENT) from None
-        except TimeoutError:  # concurrent.futures.TimeoutError is TimeoutError since Python 3.11
-            raise _TopicProblem(f"Kafka at {self.bootstrap} did not confirm creating topic {self.topic!r} "
-                                f"within {timeout + 5:.0f} s", transient=True) from None
+        kafka.ensure_topic(admin, md, self.topic, self._partitions, self._replication, timeout,
+                           self.bootstrap, create=self._create_topic)
 
-    def _await_topic(self, admin: AdminClient, since: float) -> None:
+    def _await_topic(self, admin, since: float) -> None:
         """Background, while Kafka has not answered since start: retry the topic
         check until it passes, then let the spool drain (see _tick)."""
         next_warn = time.monotonic() + START_WARN_EVERY
@@ -820,17 +653,6 @@ class KafkaPublisher:
         }
 
 
-# Producer-only properties the AdminClient would warn about or reject.
-_PRODUCER_ONLY_PREFIXES = ("linger.", "batch.", "compression.", "queue.buffering.", "enable.idempotence",
-                           "acks", "message.timeout.", "delivery.timeout.", "retries", "retry.",
-                           "max.in.flight", "request.required.acks", "queue.", "partitioner",
-                           "sticky.", "transaction", "compression")
-
-
-def _producer_only(prop: str) -> bool:
-    return prop.startswith(_PRODUCER_ONLY_PREFIXES)
-
-
 class _ProducerLog:
     """The producer's librdkafka log lines, to _LIBRDKAFKA_LOG. While Kafka has
     not answered since start, connection failures go to DEBUG: the start-up
@@ -848,35 +670,5 @@ class _ProducerLog:
         _LIBRDKAFKA_LOG.log(level, msg, *args)
 
 
-class _RepeatFilter(logging.Filter):
-    """Lets one line through once per `period` s: a broker that is down for an
-    hour must not write the same "connection refused" lines every second."""
-
-    def __init__(self, period: float = 60.0):
-        super().__init__()
-        self.period = period
-        self._seen: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        now = time.monotonic()
-        if now - self._seen.get(text, -self.period) < self.period:
-            return False
-        if len(self._seen) > 1000:
-            self._seen.clear()
-        self._seen[text] = now
-        return True
-
-
-# librdkafka's own log lines and error callbacks (librdkafka does not print
-# property values; secrets stay out).
-_LIBRDKAFKA_LOG = logging.getLogger("fdpass.publisher.librdkafka")
-_LIBRDKAFKA_LOG.addFilter(_RepeatFilter())
-_LIBRDKAFKA_LOG.addFilter(_SCRUBBER)
-log.addFilter(_SCRUBBER)
-
-# The topic check reports failures itself (a UserError line, or the
-# start-up warnings); librdkafka's own "connection refused" lines would only repeat it.
-_QUIET = logging.getLogger("fdpass.publisher.admin")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
+_LIBRDKAFKA_LOG = kafka.LIBRDKAFKA_LOG
+kafka.guard_logger(log)

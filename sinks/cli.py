@@ -74,7 +74,8 @@ def run_sink(args) -> int:
     import signal
     import threading
 
-    from fdpass.sinks.consumer import Sink, SinkConfig, kafka_properties, tune_gc
+    from fdpass import kafka
+    from fdpass.sinks.consumer import Sink, SinkConfig, tune_gc
     from fdpass.sinks.store import open_store
 
     from fdpass import logs
@@ -98,7 +99,7 @@ def run_sink(args) -> int:
     cfg = SinkConfig(
         bootstrap=args.kafka, topic=args.topic, group=args.group, dlq_topic=args.dlq_topic,
         batch_rows=args.batch_rows, batch_bytes=args.batch_bytes, batch_age=args.batch_age,
-        status_every=args.status_every, kafka_conf=kafka_properties(args.kafka_config), ttl_days=args.ttl_days,
+        status_every=args.status_every, kafka_conf=kafka.properties(args.kafka_config), ttl_days=args.ttl_days,
     )
     tune_gc()
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:

@@ -40,26 +40,12 @@ from itertools import groupby
 
 from confluent_kafka import Message
 
-from fdpass import defaults
+from fdpass import defaults, kafka
 from fdpass.errors import UserError
 from fdpass.sinks.state import BatchLog, Range
 from fdpass.sinks.writer import Batch, StoreError, Writer, backoff_delays, short
 
 log = logging.getLogger("fdpass.sink")
-
-def kafka_properties(config_file: str | None = None) -> dict:
-    """librdkafka properties from --kafka-config FILE and FDPASS_KAFKA_* variables.
-
-    The same sources and rules as the collector's publisher (one place for
-    them: fdpass.collector.publisher), so SASL/TLS settings and secrets never
-    come from argv.
-    """
-    from fdpass.collector import publisher
-
-    props = publisher.read_properties_file(config_file) if config_file else {}
-    props.update(publisher.properties_from_env())
-    return props
-
 
 def tune_gc() -> None:
     """Process-wide: fewer cyclic-GC passes (for the sink's process, not a library caller's).
@@ -72,12 +58,6 @@ def tune_gc() -> None:
 
     gc.freeze()
     gc.set_threshold(100_000, 50, 50)
-
-
-def _client_conf(conf: dict) -> dict:
-    """The connection part of a consumer's properties (for the admin client and the DLQ producer)."""
-    return {k: v for k, v in conf.items()
-            if k in ("bootstrap.servers", "client.id") or k.startswith(("security.", "sasl.", "ssl."))}
 
 
 @dataclass
@@ -102,7 +82,7 @@ class SinkConfig:
     writers: int = 2
     max_inflight: int = 4  # batches cut but not yet committed, over all writers
     status_every: float = 10.0
-    kafka_conf: dict = field(default_factory=dict)  # from kafka_properties(); overrides the defaults
+    kafka_conf: dict = field(default_factory=dict)  # fdpass.kafka.properties(); overrides the defaults
     table: str = "events"
     ttl_days: int | None = None  # applied when the table is created
     # Insert Native blocks made by the C transcoder (sinks/conversion.py);
@@ -315,19 +295,13 @@ class Sink:
         }
 
     def _ensure_dlq_topic(self, conf: dict, topic: str) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin = AdminClient(_client_conf(conf))
-        md = admin.list_topics(timeout=15)
-        if topic in md.topics:
-            return
-        fut = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1)])[topic]
+        admin = kafka.admin_client(conf)
         try:
-            fut.result(15)
-            log.info("created dead-letter topic %s", topic)
-        except Exception as e:  # created concurrently by another sink: fine
-            if "TOPIC_ALREADY_EXISTS" not in str(e):
-                raise UserError(f"cannot create the dead-letter topic {topic}: {e}") from None
+            # one partition: dead letters are few; replication: the cluster's default
+            kafka.ensure_topic(admin, admin.list_topics(timeout=15), topic, 1, -1, 15.0,
+                               self.cfg.bootstrap)
+        except kafka.TopicProblem as e:
+            raise UserError(f"cannot create the dead-letter topic {topic}: {e}") from None
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> int:
@@ -357,7 +331,7 @@ class Sink:
             self._ensure_dlq_topic(conf, dlq_topic)
         except KafkaException as e:
             raise UserError(f"Kafka at {cfg.bootstrap} does not answer: {e}") from None
-        self.dlq = DeadLetters(_client_conf(conf), dlq_topic)
+        self.dlq = DeadLetters(kafka.for_client(conf, "producer"), dlq_topic)
         self.outbox: queue.Queue = queue.Queue()
         self.writers = []
         for i in range(max(1, cfg.writers)):

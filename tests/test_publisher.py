@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from fdpass import kafka
 from fdpass.collector import publisher as pub
 from fdpass.collector.publisher import KafkaPublisher
 from fdpass.errors import UserError
@@ -272,7 +273,7 @@ def args_for(bootstrap, tmp_path, *extra) -> argparse.Namespace:
 def warning_lines(caplog, level=logging.WARNING) -> list[str]:
     """What the collector's log shows at `level` and above. (pytest also
     captures non-propagating loggers, such as the publisher's silenced admin client: not shown.)"""
-    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name != "fdpass.publisher.admin"]
+    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name != kafka.QUIET.name]
 
 
 def test_unreachable_bootstrap_warns_spools_and_loses_nothing(tmp_path, caplog, monkeypatch):
@@ -380,7 +381,7 @@ def test_bootstrap_that_is_not_host_port_is_a_user_error(tmp_path):
         with pytest.raises(UserError, match="is not HOST:PORT"):
             KafkaPublisher.from_args(args_for(bad, tmp_path), environ={}, connect_timeout=2)
     assert not (tmp_path / "spool").exists()
-    assert pub.parse_bootstrap("a:1, [::1]:9092,SASL_SSL://kafka.example:9093") == \
+    assert kafka.parse_bootstrap("a:1, [::1]:9092,SASL_SSL://kafka.example:9093") == \
         [("a", 1), ("::1", 9092), ("kafka.example", 9093)]
 
 
@@ -411,7 +412,7 @@ def test_properties_from_file_and_env_and_secrets_never_logged(kafka_broker, tmp
     conf.write_text("client.id=fdpass-test\nssl.key.password=file-secret-42\n")
     env = {"FDPASS_KAFKA_SASL_PASSWORD": "env-secret-17", "FDPASS_KAFKA_SASL_USERNAME": "collector",
            "FDPASS_KAFKA_PORT": "9092", "PATH": "/usr/bin"}
-    assert pub.properties_from_env(env) == {"sasl.password": "env-secret-17", "sasl.username": "collector"}
+    assert kafka.properties_from_env(env) == {"sasl.password": "env-secret-17", "sasl.username": "collector"}
     with caplog.at_level(logging.DEBUG):
         p = KafkaPublisher.from_args(args_for(kafka_broker.bootstrap, tmp_path, "--topic", new_topic(),
                                               "--kafka-config", str(conf)), environ=env)
@@ -420,7 +421,7 @@ def test_properties_from_file_and_env_and_secrets_never_logged(kafka_broker, tmp
             p.publish(events_for(1)[0])
             assert p.flush(10) == 0
             # Should librdkafka ever echo a secret, the scrubber blanks it.
-            logging.getLogger("fdpass.publisher.librdkafka").warning("auth failed for env-secret-17")
+            kafka.LIBRDKAFKA_LOG.warning("auth failed for env-secret-17")
         finally:
             p.close(5)
     text = caplog.text
