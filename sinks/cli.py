@@ -45,7 +45,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "sink", help="consume fdpass events from Kafka into ClickHouse, exactly once",
         description="Consume Avro fdpass events from Kafka and insert them into ClickHouse exactly once "
-                    "(offset ranges recorded in the store; see sinks/state.py). Undecodable messages and rows "
+                    "(offset ranges recorded in the store; see sinks/exactly_once.py). Undecodable messages and rows "
                     "ClickHouse rejects go to a dead-letter topic. SIGTERM/SIGINT flush and exit; a second "
                     "signal exits at once (nothing unstored is committed).",
     )

@@ -6,10 +6,12 @@ exercised in test_sink.py).
 
 from __future__ import annotations
 
+import pytest
+
 from confluent_kafka import Message
 
 from fdpass.sinks.consumer import Limits, PartitionBuffer
-from fdpass.sinks.state import Range
+from fdpass.sinks.exactly_once import Phase, Range
 
 
 def Msg(offset: int, size: int = 10) -> Message:
@@ -26,7 +28,7 @@ LIM = Limits(rows=64, nbytes=1 << 20, age=1.0)
 def cut_all(buf: PartitionBuffer, now: float, force: bool = False) -> list[tuple[int, int, bool]]:
     out = []
     while (b := buf.cut(now, LIM, force)) is not None:
-        out.append((b.first, b.last, b.done_before))
+        out.append((b.first, b.last, b.phase is Phase.ALREADY_DONE))
     return out
 
 
@@ -104,3 +106,63 @@ def test_a_batch_rebuilds_its_messages_for_the_dead_letter_topic():
     m = b.message(2)
     assert (m.topic(), m.partition(), m.offset(), m.key(), m.value()) == ("t", 3, 2, b"k", None)
     assert b.nbytes == 3 and b.message(1).key() is None
+
+
+class _Recorder:
+    """Stands in for BatchLog, the insert and the dead-letter producer: records the protocol's calls."""
+
+    def __init__(self, dead=(), fail: str | None = None):
+        self.calls: list[str] = []
+        self.dead, self.fail = list(dead), fail
+
+    def _step(self, name: str):
+        self.calls.append(name)
+        if name == self.fail:
+            raise RuntimeError(f"{name} failed")
+
+    def intent(self, *_):
+        self._step("intent")
+
+    def done(self, *_):
+        self._step("done")
+
+    def insert(self, batch):
+        self._step("insert")
+        return len(batch.values) - len(self.dead), self.dead
+
+    def send(self, msg, reason, detail):
+        self.calls.append(f"dead:{msg.offset()}:{reason}")
+
+    def flush(self):
+        self._step("flush")
+
+
+def _batch(**kw):
+    from fdpass.sinks.exactly_once import Batch
+
+    return Batch("t", 0, 10, 12, [b"a", b"b", b"c"], [None] * 3, [10, 11, 12], **kw)
+
+
+def test_protocol_steps_in_order_and_phases():
+    """intent -> insert -> dead letters flushed -> done; a failed step leaves the
+    batch in the phase before it, never DONE, so it is not committed."""
+    from fdpass.sinks.exactly_once import ExactlyOnce, Phase, StoreError
+
+    r = _Recorder(dead=[(1, "corrupt_body", "x")])
+    b = _batch()
+    ExactlyOnce(r, r, r.insert).store(b)
+    assert r.calls == ["intent", "insert", "dead:11:corrupt_body", "flush", "done"]
+    assert (b.phase, b.stored, b.rows, b.dead) == (Phase.DONE, True, 2, 1)
+
+    r = _Recorder()
+    b = _batch(phase=Phase.ALREADY_DONE)
+    ExactlyOnce(r, r, r.insert).store(b)
+    assert r.calls == [] and b.stored
+
+    for fail, phase in (("intent", Phase.FORMED), ("flush", Phase.INSERTED), ("done", Phase.DEAD_LETTERED)):
+        r = _Recorder(dead=[(0, "truncated", "y")], fail=fail)
+        b = _batch()
+        with pytest.raises(StoreError):
+            ExactlyOnce(r, r, r.insert).store(b)
+        assert (b.phase, b.stored) == (phase, False), fail
+        assert "done" not in r.calls[:-1]
