@@ -211,6 +211,13 @@ class KafkaPublisher:
         # Guards the spool. Re-entrant so that a delivery callback served
         # inside a producer call made under the lock cannot deadlock.
         self._lock = threading.RLock()
+        others = self._spool.topics - {topic}
+        if others:
+            log.warning("the spool in %s holds events of an earlier run for topic(s) %s: they are replayed "
+                        "there, not to %s", spool_dir, ", ".join(sorted(others)), topic)
+        if self._spool.untopical:
+            log.warning("the spool in %s holds %d events in spool format 1 (an fdpass that did not keep the "
+                        "topic): they are replayed to %s", spool_dir, self._spool.untopical, topic)
         # Events from an earlier run go first; with Kafka not answering yet, all events wait in the spool.
         self._spooling = self._spool.has_unread() or not self._topic_ready
         self._held = None  # a spool record the producer refused (queue full): retried first
@@ -222,7 +229,7 @@ class KafkaPublisher:
         self._closed = False
         self._drop_window = (0, 0)  # (second, drops logged in it)
         self._drops_unlogged = 0
-        self._purged: list[tuple[bytes, bytes]] = []
+        self._purged: list[tuple[bytes, bytes, str]] = []
         self._undelivered_at_close = 0
         self._poll_lock = threading.Lock()  # one thread serves librdkafka callbacks at a time
         self._next_poll = POLL_EVERY  # _produced at which publish() next polls inline
@@ -301,9 +308,11 @@ class KafkaPublisher:
         return False
 
     def _ensure_topic(self, admin, md, timeout: float) -> None:
-        """The topic exists when this returns; _TopicProblem otherwise."""
-        kafka.ensure_topic(admin, md, self.topic, self._partitions, self._replication, timeout,
-                           self.bootstrap, create=self._create_topic)
+        """The topic exists when this returns, and so does every other topic
+        the spool holds events for (an earlier run's --topic); _TopicProblem otherwise."""
+        for topic in [self.topic, *sorted(self._spool.topics - {self.topic})]:
+            kafka.ensure_topic(admin, md, topic, self._partitions, self._replication, timeout,
+                               self.bootstrap, create=self._create_topic)
 
     def _await_topic(self, admin, since: float) -> None:
         """Background, while Kafka has not answered since start: retry the topic
@@ -410,7 +419,7 @@ class KafkaPublisher:
                 self._poll_lock.release()
 
     def _to_spool(self, key: bytes, value: bytes) -> None:
-        if self._spool.append(key, value):
+        if self._spool.append(key, value, self.topic):
             self.spooled += 1
         else:
             self._drop(key, len(value))
@@ -513,9 +522,10 @@ class KafkaPublisher:
                         if self.replayed:
                             log.info("spool drained: %d events replayed to Kafka so far", self.replayed)
                     return
-                seg, key, value = rec
+                seg, topic, key, value = rec
                 try:
-                    self._producer.produce(self.topic, value, key, on_delivery=self._on_replay_failure)
+                    # The topic it was meant for: a restart with another --topic does not move it.
+                    self._producer.produce(topic or self.topic, value, key, on_delivery=self._on_replay_failure)
                 except BufferError:
                     self._held = rec
                     return
@@ -536,7 +546,7 @@ class KafkaPublisher:
             return
         if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
             self._purged_count += 1
-            self._purged.append((msg.key(), msg.value()))
+            self._purged.append((msg.key(), msg.value(), msg.topic()))
         else:
             self._failed(err, msg)
 
@@ -615,7 +625,7 @@ class KafkaPublisher:
         # Every message is now delivered, failed or purged (each failure and purge reported).
         self._count_delivered(len(self._producer))
         kept = self._spool.prepend(self._purged)
-        for key, value in self._purged[kept:]:
+        for key, value, _topic in self._purged[kept:]:
             self._drop(key, len(value))
         self._purged = []
         undelivered = self._spool.pending

@@ -209,7 +209,7 @@ def test_replay_settles_and_deletes_segment_by_segment(kafka_broker, tmp_path):
     events = events_for(6000)
     spool = Spool(spool_dir, segment_bytes=64 << 10)  # ~170 events per segment
     for e in events:
-        assert spool.append(e["host_id"].encode(), codec.encode(e))
+        assert spool.append(e["host_id"].encode(), codec.encode(e), topic)
     spool.close()
     total = len(list(spool_dir.glob("*.seg")))
     assert total >= 30
@@ -240,6 +240,35 @@ def test_replay_settles_and_deletes_segment_by_segment(kafka_broker, tmp_path):
     early = [(files, replayed) for files, replayed in samples if files < total - 2 and replayed < 3000]
     assert early, f"no segment deleted before half the spool was replayed: {samples[::50]}"
     assert_exactly(consume_all(kafka_broker.bootstrap, topic, 6000), events)
+
+
+def test_spooled_events_go_to_the_topic_they_were_meant_for(kafka_broker, tmp_path, caplog):
+    """A collector restarted with another --topic replays what an earlier run
+    spooled into that run's topic (created if missing), and sends its own
+    events to its own: nothing lands in the wrong topic, nothing is lost."""
+    from fdpass.collector.spool import Spool
+
+    old, new = new_topic(), new_topic()
+    spool_dir = tmp_path / "spool"
+    earlier, later = events_for(300), events_for(200, 300)
+    spool = Spool(spool_dir)
+    for e in earlier:
+        assert spool.append(e["host_id"].encode(), codec.encode(e), old)
+    spool.close()
+    with caplog.at_level(logging.WARNING, logger="fdpass.publisher"):
+        p = make_publisher(kafka_broker, new, spool_dir)
+    try:
+        assert any(f"for topic(s) {old}: they are replayed there, not to {new}" in r.getMessage()
+                   for r in caplog.records)
+        for e in later:
+            p.publish(e)
+        assert p.flush(60) == 0, p.stats()
+        stats = p.stats()  # the later events queue behind the spooled ones: all 500 go through it
+        assert stats["replayed"] == 500 and stats["failed"] == 0 and stats["dropped"] == 0
+    finally:
+        p.close(5)
+    assert_exactly(consume_all(kafka_broker.bootstrap, old, 300), earlier)
+    assert_exactly(consume_all(kafka_broker.bootstrap, new, 200), later)
 
 
 def test_full_spool_drops_newest_and_counts(kafka_broker, tmp_path, caplog):
@@ -314,7 +343,7 @@ def test_unreachable_bootstrap_warns_spools_and_loses_nothing(tmp_path, caplog, 
     try:
         got = []
         while (rec := s.read()) is not None:
-            got.append((rec[1], rec[2]))
+            got.append((rec[2], rec[3]))
     finally:
         s.close()
     assert got == [(e["host_id"].encode(), codec.encode(e)) for e in events]
