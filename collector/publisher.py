@@ -23,6 +23,15 @@ Where an event can be, in order:
    from it and written at the front of the spool; the next publisher on the
    same spool directory replays it first (also after a process restart).
 
+A replaced cluster: the producer's connections refuse a cluster other than
+the one they first met (librdkafka: "reports different ClusterId"), so it
+would never deliver again. While deliveries stall, a watcher asks the
+address for its cluster id and the topic every CLUSTER_CHECK_EVERY s with a
+fresh admin client; on a new id or a missing topic it rebuilds the producer,
+puts everything unacknowledged back at the front of the spool (in order) and
+lets the topic check create the topic(s) and the spool drain (_rebuild).
+Messages librdkafka refuses for a missing topic go back to the spool too.
+
 Start-up: bad input is a one-line UserError before anything runs: a --kafka
 entry that is not HOST:PORT, a host name that does not resolve, an unreadable
 or bad properties file, bad librdkafka properties, and a topic that does not
@@ -103,7 +112,13 @@ POLL_EVERY = 1000  # publishes between inline polls of delivery reports
 # it still is, and how long each of its metadata requests waits.
 START_WARN_EVERY = 30.0  # s
 START_RETRY_TIMEOUT = 2.0  # s
+# While deliveries are stalled, how often the cluster is asked whether it is
+# still the one the producer talks to (a fresh admin client each time).
+CLUSTER_CHECK_EVERY = 5.0  # s
 _TRANSIENT = kafka.transient_codes()
+# Delivery errors after which a message goes back to the spool instead of counting as failed.
+_TAKE_BACK = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._UNKNOWN_TOPIC,
+              KafkaError.UNKNOWN_TOPIC_OR_PART}
 SERVE_INTERVAL = 0.05  # s; the background thread's period
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,12 +202,10 @@ class KafkaPublisher:
             # Both clients before waiting on the network: a bad property is
             # bad input and must not wait for (or be hidden by) an outage.
             admin = self._new_admin()
-            try:
-                self._producer = Producer({**self.config, "logger": _ProducerLog(self), "error_cb": self._on_error,
-                                           "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
-            except KafkaException as exc:
-                raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
+            self._producer = self._new_producer()
             self._produce = self._producer.produce  # bound once: publish() calls it per event
+            self._cluster_id: str | None = None  # the cluster the producer delivers to (set by the topic check)
+            self._retired: list = []  # producers of a replaced cluster, purged again at close
             self._topic_ready = self._check_topic(admin, connect_timeout)
         except BaseException:
             self._producer = None
@@ -239,10 +252,21 @@ class KafkaPublisher:
         self._thread.start()
         self._topic_thread = None
         if not self._topic_ready:
-            started = time.monotonic() - connect_timeout
-            self._topic_thread = threading.Thread(target=self._await_topic, args=(admin, started),
-                                                  name="fdpass-kafka-topic", daemon=True)
-            self._topic_thread.start()
+            self._start_topic_thread(admin, time.monotonic() - connect_timeout)
+        self._cluster_thread = threading.Thread(target=self._watch_cluster, name="fdpass-kafka-cluster", daemon=True)
+        self._cluster_thread.start()
+
+    def _new_producer(self):
+        try:
+            return Producer({**self.config, "logger": _ProducerLog(self), "error_cb": self._on_error,
+                             "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
+        except KafkaException as exc:
+            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
+
+    def _start_topic_thread(self, admin, since: float) -> None:
+        self._topic_thread = threading.Thread(target=self._await_topic, args=(admin, since),
+                                              name="fdpass-kafka-topic", daemon=True)
+        self._topic_thread.start()
 
     # --- construction from the command line ------------------------------------
     @classmethod
@@ -297,6 +321,7 @@ class KafkaPublisher:
         if md is not None:
             try:
                 self._ensure_topic(admin, md, timeout)
+                self._cluster_id = md.cluster_id
                 return True
             except _TopicProblem as exc:
                 if not exc.transient:
@@ -330,6 +355,7 @@ class KafkaPublisher:
                 else:
                     with self._lock:
                         waiting = self._spool.pending
+                    self._cluster_id = md.cluster_id
                     self._topic_ready = True
                     log.warning("Kafka at %s answered after %.0f s: sending the %d events spooled to %s",
                                 self.bootstrap, time.monotonic() - since, waiting, self._spool.dir)
@@ -350,6 +376,73 @@ class KafkaPublisher:
                                 self.bootstrap, now - since, text or self._admin_error or "no reason given",
                                 waiting, self._spool.dir)
             self._stop.wait(0.5 if problem is None else 5.0)
+
+    # --- the cluster watch: a replaced cluster or a deleted topic -----------------
+    def _watch_cluster(self) -> None:
+        """Background: while deliveries are stalled, ask the cluster at the
+        bootstrap address (with a fresh admin client: the producer's own
+        connections refuse a cluster other than the one they first met) for
+        its id and the topic. A new cluster id (a rebuilt cluster, a failover
+        to a standby) or a missing topic means the producer will never
+        deliver again: rebuild it (see _rebuild)."""
+        while not self._stop.wait(CLUSTER_CHECK_EVERY):
+            if not self._topic_ready or time.monotonic() - self._last_progress <= self.stall_seconds:
+                continue
+            try:
+                admin = kafka.admin_client(self.config)
+            except UserError:
+                continue
+            md = self._metadata(admin, START_RETRY_TIMEOUT)
+            if md is None or self._stop.is_set():
+                continue
+            topic = md.topics.get(self.topic)
+            if self._cluster_id and md.cluster_id and md.cluster_id != self._cluster_id:
+                self._rebuild(admin, f"Kafka at {self.bootstrap} is another cluster now (cluster id "
+                                     f"{self._cluster_id} -> {md.cluster_id})")
+            elif topic is None or topic.error is not None:
+                self._rebuild(admin, f"topic {self.topic} is gone from Kafka at {self.bootstrap}")
+
+    def _rebuild(self, admin, why: str) -> None:
+        """Start over with a new producer: everything the old one had not had
+        acknowledged goes back to the front of the spool, in order (the events
+        it still queued, then any replayed segment it was sending); the topic
+        check creates the topic(s) on the cluster now there and the spool
+        drains into it. What the old cluster acknowledged is not sent again."""
+        with self._poll_lock:
+            with self._lock:
+                self._spooling = True  # from now on publish() spools
+                self._topic_ready = False
+            old = self._producer
+            self._producer = self._new_producer()
+            self._produce = self._producer.produce
+            self._retired.append(old)
+            purged = self._take_back(old)
+            with self._lock:
+                rewound = sum(self._spool.rewind(seg) for seg, _count in self._in_flight)
+                self._in_flight, self._held = [], None
+                self._store_taken_back()
+            self._last_progress = time.monotonic()
+        log.warning("%s: rebuilding the Kafka producer; the %d events it had not delivered and %d spooled "
+                    "events being replayed are sent again, in order, after the topic check", why, purged, rewound)
+        self._start_topic_thread(admin, time.monotonic())
+
+    def _take_back(self, producer) -> int:
+        """Purge a producer: every message it holds is reported purged
+        (_on_delivery keeps direct ones in _purged; replayed ones stay in their
+        spool segment). Returns how many direct ones came back."""
+        before = len(self._purged)
+        producer.purge(in_queue=True, in_flight=True, blocking=True)
+        producer.poll(0)
+        producer.flush(0)
+        return len(self._purged) - before
+
+    def _store_taken_back(self) -> None:
+        """Put the purged events in front of the spool (they are older than anything in it); what
+        does not fit is dropped and counted. Called with _lock held."""
+        kept = self._spool.prepend(self._purged)
+        for key, value, _topic in self._purged[kept:]:
+            self._drop(key, len(value))
+        self._purged = []
 
     # --- publishing -------------------------------------------------------------
     def publish(self, event: dict) -> None:
@@ -468,6 +561,10 @@ class KafkaPublisher:
             self.delivered = delivered
 
     def _tick(self) -> None:
+        if self._purged and not self._closed:  # refused for a missing topic (see _on_delivery)
+            with self._lock:
+                self._spooling = True
+                self._store_taken_back()
         now = time.monotonic()
         waiting = len(self._producer)
         self._count_delivered(waiting)
@@ -544,7 +641,9 @@ class KafkaPublisher:
     def _on_delivery(self, err, msg) -> None:
         if err is None:
             return
-        if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+        if err.code() in _TAKE_BACK:
+            # Purged by us, or refused because the cluster has no such topic
+            # (deleted, or a replaced cluster): not lost, back to the spool.
             self._purged_count += 1
             self._purged.append((msg.key(), msg.value(), msg.topic()))
         else:
@@ -615,19 +714,17 @@ class KafkaPublisher:
         self._closed = True
         self._stop.set()
         self._thread.join()
+        self._cluster_thread.join()
         if self._topic_thread is not None:
             self._topic_thread.join()  # at most one metadata request or topic creation away
         # Take back what the producer still holds, in order, and put it in
         # front of the spool: it is older than anything spooled.
-        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-        self._producer.poll(0)
-        self._producer.flush(0)
+        for retired in self._retired:  # a publish racing a rebuild may have reached the old producer
+            self._take_back(retired)
+        self._take_back(self._producer)
         # Every message is now delivered, failed or purged (each failure and purge reported).
         self._count_delivered(len(self._producer))
-        kept = self._spool.prepend(self._purged)
-        for key, value, _topic in self._purged[kept:]:
-            self._drop(key, len(value))
-        self._purged = []
+        self._store_taken_back()
         undelivered = self._spool.pending
         self._spool.close()
         level = logging.WARNING if undelivered or self.dropped else logging.INFO

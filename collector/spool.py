@@ -369,6 +369,21 @@ class Spool:
             return seg, topic, key, value
         return None
 
+    def rewind(self, seg: Segment) -> int:
+        """Hand a segment's unsettled records out again (their delivery is
+        unknown: the producer sending them was dropped). Records settle in
+        order, so they are the ones from index `done` on; the settled ones
+        before stay delivered. Returns how many are handed out again."""
+        again = seg.handed - seg.done
+        off = len(_SEG_HEADER) if seg.format >= 2 else 0
+        with open(seg.path, "rb") as f:
+            for _ in range(seg.done):
+                length, _crc = _HEAD.unpack(os.pread(f.fileno(), _HEAD.size, off))
+                off += _HEAD.size + length
+        seg.read_offset = off
+        seg.handed = seg.done
+        return again
+
     def settle(self, seg: Segment) -> None:
         seg.done += 1
         self._maybe_delete(seg)

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -502,3 +503,50 @@ def test_event_that_does_not_fit_the_schema_is_refused_before_publishing(kafka_b
         assert p.stats()["queued"] == 0 and p.stats()["spooled"] == 0
     finally:
         p.close(5)
+
+
+def test_replaced_cluster_gets_everything_not_acknowledged_exactly_once(tmp_path, caplog):
+    """The cluster at the collector's address is replaced by a new, empty one
+    during an outage: the collector notices the new cluster id, rebuilds its
+    producer, creates the topic there and delivers what the old cluster had
+    not acknowledged and everything after, in order, exactly once; what the
+    old cluster had acknowledged is not sent again."""
+    import shutil
+    import tempfile
+
+    from tests.fixtures_kafka import ROOT, LocalKafka, free_port
+
+    base = ROOT / "var" / "test-kafka"
+    base.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    dirs = [Path(tempfile.mkdtemp(prefix="replaced-", dir=base)) for _ in range(2)]
+    old, new = LocalKafka(dirs[0], port), LocalKafka(dirs[1], port)
+    topic = new_topic()
+    acked, during, later = events_for(300), events_for(200, 300), events_for(200, 500)
+    old.start()
+    try:
+        p = make_publisher(old, topic, tmp_path / "spool", stall_seconds=2.0)
+        try:
+            for e in acked:
+                p.publish(e)
+            assert p.flush(30) == 0
+            old.stop()
+            for e in during:
+                p.publish(e)
+            new.start()  # a fresh cluster (new id, no topics) at the same address
+            with caplog.at_level(logging.WARNING, logger="fdpass.publisher"):
+                for e in later:
+                    p.publish(e)
+                left = p.flush(120)
+            stats = p.stats()
+        finally:
+            p.close(5)
+        assert left == 0 and stats["failed"] == 0 and stats["dropped"] == 0, stats
+        assert any("is another cluster now" in r.getMessage() for r in caplog.records)
+        assert_exactly(consume_all(new.bootstrap, topic, 400), during + later)
+    finally:
+        for broker in (old, new):
+            if broker.is_running():
+                broker.stop()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

@@ -175,3 +175,18 @@ def test_a_newer_format_segment_is_left_alone(tmp_path):
     assert drain(s) == [(b"k", b"p"), (b"k", b"v")]
     s.close()
     assert seg.exists()  # neither replayed nor deleted
+
+
+def test_rewind_hands_out_the_unsettled_records_again(tmp_path):
+    """A dropped producer's replayed records go out again from the first one
+    not settled; those settled before stay delivered."""
+    s = Spool(tmp_path)
+    for k, v in records(6):
+        s.append(k, v, TOPIC)
+    got = [s.read() for _ in range(4)]
+    seg = got[0][0]
+    s.settle(seg)
+    s.settle(seg)  # the first two delivered
+    assert s.rewind(seg) == 2
+    assert drain(s) == records(6)[2:]
+    s.close()
