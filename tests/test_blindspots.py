@@ -141,7 +141,8 @@ def test_raced_fd_numbers_are_never_verified_wrong(live, cprogs, mode):
     events = live.wait(lambda e: e["sock_ino"] in (s, r), 2 * RACE_COUNT, timeout=60)
     send, recv = sides(events)
     assert {e["sock_ino"] for e in send} <= {s} and {e["sock_ino"] for e in recv} <= {r}
-    assert (len(send), len(recv)) == (RACE_COUNT, RACE_COUNT), "events lost or extra"
+    assert (len(send), len(recv)) == (RACE_COUNT, RACE_COUNT), \
+        f"events lost or extra (the collector's loss counters, host-wide: {live.collector.stats()})"
 
     wrong = []
     for side, evs in (("SEND", send), ("RECV", recv)):
