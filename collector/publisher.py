@@ -523,13 +523,13 @@ class KafkaPublisher:
         window, logged = self._drop_window
         if second != window:
             if self._drops_unlogged:
-                log.warning("spool full: %d more events dropped in the previous second (total dropped %d)",
-                            self._drops_unlogged, self.dropped)
+                log.warning("%s: %d more events dropped in the previous second (total dropped %d)",
+                            self._spool.refused or "spool full", self._drops_unlogged, self.dropped)
                 self._drops_unlogged = 0
             window, logged = second, 0
         if logged < 10:
-            log.warning("spool full (%d of %d bytes): dropped the newest event (key %s, %d bytes); total dropped %d",
-                        self._spool.bytes_used, self._spool.max_bytes, key.decode(errors="replace"), size, self.dropped)
+            log.warning("%s: dropped the newest event (key %s, %d bytes); total dropped %d",
+                        self._spool.refused or "spool full", key.decode(errors="replace"), size, self.dropped)
             logged += 1
         else:
             self._drops_unlogged += 1

@@ -32,8 +32,10 @@ there is unsynced data (on append, and from the publisher's background
 thread via sync_if_due), so a power loss or kernel crash loses at most about
 the last second of spooled events. The directory is fsync'ed when segments are created.
 
-Bound: `max_bytes` over all segment files. When an append would pass it the
-spool refuses the record (append returns False) and the caller drops it:
+Bound: `max_bytes` over all segment files. When an append would pass it, or
+the filesystem has no room (ENOSPC, EDQUOT: whatever was half-written is cut
+off again, so the segment stays readable), the spool refuses the record
+(append returns False, `refused` says why) and the caller drops it:
 drop-newest, because the oldest events are the ones a forensic log can least
 afford to lose, and dropping newest keeps what is spooled contiguous.
 
@@ -45,6 +47,7 @@ One process per spool directory: an flock on `lock` enforces it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -63,6 +66,7 @@ FORMAT = 2
 _SEG_HEADER = _MAGIC + struct.pack("<HH", FORMAT, 0)
 _FIRST_ID = 10**15  # room below for prepend()
 _SUFFIX = ".seg"
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
 class SpoolLocked(RuntimeError):
@@ -138,6 +142,7 @@ class Spool:
         self._dirty = False
         self._bytes = 0  # sum of the segments' sizes
         self._foreign_ids: list[int] = []  # segments of a newer format, left on disk: ids not to reuse
+        self.refused = ""  # why the last refused append was refused: "full" or the filesystem's error
         self._recover()
 
     # --- recovery ------------------------------------------------------------
@@ -230,10 +235,28 @@ class Spool:
         return sum(s.unsettled for s in self._segments if s.format < 2)
 
     # --- writing ---------------------------------------------------------------
+    @staticmethod
+    def _write_all(fd: int, data: bytes, size: int) -> None:
+        """Write data at the end of a file of `size` bytes, all or nothing: on a
+        failure, what was half-written is cut off so no torn record is left in
+        front of later ones."""
+        try:
+            done = os.write(fd, data)
+            if done != len(data):  # a short write: the filesystem filled up mid-record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+
     def _new_segment(self, seg_id: int, front: bool = False) -> tuple[Segment, int]:
         path = self.dir / f"{seg_id:020d}{_SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        os.write(fd, _SEG_HEADER)
+        try:
+            self._write_all(fd, _SEG_HEADER, 0)
+        except OSError:
+            os.close(fd)
+            path.unlink()
+            raise
         seg = Segment(seg_id, path, size=len(_SEG_HEADER), read_offset=len(_SEG_HEADER))
         self._bytes += seg.size
         if front:
@@ -270,14 +293,22 @@ class Spool:
             self._segments[-1].sealed = True
 
     def append(self, key: bytes, value: bytes, topic: str) -> bool:
-        """Add one record, for `topic`, at the end. False (and nothing written) when the spool is full."""
+        """Add one record, for `topic`, at the end. False (and nothing written) when the spool is
+        full or its filesystem has no room (`refused` says which)."""
         rec = _encode_record(key, value, topic)
         if self.bytes_used + len(rec) + len(_SEG_HEADER) > self.max_bytes:
+            self.refused = f"spool full ({self.bytes_used} of {self.max_bytes} bytes)"
             return False
-        seg = self._tail_for_append(len(rec))
+        try:
+            seg = self._tail_for_append(len(rec))
+            self._write_all(self._write_fd, rec, seg.size)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            self.refused = f"no room on the spool's filesystem ({exc.strerror})"
+            return False
         if topic not in seg.topics:
             seg.topics = seg.topics | {topic}
-        os.write(self._write_fd, rec)
         seg.size += len(rec)
         self._bytes += len(rec)
         seg.records += 1
@@ -308,13 +339,27 @@ class Spool:
             blobs.append(rec)
         if not blobs:
             return 0
-        seg, fd = self._new_segment(front_id, front=True)
+        data = b"".join(blobs)
         try:
-            data = b"".join(blobs)
-            os.write(fd, data)
+            seg, fd = self._new_segment(front_id, front=True)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            self.refused = f"no room on the spool's filesystem ({exc.strerror})"
+            return 0
+        try:
+            self._write_all(fd, data, len(_SEG_HEADER))
             os.fsync(fd)
-        finally:
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            self.refused = f"no room on the spool's filesystem ({exc.strerror})"
             os.close(fd)
+            seg.path.unlink()
+            self._segments.remove(seg)
+            self._bytes -= seg.size
+            return 0
+        os.close(fd)
         seg.size += len(data)
         self._bytes += len(data)
         seg.records = len(blobs)

@@ -190,3 +190,47 @@ def test_rewind_hands_out_the_unsettled_records_again(tmp_path):
     assert s.rewind(seg) == 2
     assert drain(s) == records(6)[2:]
     s.close()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 256 KiB tmpfs: the spool's filesystem fills up for real (root only)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_filesystem_refuses_records_keeps_the_spool_readable_and_recovers(tiny_fs):
+    """No room on the device: appends are refused (and say why), nothing
+    half-written stays behind; once space returns appends go on, and every
+    accepted record is replayed after a restart, in order."""
+    import os
+
+    filler = tiny_fs / "filler"
+    filler.write_bytes(b"\0" * (96 << 10))
+    s = Spool(tiny_fs / "spool", segment_bytes=32 << 10)
+    accepted = []
+    for i in range(2000):
+        rec = (b"k", b"%06d" % i + os.urandom(9000))  # spans pages: the last write is cut short
+        if not s.append(*rec, TOPIC):
+            break
+        accepted.append(rec)
+    assert accepted and len(accepted) < 2000
+    assert "no room on the spool's filesystem" in s.refused
+    assert not s.append(b"k", b"x" * 9000, TOPIC)  # still full
+    filler.unlink()  # space returns
+    later = [(b"k", b"later-%d" % i) for i in range(50)]
+    for rec in later:
+        assert s.append(*rec, TOPIC)
+    s.close()
+    s2 = Spool(tiny_fs / "spool")
+    assert s2.corrupt_records == 0
+    assert drain(s2) == accepted + later
+    s2.close()
