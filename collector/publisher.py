@@ -399,7 +399,8 @@ class KafkaPublisher:
             if self._cluster_id and md.cluster_id and md.cluster_id != self._cluster_id:
                 self._rebuild(admin, f"Kafka at {self.bootstrap} is another cluster now (cluster id "
                                      f"{self._cluster_id} -> {md.cluster_id})")
-            elif topic is None or topic.error is not None:
+            elif topic is None or (topic.error is not None and topic.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+                # Only a missing topic: an election in progress also shows as a (transient) topic error.
                 self._rebuild(admin, f"topic {self.topic} is gone from Kafka at {self.bootstrap}")
 
     def _rebuild(self, admin, why: str) -> None:
