@@ -132,18 +132,22 @@ def run_collect(args) -> int:
 
     publisher = None
     if args.kafka:
+        from fdpass.collector.enrich import HostInfo
         from fdpass.collector.publisher import KafkaPublisher
 
         publisher = KafkaPublisher.from_args(args)
-        emit, flush = publisher.publish, (lambda: None)
+        key = HostInfo().host_id.encode()  # what publish(event) keys by: per-host order
+        outputs = {"encoded_output": lambda _ids, values: publisher.publish_encoded_many(key, values)}
+        flush = lambda: None  # noqa: E731
     else:
         emit, flush = _jsonl_output()
+        outputs = {"output": emit}
 
     def attached() -> None:
         print("fdpass collect: probes attached (" + ", ".join(TRACEPOINTS) + ")", file=sys.stderr, flush=True)
 
     try:
-        collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, **outputs)
     except BaseException:
         if publisher is not None:
             publisher.close()  # releases the spool; nothing was published yet

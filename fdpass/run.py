@@ -106,15 +106,18 @@ class StoreWriter(threading.Thread):
         self.last_insert_seconds = 0.0
         self.error: str | None = None
 
-    def put(self, event_id: str, value: bytes) -> None:
+    def put_many(self, event_ids: list[str], values: list[bytes]) -> None:
+        """Queue a batch of encoded events; past MAX_QUEUED the newest are dropped, counted and logged."""
         with self.cond:
-            if len(self.queue) >= MAX_QUEUED:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 10000 == 0:
+            room = max(MAX_QUEUED - len(self.queue), 0)
+            if len(values) > room:
+                before = self.dropped
+                self.dropped += len(values) - room
+                if before == 0 or before // 10000 != self.dropped // 10000:
                     log.error("store is not keeping up: %d events dropped so far (queue bound %d)",
                               self.dropped, MAX_QUEUED)
-                return
-            self.queue.append((event_id, value))
+                event_ids, values = event_ids[:room], values[:room]
+            self.queue.extend(zip(event_ids, values))
             if len(self.queue) >= self.batch_rows:
                 self.cond.notify()
 
@@ -174,7 +177,7 @@ def run(args) -> int:
 
     filters = filters_from_args(args)
     from fdpass.collector.collect import Collector
-    from fdpass.schemas import avro, codec
+    from fdpass.schemas import avro
     from fdpass.schemas.clickhouse import DATABASE, TABLE, ensure_schema
     from fdpass.sinks.store import open_store
 
@@ -189,14 +192,9 @@ def run(args) -> int:
         ensure_schema(client)
         writer = StoreWriter(client, f"{DATABASE}.{TABLE}", avro.CURRENT_VERSION, args.batch_rows, args.batch_age)
         writer.start()
-        encode = codec.encode
-
-        def output(event: dict) -> None:
-            writer.put(event["event_id"], encode(event))
-
         attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
                                  file=sys.stderr, flush=True)
-        collector = Collector(output, filters)
+        collector = Collector(filters=filters, encoded_output=writer.put_many)
         if args.metrics:
             from fdpass import metrics
 
