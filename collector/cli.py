@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, TRACEPOINTS
+from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, RECORD_BYTES, TRACEPOINTS
 from fdpass import logs
 from fdpass.errors import UserError
 
@@ -76,8 +76,7 @@ def register(sub) -> None:
     out.add_argument("--jsonl", action="store_true", help="write one JSON object per event on stdout")
     add_filter_arguments(p)
     p.add_argument("--duration", type=seconds_arg, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
-    p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
-                   help="kernel ring buffer size in 4 KiB pages, a power of two (default 4096 = 16 MiB, ~90k records: about two seconds of a reader falling behind at full rate)")
+    add_ringbuf_argument(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
     logs.add_arguments(p)
@@ -95,6 +94,18 @@ def register(sub) -> None:
                        description="Check BTF, tracepoints, kprobes, fentry, bcc, kernel headers and "
                        "privileges; print a verdict and the fix for each. Exit 1 if fdpass cannot run.")
     d.set_defaults(func=run_doctor)
+
+
+def add_ringbuf_argument(p) -> None:
+    p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
+                   help=f"kernel ring buffer size in 4 KiB pages, a power of two (default {DEFAULT_RINGBUF_PAGES} = "
+                   f"{DEFAULT_RINGBUF_PAGES * 4 // 1024} MiB of locked kernel memory, ~{DEFAULT_RINGBUF_PAGES * 4096 // RECORD_BYTES // 1000}k records: "
+                   "what a burst may get ahead of the reader without loss)")
+
+
+def check_ringbuf_pages(pages: int) -> None:
+    if pages & (pages - 1):
+        raise UserError(f"--ringbuf-pages {pages}: must be a power of two")
 
 
 def filters_from_args(args):
@@ -124,8 +135,7 @@ def run_collect(args) -> int:
     logs.setup("collect", args.verbose, args.log_format)
     if args.jsonl == bool(args.kafka):
         raise UserError("choose one output: --jsonl or --kafka HOST:PORT")
-    if args.ringbuf_pages & (args.ringbuf_pages - 1):
-        raise UserError(f"--ringbuf-pages {args.ringbuf_pages}: must be a power of two")
+    check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
 
     from fdpass.collector.collect import Collector

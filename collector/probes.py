@@ -114,8 +114,11 @@ TRACEPOINTS = tuple(
     for phase in ("enter", "exit")
 )
 
-# Records average ~180 bytes: 16 MiB holds ~90k, a couple of seconds of a
-# reader that falls behind a burst, for 16 MiB of locked kernel memory.
+# A record of a short path takes ~192 bytes of ring buffer (168-byte header,
+# the path's components, the ring's 8-byte record header, 8-byte aligned):
+# 16 MiB holds ~87k, a couple of seconds of a reader that falls behind a
+# burst, for 16 MiB of locked kernel memory.
+RECORD_BYTES = 192
 DEFAULT_RINGBUF_PAGES = 4096
 
 # Records per read: ~2-4 MB of copies, a few ms of work; the ring buffer is

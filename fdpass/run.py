@@ -53,7 +53,7 @@ examples:
 
 
 def register(sub) -> None:
-    from fdpass.collector.cli import add_filter_arguments, seconds_arg
+    from fdpass.collector.cli import add_filter_arguments, add_ringbuf_argument, seconds_arg
 
     p = sub.add_parser("run", help="record on this host into embedded ClickHouse (no servers)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +63,7 @@ def register(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=BATCH_ROWS, help=f"insert at this many events (default {BATCH_ROWS})")
     p.add_argument("--batch-age", type=float, default=BATCH_AGE_S,
                    help=f"... or after this many seconds (default {BATCH_AGE_S})")
+    add_ringbuf_argument(p)
     p.add_argument("--no-status", action="store_true", help="no status line even on a terminal")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
@@ -173,8 +174,9 @@ def run(args) -> int:
     logs.setup("run", args.verbose, args.log_format)
     if args.batch_rows <= 0 or args.batch_age <= 0:
         raise UserError("--batch-rows and --batch-age must be greater than 0")
-    from fdpass.collector.cli import filters_from_args
+    from fdpass.collector.cli import check_ringbuf_pages, filters_from_args
 
+    check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
     from fdpass.collector.collect import Collector
     from fdpass.schemas import avro
@@ -194,7 +196,7 @@ def run(args) -> int:
         writer.start()
         attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
                                  file=sys.stderr, flush=True)
-        collector = Collector(filters=filters, encoded_output=writer.put_many)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, encoded_output=writer.put_many)
         if args.metrics:
             from fdpass import metrics
 
