@@ -70,7 +70,7 @@ def native_encoder(enricher: Enricher, version: int = avro.CURRENT_VERSION):
 
 
 class BatchEncoder:
-    """records -> (event_ids, values, n_send, n_recv, others); `others` are the
+    """records -> (values, n_send, n_recv, others); `others` are the
     records left to the per-record Python path of the caller (loss records,
     undecodable ones, events that do not fit the schema)."""
 
@@ -85,7 +85,7 @@ class BatchEncoder:
             if enricher.expire():  # the Python task parts expired: so do the C copies
                 self.native.clear()
             return self.native.encode(records, enricher.clock.to_wall(0))
-        ids, values, others = [], [], []
+        values, others = [], []
         n_recv = 0
         decode, event, encode = R.decode_bytes, enricher.event, codec.encode
         for raw in records:
@@ -103,7 +103,6 @@ class BatchEncoder:
             except codec.EncodeError:
                 others.append(raw)
                 continue
-            ids.append(e["event_id"])
             values.append(value)
             n_recv += e["direction"] == "RECV"
-        return ids, values, len(ids) - n_recv, n_recv, others
+        return values, len(values) - n_recv, n_recv, others

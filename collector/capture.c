@@ -27,7 +27,7 @@
  *     fd of one task, socket and syscall (host .. peer_sock_ino, with exe and
  *     container id from /proc) come from the Python callback task_part(raw)
  *     -> bytes, cached here by those record fields; the rest is written here.
- *   .encode(records, clock_offset_ns) -> (event_ids, values, n_send, n_recv, others)
+ *   .encode(records, clock_offset_ns) -> (values, n_send, n_recv, others)
  *     others: records this encoder leaves to the Python path (loss records,
  *     short ones, values out of Avro's range, a failing task_part), so their
  *     accounting and error messages stay in one place.
@@ -429,7 +429,7 @@ static PyObject *task_part(EventEncoder *self, PyObject *raw, const struct fdp_e
 }
 
 /* One event's message into b; 1 = leave it to the Python path, -1 = error. */
-static int encode_one(EventEncoder *self, buf *b, PyObject *raw, int64_t offset, PyObject **event_id) {
+static int encode_one(EventEncoder *self, buf *b, PyObject *raw, int64_t offset) {
     Py_ssize_t size = PyBytes_GET_SIZE(raw);
     if (size < (Py_ssize_t)HEADER_SIZE)
         return 1;
@@ -451,10 +451,6 @@ static int encode_one(EventEncoder *self, buf *b, PyObject *raw, int64_t offset,
     char id[400];
     int idlen = snprintf(id, sizeof id, "%.*s%llu:%u:%s:%u:%u", (int)self->prefix_len, self->prefix,
                          (unsigned long long)e.ktime_ns, e.tid, dir, e.msg_index, e.fd_index);
-    *event_id = PyUnicode_DecodeASCII(id, idlen, NULL);
-    if (!*event_id)
-        return -1;
-
     b->len = 0;
     if (b_put(b, self->header, self->header_len) < 0 || b_str(b, id, idlen) < 0 || b_long(b, time_ns) < 0 ||
         b_put(b, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part)) < 0 || b_long(b, e.fd) < 0 ||
@@ -512,10 +508,10 @@ static PyObject *EventEncoder_encode(EventEncoder *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!L", &PyList_Type, &records, &offset))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(records);
-    PyObject *ids = PyList_New(0), *values = PyList_New(0), *others = PyList_New(0);
+    PyObject *values = PyList_New(0), *others = PyList_New(0);
     buf b = {NULL, 0, 0};
     long n_send = 0, n_recv = 0;
-    if (!ids || !values || !others)
+    if (!values || !others)
         goto fail;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *raw = PyList_GET_ITEM(records, i);
@@ -523,20 +519,16 @@ static PyObject *EventEncoder_encode(EventEncoder *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "records must be bytes");
             goto fail;
         }
-        PyObject *id = NULL;
-        int rc = encode_one(self, &b, raw, offset, &id);
-        if (rc < 0) {
-            Py_XDECREF(id);
+        int rc = encode_one(self, &b, raw, offset);
+        if (rc < 0)
             goto fail;
-        }
         if (rc > 0) {
             if (PyList_Append(others, raw) < 0)
                 goto fail;
             continue;
         }
         PyObject *v = PyBytes_FromStringAndSize(b.p, b.len);
-        int bad = !v || PyList_Append(ids, id) < 0 || PyList_Append(values, v) < 0;
-        Py_DECREF(id);
+        int bad = !v || PyList_Append(values, v) < 0;
         Py_XDECREF(v);
         if (bad)
             goto fail;
@@ -546,10 +538,9 @@ static PyObject *EventEncoder_encode(EventEncoder *self, PyObject *args) {
             n_send++;
     }
     PyMem_Free(b.p);
-    return Py_BuildValue("(NNllN)", ids, values, n_send, n_recv, others);
+    return Py_BuildValue("(NllN)", values, n_send, n_recv, others);
 fail:
     PyMem_Free(b.p);
-    Py_XDECREF(ids);
     Py_XDECREF(values);
     Py_XDECREF(others);
     return NULL;
@@ -562,7 +553,7 @@ static PyObject *EventEncoder_clear(EventEncoder *self, PyObject *Py_UNUSED(igno
 
 static PyMethodDef EventEncoder_methods[] = {
     {"encode", (PyCFunction)EventEncoder_encode, METH_VARARGS,
-     "encode(records, clock_offset_ns) -> (event_ids, values, n_send, n_recv, others)"},
+     "encode(records, clock_offset_ns) -> (values, n_send, n_recv, others)"},
     {"clear", (PyCFunction)EventEncoder_clear, METH_NOARGS, "forget the cached task parts"},
     {NULL},
 };

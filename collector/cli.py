@@ -147,7 +147,7 @@ def run_collect(args) -> int:
 
         publisher = KafkaPublisher.from_args(args)
         key = HostInfo().host_id.encode()  # what publish(event) keys by: per-host order
-        outputs = {"encoded_output": lambda _ids, values: publisher.publish_encoded_many(key, values)}
+        outputs = {"encoded_output": lambda values: publisher.publish_encoded_many(key, values)}
         flush = lambda: None  # noqa: E731
     else:
         emit, flush = _jsonl_output()

@@ -61,17 +61,21 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 
 class Collector:
     """output(event dict) per event (JSON lines, tests), or
-    encoded_output(event_ids, values) per batch of Avro messages (Kafka, the
-    embedded store), which the C encoder writes straight from the records."""
+    encoded_output(values) per batch of Avro messages (Kafka, the embedded
+    store), which the C encoder writes straight from the records. While
+    hold() is true the output wants nothing more: records wait in the kernel
+    ring buffer (the final drain at stop takes them all regardless)."""
 
     def __init__(self, output: Callable[[dict], None] | None = None, filters: Filters | None = None,
                  ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
                  tuning: dict[str, int] | None = None, *,
-                 encoded_output: Callable[[list, list], None] | None = None, prefer_c: bool = True):
+                 encoded_output: Callable[[list], None] | None = None,
+                 hold: Callable[[], bool] | None = None, prefer_c: bool = True):
         if (output is None) == (encoded_output is None):
             raise ValueError("Collector needs exactly one of output and encoded_output")
         self.output = output
         self.encoded_output = encoded_output
+        self.hold = hold
         self.counters = Counters()
         self.enricher = Enricher()
         self.batch = BatchEncoder(self.enricher, prefer_c) if encoded_output else None
@@ -112,7 +116,7 @@ class Collector:
             if self.output is not None:
                 self.output(event)
             else:
-                self.encoded_output([event["event_id"]], [codec.encode(event)])
+                self.encoded_output([codec.encode(event)])
         except BrokenPipeError:  # `fdpass collect --jsonl | head`: the reader is gone
             self.output_closed = True
             self._stop.set()
@@ -126,23 +130,27 @@ class Collector:
                 if self.output_closed:
                     return
             return
-        ids, values, n_send, n_recv, others = self.batch.encode(records)
+        values, n_send, n_recv, others = self.batch.encode(records)
         self.counters.events["SEND"] += n_send
         self.counters.events["RECV"] += n_recv
-        if ids:
+        if values:
             try:
-                self.encoded_output(ids, values)
+                self.encoded_output(values)
             except Exception as e:
-                self._output_failed(e, len(ids))
+                self._output_failed(e, len(values))
         for raw in others:
             self._record(raw)
 
-    def drain(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for records, then handle every committed one, a batch at a time."""
+    def drain(self, timeout_ms: int, final: bool = False) -> None:
+        """Wait up to timeout_ms for records, then handle every committed one, a
+        batch at a time (unless the output holds, and this is not the final drain)."""
+        if not final and self.hold is not None and self.hold():
+            self._stop.wait(timeout_ms / 1000)
+            return
         records = self.probes.read(timeout_ms)
         while records:
             self._handle(records)
-            if len(records) < READ_BATCH:
+            if len(records) < READ_BATCH or (not final and self.hold is not None and self.hold()):
                 return
             records = self.probes.read(0)
 
@@ -183,7 +191,7 @@ class Collector:
                     break
             if deadline and time.monotonic() >= deadline:
                 break
-        self.drain(0)
+        self.drain(0, final=True)
         stats = self.stats()
         self.probes.close()
         return stats

@@ -11,8 +11,9 @@ The collector thread only encodes and queues; a writer thread inserts, so a
 slow insert never stalls the ring buffer drain. Each insert carries a
 deduplication token derived from its first event id and size, so a retry
 after an insert whose answer was lost stores nothing twice. A failing store
-is retried with backoff, never dropped; past a memory bound (stated in
---help) the newest events are dropped, counted and logged.
+is retried with backoff, never dropped; while MAX_QUEUED events wait for
+it, the collector stops reading and the kernel ring buffer (--ringbuf-pages)
+holds the rest; past that the kernel drops the newest, counted and logged.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import islice
 
 from fdpass import logs
 from fdpass.errors import UserError
@@ -33,7 +35,7 @@ log = logging.getLogger("fdpass.run")
 DEFAULT_STORE = "/var/lib/fdpass/store"
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
-MAX_QUEUED = 2_000_000  # ~200 bytes each: ~400 MB before anything is dropped
+MAX_QUEUED = 100_000  # encoded events waiting for the store (~400 bytes each: ~40 MB)
 
 RUN_HELP = """\
 Record every file descriptor passed on this host into an embedded ClickHouse
@@ -98,29 +100,28 @@ class StoreWriter(threading.Thread):
         super().__init__(name="fdpass-store-writer", daemon=True)
         self.client, self.table, self.version = client, table, version
         self.batch_rows, self.batch_age = batch_rows, batch_age
-        self.queue: deque[tuple[str, bytes]] = deque()
+        self.queue: deque[bytes] = deque()
         self.cond = threading.Condition()
         self.closing = False
         self.stored = 0
-        self.dropped = 0
+        self.rejected = 0
         self.failures = 0
         self.last_insert_seconds = 0.0
         self.error: str | None = None
 
-    def put_many(self, event_ids: list[str], values: list[bytes]) -> None:
-        """Queue a batch of encoded events; past MAX_QUEUED the newest are dropped, counted and logged."""
+    def put_many(self, values: list[bytes]) -> None:
+        """Queue a batch of encoded events (the collector stops reading while holding() says so)."""
         with self.cond:
-            room = max(MAX_QUEUED - len(self.queue), 0)
-            if len(values) > room:
-                before = self.dropped
-                self.dropped += len(values) - room
-                if before == 0 or before // 10000 != self.dropped // 10000:
-                    log.error("store is not keeping up: %d events dropped so far (queue bound %d)",
-                              self.dropped, MAX_QUEUED)
-                event_ids, values = event_ids[:room], values[:room]
-            self.queue.extend(zip(event_ids, values))
+            self.queue.extend(values)
             if len(self.queue) >= self.batch_rows:
                 self.cond.notify()
+
+    def holding(self) -> bool:
+        """True while MAX_QUEUED events wait: the collector then leaves records
+        in the kernel ring buffer (3x more compact than encoded messages, and
+        sized by --ringbuf-pages), and what does not fit there is counted as
+        ring buffer drops."""
+        return len(self.queue) >= MAX_QUEUED
 
     def close(self) -> None:
         with self.cond:
@@ -129,6 +130,7 @@ class StoreWriter(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        from fdpass.schemas import codec
         from fdpass.sinks.writer import backoff_delays, insert_messages
 
         while True:
@@ -142,9 +144,8 @@ class StoreWriter(threading.Thread):
                 if len(self.queue) < self.batch_rows and not self.closing:
                     self.cond.wait(self.batch_age)
                 n = min(len(self.queue), self.batch_rows)
-                batch = [self.queue[i] for i in range(n)]
-            values = [v for _, v in batch]
-            token = f"run/{batch[0][0]}/{n}"
+                values = list(islice(self.queue, n))
+            token = f"run/{codec.decode(values[0])['event_id']}/{n}"
             delays = backoff_delays()
             while True:
                 started = time.monotonic()
@@ -167,7 +168,7 @@ class StoreWriter(threading.Thread):
                 for _ in range(n):
                     self.queue.popleft()
                 self.stored += n - len(rejected)
-                self.dropped += len(rejected)
+                self.rejected += len(rejected)
 
 
 def run(args) -> int:
@@ -196,13 +197,14 @@ def run(args) -> int:
         writer.start()
         attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
                                  file=sys.stderr, flush=True)
-        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, encoded_output=writer.put_many)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, encoded_output=writer.put_many,
+                              hold=writer.holding)
         if args.metrics:
             from fdpass import metrics
 
             metrics.serve(args.metrics, {"run": lambda: {
                 **collector.stats(), "stored": writer.stored, "store_backlog": len(writer.queue),
-                "dropped_store_backlog": writer.dropped, "store_failures": writer.failures,
+                "rejected_by_store": writer.rejected, "store_failures": writer.failures,
                 "store_insert_seconds": writer.last_insert_seconds}})
         collector.stop_on_signals()
         attached()  # after the metrics endpoint is up
@@ -212,11 +214,11 @@ def run(args) -> int:
         finally:
             status.clear()
             writer.close()
-        stats.update(stored=writer.stored, dropped_store_backlog=writer.dropped)
+        stats.update(stored=writer.stored, rejected_by_store=writer.rejected)
         print("fdpass run: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
         print(f"fdpass run: query it with: fdpass query --clickhouse chdb://{store_dir} "
               f"\"SELECT count() FROM {DATABASE}.{TABLE}\"", file=sys.stderr)
-        return 1 if writer.dropped else 0
+        return 1 if writer.rejected else 0
     finally:
         store.close()
 
