@@ -1,15 +1,16 @@
-"""Kernel records -> Avro messages, a batch at a time (the `run` and
-`collect --kafka` outputs).
+"""Kernel records -> Avro messages (the `run` and `collect --kafka` outputs)
+or JSON lines (`collect --jsonl`), a batch at a time.
 
 Two encoders give the same bytes (tests/test_batch_encode.py checks it on
 generated records): the C one (collector/capture.c, EventEncoder), which
-writes each message straight from the record and takes the fields shared by
+writes each event straight from the record and takes the fields shared by
 one task's events (host .. peer_sock_ino: /proc lookups, string decoding)
 from the Python Enricher once per task, and the Python one, which builds the
-contract event dict (Enricher.event) and encodes it (codec.encode)."""
+contract event dict (Enricher.event) and encodes it (codec.encode, json.dumps)."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fdpass.collector import records as R
@@ -39,9 +40,14 @@ TAIL = (
 FILE_TYPES = ("REGULAR", "DIRECTORY", "CHAR", "BLOCK", "FIFO", "SOCKET", "SYMLINK", "ANON", "UNKNOWN")
 
 
-def native_encoder(enricher: Enricher, version: int = avro.CURRENT_VERSION):
-    """A C EventEncoder for this schema version, or None (not built, or a
-    schema whose layout capture.c does not write: the Python path then runs)."""
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def native_encoder(enricher: Enricher, version: int = avro.CURRENT_VERSION, jsonl: bool = False):
+    """A C EventEncoder (Avro messages of this schema version, or JSON lines),
+    or None (not built, or a schema whose layout capture.c does not write:
+    the Python path then runs)."""
     if _capture is None:
         return None
     schema = codec.SCHEMAS[version]
@@ -59,14 +65,20 @@ def native_encoder(enricher: Enricher, version: int = avro.CURRENT_VERSION):
     file_types = bytes(symbols["file_type"].index(t) for t in FILE_TYPES)
     abis = bytes(symbols["abi"].index(R.ABIS.get(code, "X86_64")) for code in range(4))
     task_schema = {"type": "record", "name": "task_part", "fields": schema["fields"][first:last + 1]}
-    write_task = codec.compile_record_writer(task_schema, b"")
+    if jsonl:
+        keys = names[first:last + 1]
+
+        def write_task(part: dict) -> bytes:  # '"host":"vm",...,"peer_sock_ino":N': the braces come from C
+            return _dumps({k: part[k] for k in keys})[1:-1].encode()
+    else:
+        write_task = codec.compile_record_writer(task_schema, b"")
 
     def task_part(raw: bytes) -> bytes:
         rec, _ = R.decode_bytes(raw)
         return write_task(enricher._task_part(rec))
 
     prefix = f"{enricher.host.host_id}:{enricher.host.boot_id}:"
-    return _capture.EventEncoder(codec.Encoder(version).header, prefix, task_part, file_types, abis)
+    return _capture.EventEncoder(codec.Encoder(version).header, prefix, task_part, file_types, abis, jsonl)
 
 
 class BatchEncoder:
@@ -74,9 +86,10 @@ class BatchEncoder:
     records left to the per-record Python path of the caller (loss records,
     undecodable ones, events that do not fit the schema)."""
 
-    def __init__(self, enricher: Enricher, prefer_c: bool = True):
+    def __init__(self, enricher: Enricher, prefer_c: bool = True, jsonl: bool = False):
         self.enricher = enricher
-        self.native = native_encoder(enricher) if prefer_c else None
+        self.jsonl = jsonl
+        self.native = native_encoder(enricher, jsonl=jsonl) if prefer_c else None
         self.kind = "c" if self.native is not None else "python"
 
     def encode(self, records: list[bytes]):
@@ -87,7 +100,8 @@ class BatchEncoder:
             return self.native.encode(records, enricher.clock.to_wall(0))
         values, others = [], []
         n_recv = 0
-        decode, event, encode = R.decode_bytes, enricher.event, codec.encode
+        decode, event = R.decode_bytes, enricher.event
+        encode = (lambda e: (_dumps(e) + "\n").encode()) if self.jsonl else codec.encode
         for raw in records:
             try:
                 rec, path = decode(raw)

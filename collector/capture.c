@@ -20,10 +20,11 @@
  *   .discard() -> int           release every committed record unread
  *                               (the benchmark's kernel-only floor)
  *
- * EventEncoder(header, id_prefix, task_part, file_types, abis)
+ * EventEncoder(header, id_prefix, task_part, file_types, abis, json=False)
  *     kernel records (struct fdp_event, bpf/fdpass.h) -> Avro single-object
- *     messages, the bytes codec.encode(Enricher.event(record)) gives (a
- *     property test compares them). The fields that are the same for every
+ *     messages, the bytes codec.encode(Enricher.event(record)) gives, or
+ *     with json=True the line json.dumps(Enricher.event(record)) gives
+ *     (property tests compare them). The fields that are the same for every
  *     fd of one task, socket and syscall (host .. peer_sock_ino, with exe and
  *     container id from /proc) come from the Python callback task_part(raw)
  *     -> bytes, cached here by those record fields; the rest is written here.
@@ -222,6 +223,7 @@ typedef struct {
     PyObject *cache;     /* dict: task key (bytes) -> encoded task part (bytes) */
     unsigned char file_types[FT_N]; /* enum index of each FT_* in the schema */
     unsigned char abis[ABI_N];      /* enum index of abi code 0..3 (unknown codes: X86_64) */
+    int json;                       /* write JSON lines instead of Avro messages */
 } EventEncoder;
 
 typedef struct {
@@ -270,13 +272,15 @@ static inline int b_str(buf *b, const char *s, Py_ssize_t n) {
 }
 
 static int EventEncoder_init(EventEncoder *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"header", "id_prefix", "task_part", "file_types", "abis", NULL};
+    static char *kwlist[] = {"header", "id_prefix", "task_part", "file_types", "abis", "json", NULL};
     const char *header, *prefix, *ft, *abis;
     Py_ssize_t hlen, plen, ftlen, abilen;
     PyObject *task_part;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#s#Oy#y#", kwlist, &header, &hlen, &prefix, &plen,
-                                     &task_part, &ft, &ftlen, &abis, &abilen))
+    int json = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y#s#Oy#y#|p", kwlist, &header, &hlen, &prefix, &plen,
+                                     &task_part, &ft, &ftlen, &abis, &abilen, &json))
         return -1;
+    self->json = json;
     if (hlen > (Py_ssize_t)sizeof(self->header) || plen > (Py_ssize_t)sizeof(self->prefix) - 1 ||
         ftlen != FT_N || abilen != ABI_N) {
         PyErr_SetString(PyExc_ValueError, "EventEncoder: header, prefix or enum tables of the wrong size");
@@ -428,8 +432,114 @@ static PyObject *task_part(EventEncoder *self, PyObject *raw, const struct fdp_e
     return part;
 }
 
+/* ---- JSON lines: json.dumps(event, separators=(",", ":")) + "\n", exactly */
+
+static const char *FILE_TYPE_NAMES[FT_N] = {"REGULAR", "DIRECTORY", "CHAR", "BLOCK", "FIFO",
+                                            "SOCKET", "SYMLINK", "ANON", "UNKNOWN"};
+static const char *ABI_NAMES[ABI_N] = {"X86_64", "X86_64", "IA32", "X32"}; /* records.ABIS, X86_64 if unknown */
+
+static inline void put_u(buf *b, unsigned cp) {
+    static const char hex[] = "0123456789abcdef"; /* json's escapes are lower case */
+    char *o = b->p + b->len;
+    o[0] = '\\', o[1] = 'u', o[2] = hex[cp >> 12], o[3] = hex[(cp >> 8) & 15], o[4] = hex[(cp >> 4) & 15],
+    o[5] = hex[cp & 15];
+    b->len += 6;
+}
+
+/* A JSON string of valid UTF-8 text as json.dumps writes it (ensure_ascii):
+ * printable ASCII as is, short escapes for " \ \b \f \n \r \t, every other
+ * character as \uXXXX (UTF-16 surrogate pairs past the BMP). */
+static int json_str(buf *b, const char *s, Py_ssize_t n) {
+    if (b_reserve(b, 6 * n + 2) < 0)
+        return -1;
+    b->p[b->len++] = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c <= 0x7E && c != '"' && c != '\\') {
+            b->p[b->len++] = (char)c;
+            continue;
+        }
+        const char *esc = NULL;
+        switch (c) {
+        case '"': esc = "\\\""; break;
+        case '\\': esc = "\\\\"; break;
+        case '\b': esc = "\\b"; break;
+        case '\f': esc = "\\f"; break;
+        case '\n': esc = "\\n"; break;
+        case '\r': esc = "\\r"; break;
+        case '\t': esc = "\\t"; break;
+        }
+        if (esc) {
+            b->p[b->len++] = esc[0];
+            b->p[b->len++] = esc[1];
+            continue;
+        }
+        unsigned cp = c;
+        int more = c >= 0xF0 ? 3 : c >= 0xE0 ? 2 : c >= 0xC0 ? 1 : 0;
+        if (c >= 0x80)
+            cp &= 0x3F >> more;
+        for (; more > 0 && i + 1 < n; more--)
+            cp = (cp << 6) | ((unsigned char)s[++i] & 0x3F);
+        if (cp >= 0x10000) {
+            cp -= 0x10000;
+            put_u(b, 0xD800 | (cp >> 10));
+            put_u(b, 0xDC00 | (cp & 0x3FF));
+        } else {
+            put_u(b, cp);
+        }
+    }
+    b->p[b->len++] = '"';
+    return 0;
+}
+
+/* A 128-bit integer in decimal (time_ns = a u64 + an offset, unbounded like Python's int). */
+static int put_i128(buf *b, __int128 v) {
+    char tmp[48], *o = tmp + sizeof tmp;
+    unsigned __int128 u = v < 0 ? -(unsigned __int128)v : (unsigned __int128)v;
+    do {
+        *--o = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *--o = '-';
+    return b_put(b, o, tmp + sizeof tmp - o);
+}
+
+static int json_event(buf *b, buf *path, const struct fdp_event *e, PyObject *part, const char *id, int idlen,
+                      __int128 time_ns) {
+    char num[700];
+    b->len = 0;
+    if (b_put(b, "{\"event_id\":", 12) < 0 || json_str(b, id, idlen) < 0 || b_put(b, ",\"time_ns\":", 11) < 0 ||
+        put_i128(b, time_ns) < 0 || b_put(b, ",", 1) < 0 ||
+        b_put(b, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part)) < 0 ||
+        b_put(b, num, snprintf(num, sizeof num, ",\"fd\":%d,\"fd_index\":%u,\"fd_count\":%u,\"file_path\":",
+                               e->fd, e->fd_index, e->fd_count)) < 0 ||
+        json_str(b, path->p, path->len) < 0)
+        return -1;
+    unsigned char f = e->flags;
+#define TF(bit) ((f & (bit)) ? "true" : "false")
+    int n = snprintf(num, sizeof num,
+                     ",\"file_ino\":%llu,\"file_dev\":%llu,\"file_type\":\"%s\",\"file_flags\":%u,\"ret\":%lld,"
+                     "\"probe\":\"%s\",\"msg_index\":%u,\"seq\":%llu,\"path_truncated\":%s,\"fds_truncated\":%s,"
+                     "\"msg_ctrunc\":%s,\"abi\":\"%s\",\"file_verified\":%s,\"transfer_id\":",
+                     (unsigned long long)e->file_ino,
+                     (unsigned long long)makedev(e->file_dev >> 20, e->file_dev & 0xFFFFF),
+                     FILE_TYPE_NAMES[file_type(e)], e->file_flags, (long long)e->ret,
+                     e->probe == FDP_PROBE_RAW_TRACEPOINT ? "raw_tracepoint" : "tracepoint", e->msg_index,
+                     (unsigned long long)e->seq, TF(FDP_F_PATH_TRUNC), TF(FDP_F_FDS_TRUNC), TF(FDP_F_CTRUNC),
+                     ABI_NAMES[e->abi < ABI_N ? e->abi : 0], TF(FDP_F_VERIFIED));
+#undef TF
+    if (b_put(b, num, n) < 0)
+        return -1;
+    if (e->transfer_id)
+        n = snprintf(num, sizeof num, "%llu}\n", (unsigned long long)e->transfer_id);
+    else
+        n = snprintf(num, sizeof num, "null}\n");
+    return b_put(b, num, n);
+}
+
 /* One event's message into b; 1 = leave it to the Python path, -1 = error. */
-static int encode_one(EventEncoder *self, buf *b, PyObject *raw, int64_t offset) {
+static int encode_one(EventEncoder *self, buf *b, buf *path, PyObject *raw, int64_t offset) {
     Py_ssize_t size = PyBytes_GET_SIZE(raw);
     if (size < (Py_ssize_t)HEADER_SIZE)
         return 1;
@@ -438,10 +548,10 @@ static int encode_one(EventEncoder *self, buf *b, PyObject *raw, int64_t offset)
     if (e.kind == FDP_KIND_LOSS)
         return 1;
     /* Avro longs and ints are signed: values past them are the Python path's
-     * EncodeError to report. */
-    int64_t time_ns;
-    if (e.ktime_ns > INT64_MAX || __builtin_add_overflow((int64_t)e.ktime_ns, offset, &time_ns) ||
-        e.file_ino > INT64_MAX || e.seq > INT64_MAX || e.transfer_id > INT64_MAX || e.file_flags > INT32_MAX)
+     * EncodeError to report. JSON numbers have no bound, as Python's ints. */
+    __int128 time_ns = (__int128)e.ktime_ns + offset;
+    if (!self->json && (time_ns > INT64_MAX || e.file_ino > INT64_MAX || e.seq > INT64_MAX ||
+                        e.transfer_id > INT64_MAX || e.file_flags > INT32_MAX))
         return 1;
     PyObject *part = task_part(self, raw, &e);
     if (!part)
@@ -451,19 +561,25 @@ static int encode_one(EventEncoder *self, buf *b, PyObject *raw, int64_t offset)
     char id[400];
     int idlen = snprintf(id, sizeof id, "%.*s%llu:%u:%s:%u:%u", (int)self->prefix_len, self->prefix,
                          (unsigned long long)e.ktime_ns, e.tid, dir, e.msg_index, e.fd_index);
+    Py_ssize_t plen = e.path_len;
+    if (plen > size - (Py_ssize_t)HEADER_SIZE)
+        plen = size - (Py_ssize_t)HEADER_SIZE;
+    if (self->json) {
+        path->len = 0;
+        if (render_path(path, &e, PyBytes_AS_STRING(raw) + HEADER_SIZE, plen) < 0)
+            return -1;
+        return json_event(b, path, &e, part, id, idlen, time_ns);
+    }
     b->len = 0;
-    if (b_put(b, self->header, self->header_len) < 0 || b_str(b, id, idlen) < 0 || b_long(b, time_ns) < 0 ||
+    if (b_put(b, self->header, self->header_len) < 0 || b_str(b, id, idlen) < 0 || b_long(b, (int64_t)time_ns) < 0 ||
         b_put(b, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part)) < 0 || b_long(b, e.fd) < 0 ||
         b_long(b, e.fd_index) < 0 || b_long(b, e.fd_count) < 0)
         return -1;
-    /* file_path: rendered after a 5-byte gap, then its length written in front */
+    /* file_path: rendered after a 10-byte gap (an Avro long's most), then its length written in front */
     Py_ssize_t at = b->len;
     if (b_reserve(b, 10) < 0)
         return -1;
     b->len += 10;
-    Py_ssize_t plen = e.path_len;
-    if (plen > size - (Py_ssize_t)HEADER_SIZE)
-        plen = size - (Py_ssize_t)HEADER_SIZE;
     if (render_path(b, &e, PyBytes_AS_STRING(raw) + HEADER_SIZE, plen) < 0)
         return -1;
     Py_ssize_t slen = b->len - at - 10;
@@ -509,7 +625,7 @@ static PyObject *EventEncoder_encode(EventEncoder *self, PyObject *args) {
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(records);
     PyObject *values = PyList_New(0), *others = PyList_New(0);
-    buf b = {NULL, 0, 0};
+    buf b = {NULL, 0, 0}, path = {NULL, 0, 0};
     long n_send = 0, n_recv = 0;
     if (!values || !others)
         goto fail;
@@ -519,7 +635,7 @@ static PyObject *EventEncoder_encode(EventEncoder *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "records must be bytes");
             goto fail;
         }
-        int rc = encode_one(self, &b, raw, offset);
+        int rc = encode_one(self, &b, &path, raw, offset);
         if (rc < 0)
             goto fail;
         if (rc > 0) {
@@ -538,9 +654,11 @@ static PyObject *EventEncoder_encode(EventEncoder *self, PyObject *args) {
             n_send++;
     }
     PyMem_Free(b.p);
+    PyMem_Free(path.p);
     return Py_BuildValue("(NllN)", values, n_send, n_recv, others);
 fail:
     PyMem_Free(b.p);
+    PyMem_Free(path.p);
     Py_XDECREF(values);
     Py_XDECREF(others);
     return NULL;

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -121,12 +120,11 @@ def filters_from_args(args):
 
 
 def _jsonl_output():
-    out = sys.stdout
-    write = out.write
-    dumps = json.dumps
+    out = sys.stdout.buffer
+    write, join = out.write, b"".join
 
-    def emit(event: dict) -> None:
-        write(dumps(event, separators=(",", ":")) + "\n")
+    def emit(lines: list[bytes]) -> None:
+        write(join(lines))
 
     return emit, out.flush
 
@@ -151,7 +149,7 @@ def run_collect(args) -> int:
         flush = lambda: None  # noqa: E731
     else:
         emit, flush = _jsonl_output()
-        outputs = {"output": emit}
+        outputs = {"encoded_output": emit, "jsonl": True}
 
     def attached() -> None:
         print("fdpass collect: probes attached (" + ", ".join(TRACEPOINTS) + ")", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ could not report (drops, bounds), which it never keeps quiet about."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -60,9 +61,10 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 
 
 class Collector:
-    """output(event dict) per event (JSON lines, tests), or
+    """output(event dict) per event (tests, benchmarks), or
     encoded_output(values) per batch of Avro messages (Kafka, the embedded
-    store), which the C encoder writes straight from the records. While
+    store) or, with jsonl, of JSON lines (bytes), which the C encoder writes
+    straight from the records. While
     hold() is true the output wants nothing more: records wait in the kernel
     ring buffer (the final drain at stop takes them all regardless)."""
 
@@ -70,7 +72,7 @@ class Collector:
                  ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
                  tuning: dict[str, int] | None = None, *,
                  encoded_output: Callable[[list], None] | None = None,
-                 hold: Callable[[], bool] | None = None, prefer_c: bool = True):
+                 hold: Callable[[], bool] | None = None, jsonl: bool = False, prefer_c: bool = True):
         if (output is None) == (encoded_output is None):
             raise ValueError("Collector needs exactly one of output and encoded_output")
         self.output = output
@@ -78,7 +80,8 @@ class Collector:
         self.hold = hold
         self.counters = Counters()
         self.enricher = Enricher()
-        self.batch = BatchEncoder(self.enricher, prefer_c) if encoded_output else None
+        self.batch = BatchEncoder(self.enricher, prefer_c, jsonl) if encoded_output else None
+        self._encode_one = (lambda e: (json.dumps(e, separators=(",", ":")) + "\n").encode()) if jsonl else codec.encode
         self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning)
         self.probes.open(prefer_c)
         self._stop = threading.Event()
@@ -116,7 +119,7 @@ class Collector:
             if self.output is not None:
                 self.output(event)
             else:
-                self.encoded_output([codec.encode(event)])
+                self.encoded_output([self._encode_one(event)])
         except BrokenPipeError:  # `fdpass collect --jsonl | head`: the reader is gone
             self.output_closed = True
             self._stop.set()
@@ -136,6 +139,10 @@ class Collector:
         if values:
             try:
                 self.encoded_output(values)
+            except BrokenPipeError:
+                self.output_closed = True
+                self._stop.set()
+                return
             except Exception as e:
                 self._output_failed(e, len(values))
         for raw in others:

@@ -1,8 +1,10 @@
 """The C capture path gives the events the Python path gives: on generated
-kernel records (any header values, paths with NULs and non-UTF-8 bytes,
-truncated records, loss records), collector/capture.c's EventEncoder writes
-the bytes codec.encode(Enricher.event(record)) writes, byte for byte, and
-leaves the same records to the per-record path."""
+kernel records (any header values, paths with NULs, control characters,
+non-ASCII and non-UTF-8 bytes, truncated records, loss records),
+collector/capture.c's EventEncoder writes the bytes
+codec.encode(Enricher.event(record)) writes, and the JSON lines
+json.dumps(Enricher.event(record)) writes, byte for byte, and leaves the
+same records to the per-record path."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def records(draw) -> bytes:
     name = st.binary(max_size=15).map(lambda b: b.split(b"\0")[0])
     h.comm, h.parent_comm = draw(st.sampled_from([b"python3", b"tmux: client", b"\xff\xfeodd"])), draw(name)
     path = draw(st.one_of(
-        st.lists(st.sampled_from([b"etc", b"passwd", b"", "späß".encode(), b"\xff\xc3", b"[eventfd]", b"a b"]),
+        st.lists(st.sampled_from([b"etc", b"passwd", b"", "späß €𝄞".encode(), b"\xff\xc3", b"[eventfd]", b"a b",
+                                  b'q"\\\n\t\x01\x7f\x1f']),
                  max_size=6).map(lambda cs: b"".join(c + b"\0" for c in cs)),
         st.binary(max_size=64)))
     h.path_len = draw(st.one_of(st.just(len(path)), u16))
@@ -66,18 +69,18 @@ def records(draw) -> bytes:
     return raw
 
 
-def _encoders():
+def _encoders(jsonl: bool = False):
     host, clock = HostInfo(), FixedClock(1_700_000_000_000_000_000)
-    c = B.BatchEncoder(Enricher(host, clock), prefer_c=True)
-    py = B.BatchEncoder(Enricher(host, clock), prefer_c=False)
+    c = B.BatchEncoder(Enricher(host, clock), prefer_c=True, jsonl=jsonl)
+    py = B.BatchEncoder(Enricher(host, clock), prefer_c=False, jsonl=jsonl)
     assert (c.kind, py.kind) == ("c", "python")
     return c, py
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(records(), min_size=1, max_size=40))
-def test_c_encoder_writes_what_the_python_path_writes(batch):
-    c, py = _encoders()
+@given(st.lists(records(), min_size=1, max_size=40), st.booleans())
+def test_c_encoder_writes_what_the_python_path_writes(batch, jsonl):
+    c, py = _encoders(jsonl)
     assert c.encode(batch) == py.encode(batch)
 
 
