@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
 
 from fdpass.collector.btf import BTF, BTFError
 from fdpass.errors import UserError
@@ -339,4 +338,5 @@ class Probes:
         return out
 
     def close(self) -> None:
+        self._ring = None  # unmaps the ring buffer before its map goes
         self.bpf.cleanup()

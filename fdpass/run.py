@@ -112,8 +112,9 @@ class StoreWriter(threading.Thread):
     def put_many(self, values: list[bytes]) -> None:
         """Queue a batch of encoded events (the collector stops reading while holding() says so)."""
         with self.cond:
+            first = not self.queue
             self.queue.extend(values)
-            if len(self.queue) >= self.batch_rows:
+            if first or len(self.queue) >= self.batch_rows:
                 self.cond.notify()
 
     def holding(self) -> bool:
@@ -135,14 +136,18 @@ class StoreWriter(threading.Thread):
 
         while True:
             with self.cond:
-                if not self.queue and not self.closing:
-                    self.cond.wait(self.batch_age)
+                while not self.queue and not self.closing:
+                    self.cond.wait()
                 if not self.queue:
-                    if self.closing:
-                        return
-                    continue
-                if len(self.queue) < self.batch_rows and not self.closing:
-                    self.cond.wait(self.batch_age)
+                    return  # closing, and everything is stored
+                # A batch goes at batch_rows, or batch_age after the writer
+                # saw its first event: the bound on how long a row waits.
+                deadline = time.monotonic() + self.batch_age
+                while len(self.queue) < self.batch_rows and not self.closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
                 n = min(len(self.queue), self.batch_rows)
                 values = list(islice(self.queue, n))
             token = f"run/{codec.decode(values[0])['event_id']}/{n}"
