@@ -97,7 +97,7 @@ RUN set -eux; \
     /opt/fdpass/venv/bin/pip install --no-cache-dir --upgrade pip; \
     /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: /tmp/wheels/fdpass-*.whl; \
     rm -rf /tmp/wheels; \
-    /opt/fdpass/venv/bin/python -c 'import fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
+    /opt/fdpass/venv/bin/python -c 'import fdpass.collector._capture, fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
     /opt/fdpass/venv/bin/fdpass --help >/dev/null
 
 COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers

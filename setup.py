@@ -12,7 +12,9 @@ _FLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-decl
 
 setup(
     ext_modules=[
-        Extension("fdpass.collector._capture", ["collector/capture.c"], extra_compile_args=_FLAGS, optional=True),
+        # capture.c reads the kernel's records through bpf/fdpass.h, the one layout.
+        Extension("fdpass.collector._capture", ["collector/capture.c"], depends=["bpf/fdpass.h"],
+                  extra_compile_args=_FLAGS, optional=True),
         Extension("fdpass.schemas._avro_writer", ["schemas/avro_writer.c"], extra_compile_args=_FLAGS, optional=True),
         Extension("fdpass.sinks._avro_to_native", ["sinks/avro_to_native.c"], extra_compile_args=_FLAGS, optional=True),
     ],
