@@ -115,10 +115,11 @@ TRACEPOINTS = tuple(
 
 # A record of a short path takes ~192 bytes of ring buffer (168-byte header,
 # the path's components, the ring's 8-byte record header, 8-byte aligned):
-# 16 MiB holds ~87k, a couple of seconds of a reader that falls behind a
-# burst, for 16 MiB of locked kernel memory.
+# 64 MiB of locked kernel memory holds ~350k, what `run` needs when its store
+# falls behind (it then stops reading: fdpass/run.py). Measured on a busy
+# 2-core VM at 150k events/s, 16 MiB lost 2% there and 64 MiB nothing.
 RECORD_BYTES = 192
-DEFAULT_RINGBUF_PAGES = 4096
+DEFAULT_RINGBUF_PAGES = 16384
 
 # Records per read: ~2-4 MB of copies, a few ms of work; the ring buffer is
 # released batch by batch, so it never waits long for its space.
