@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 
 from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, RECORD_BYTES, TRACEPOINTS
@@ -120,13 +121,24 @@ def filters_from_args(args):
 
 
 def _jsonl_output():
-    out = sys.stdout.buffer
-    write, join = out.write, b"".join
+    """Batches of lines straight to fd 1. Not through sys.stdout.buffer: on a
+    pipe whose reader lags, its write of a large batch was seen to keep part
+    of it only (a line cut and its rest lost, no error); a partial os.write
+    says how much went, and the rest is written after."""
+    sys.stdout.flush()
+    fd, join, write = sys.stdout.fileno(), b"".join, os.write
 
     def emit(lines: list[bytes]) -> None:
-        write(join(lines))
+        data = memoryview(join(lines))
+        while data:
+            try:
+                n = write(fd, data)
+            except BlockingIOError:  # stdout inherited non-blocking: wait for the reader
+                select.select([], [fd], [])
+                continue
+            data = data[n:]
 
-    return emit, out.flush
+    return emit, (lambda: None)
 
 
 def run_collect(args) -> int:
