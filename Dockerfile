@@ -103,7 +103,7 @@ RUN set -eux; \
     wheel="$(ls /tmp/wheels/fdpass-*.whl)"; \
     /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: "${wheel}${FDPASS_EXTRAS:+[$FDPASS_EXTRAS]}"; \
     rm -rf /tmp/wheels; \
-    /opt/fdpass/venv/bin/python -c 'import fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
+    /opt/fdpass/venv/bin/python -c 'import fdpass.collector._capture, fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
     /opt/fdpass/venv/bin/fdpass --help >/dev/null
 
 COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers

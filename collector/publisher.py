@@ -498,6 +498,31 @@ class KafkaPublisher:
             self._spooling = True
             self._to_spool(key, value)
 
+    def publish_encoded_many(self, key: bytes, values: list[bytes]) -> None:
+        """publish_encoded(key, value) for each value, in order: the capture
+        path hands its messages over a ring buffer batch at a time."""
+        if self._closed:
+            raise RuntimeError("publish after close()")
+        produce, topic = self._produce, self.topic
+        sent = 0
+        for value in values:
+            if self._spooling:
+                break
+            try:
+                produce(topic, value, key)
+            except BufferError:
+                break  # queue bound reached: this event and all after it go to the spool
+            sent += 1
+            self._produced += 1
+            if self._produced >= self._next_poll:
+                self._poll_inline()
+        if sent == len(values):
+            return
+        with self._lock:
+            self._spooling = True
+            for value in values[sent:]:
+                self._to_spool(key, value)
+
     def _poll_inline(self) -> None:
         # While events flow, the publishing thread serves delivery reports
         # itself, a thousand at a time: far cheaper than handing the GIL to

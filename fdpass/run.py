@@ -11,8 +11,9 @@ The collector thread only encodes and queues; a writer thread inserts, so a
 slow insert never stalls the ring buffer drain. Each insert carries a
 deduplication token derived from its first event id and size, so a retry
 after an insert whose answer was lost stores nothing twice. A failing store
-is retried with backoff, never dropped; past a memory bound (stated in
---help) the newest events are dropped, counted and logged.
+is retried with backoff, never dropped; while MAX_QUEUED events wait for
+it, the collector stops reading and the kernel ring buffer (--ringbuf-pages)
+holds the rest; past that the kernel drops the newest, counted and logged.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import islice
 
 from fdpass import defaults, logs
 from fdpass.errors import UserError
@@ -33,7 +35,7 @@ log = logging.getLogger("fdpass.run")
 DEFAULT_STORE = defaults.STORE_DIR
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
-MAX_QUEUED = 2_000_000  # ~200 bytes each: ~400 MB before anything is dropped
+MAX_QUEUED = 100_000  # encoded events waiting for the store (~400 bytes each: ~40 MB)
 
 RUN_HELP = """\
 Record every file descriptor passed on this host into an embedded ClickHouse
@@ -53,7 +55,7 @@ examples:
 
 
 def register(sub) -> None:
-    from fdpass.collector.cli import add_filter_arguments, seconds_arg
+    from fdpass.collector.cli import add_filter_arguments, add_ringbuf_argument, seconds_arg
 
     p = sub.add_parser("run", help="record on this host into embedded ClickHouse (no servers)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +65,7 @@ def register(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=BATCH_ROWS, help=f"insert at this many events (default {BATCH_ROWS})")
     p.add_argument("--batch-age", type=float, default=BATCH_AGE_S,
                    help=f"... or after this many seconds (default {BATCH_AGE_S})")
+    add_ringbuf_argument(p)
     p.add_argument("--no-status", action="store_true", help="no status line even on a terminal")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
@@ -97,26 +100,29 @@ class StoreWriter(threading.Thread):
         super().__init__(name="fdpass-store-writer", daemon=True)
         self.client, self.table, self.version = client, table, version
         self.batch_rows, self.batch_age = batch_rows, batch_age
-        self.queue: deque[tuple[str, bytes]] = deque()
+        self.queue: deque[bytes] = deque()
         self.cond = threading.Condition()
         self.closing = False
         self.stored = 0
-        self.dropped = 0
+        self.rejected = 0
         self.failures = 0
         self.last_insert_seconds = 0.0
         self.error: str | None = None
 
-    def put(self, event_id: str, value: bytes) -> None:
+    def put_many(self, values: list[bytes]) -> None:
+        """Queue a batch of encoded events (the collector stops reading while holding() says so)."""
         with self.cond:
-            if len(self.queue) >= MAX_QUEUED:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 10000 == 0:
-                    log.error("store is not keeping up: %d events dropped so far (queue bound %d)",
-                              self.dropped, MAX_QUEUED)
-                return
-            self.queue.append((event_id, value))
-            if len(self.queue) >= self.batch_rows:
+            first = not self.queue
+            self.queue.extend(values)
+            if first or len(self.queue) >= self.batch_rows:
                 self.cond.notify()
+
+    def holding(self) -> bool:
+        """True while MAX_QUEUED events wait: the collector then leaves records
+        in the kernel ring buffer (3x more compact than encoded messages, and
+        sized by --ringbuf-pages), and what does not fit there is counted as
+        ring buffer drops."""
+        return len(self.queue) >= MAX_QUEUED
 
     def close(self) -> None:
         with self.cond:
@@ -125,22 +131,26 @@ class StoreWriter(threading.Thread):
         self.join()
 
     def run(self) -> None:
+        from fdpass.schemas import codec
         from fdpass.sinks.writer import backoff_delays, insert_messages
 
         while True:
             with self.cond:
-                if not self.queue and not self.closing:
-                    self.cond.wait(self.batch_age)
+                while not self.queue and not self.closing:
+                    self.cond.wait()
                 if not self.queue:
-                    if self.closing:
-                        return
-                    continue
-                if len(self.queue) < self.batch_rows and not self.closing:
-                    self.cond.wait(self.batch_age)
+                    return  # closing, and everything is stored
+                # A batch goes at batch_rows, or batch_age after the writer
+                # saw its first event: the bound on how long a row waits.
+                deadline = time.monotonic() + self.batch_age
+                while len(self.queue) < self.batch_rows and not self.closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
                 n = min(len(self.queue), self.batch_rows)
-                batch = [self.queue[i] for i in range(n)]
-            values = [v for _, v in batch]
-            token = f"run/{batch[0][0]}/{n}"
+                values = list(islice(self.queue, n))
+            token = f"run/{codec.decode(values[0])['event_id']}/{n}"
             delays = backoff_delays()
             while True:
                 started = time.monotonic()
@@ -163,18 +173,19 @@ class StoreWriter(threading.Thread):
                 for _ in range(n):
                     self.queue.popleft()
                 self.stored += n - len(rejected)
-                self.dropped += len(rejected)
+                self.rejected += len(rejected)
 
 
 def run(args) -> int:
     logs.setup("run", args.verbose, args.log_format)
     if args.batch_rows <= 0 or args.batch_age <= 0:
         raise UserError("--batch-rows and --batch-age must be greater than 0")
-    from fdpass.collector.cli import filters_from_args
+    from fdpass.collector.cli import check_ringbuf_pages, filters_from_args
 
+    check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
     from fdpass.collector.collect import Collector
-    from fdpass.schemas import avro, codec
+    from fdpass.schemas import avro
     from fdpass.schemas.clickhouse import DATABASE, TABLE, ensure_schema
     from fdpass.sinks.store import open_store
 
@@ -189,20 +200,16 @@ def run(args) -> int:
         ensure_schema(client)
         writer = StoreWriter(client, f"{DATABASE}.{TABLE}", avro.CURRENT_VERSION, args.batch_rows, args.batch_age)
         writer.start()
-        encode = codec.encode
-
-        def output(event: dict) -> None:
-            writer.put(event["event_id"], encode(event))
-
         attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
                                  file=sys.stderr, flush=True)
-        collector = Collector(output, filters)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, encoded_output=writer.put_many,
+                              hold=writer.holding)
         if args.metrics:
             from fdpass import metrics
 
             metrics.serve(args.metrics, {"run": lambda: {
                 **collector.stats(), "stored": writer.stored, "store_backlog": len(writer.queue),
-                "dropped_store_backlog": writer.dropped, "store_failures": writer.failures,
+                "rejected_by_store": writer.rejected, "store_failures": writer.failures,
                 "store_insert_seconds": writer.last_insert_seconds}})
         collector.stop_on_signals()
         attached()  # after the metrics endpoint is up
@@ -212,11 +219,11 @@ def run(args) -> int:
         finally:
             status.clear()
             writer.close()
-        stats.update(stored=writer.stored, dropped_store_backlog=writer.dropped)
+        stats.update(stored=writer.stored, rejected_by_store=writer.rejected)
         print("fdpass run: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
         print(f"fdpass run: query it with: fdpass query --clickhouse chdb://{store_dir} "
               f"\"SELECT count() FROM {DATABASE}.{TABLE}\"", file=sys.stderr)
-        return 1 if writer.dropped else 0
+        return 1 if writer.rejected else 0
     finally:
         store.close()
 
