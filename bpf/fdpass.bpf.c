@@ -39,19 +39,10 @@
  * Records go to a ring buffer without per-record wakeups; user space drains it
  * on a short timer, and every WAKE_EVERY-th record forces a wakeup.
  */
-#include "fdpass.h"
+#include "fdpass_common.h"
 
 #ifndef WALK_STEPS
 #define WALK_STEPS 8       /* fds or messages handled per walk invocation */
-#endif
-#ifndef PATH_DEPTH
-#define PATH_DEPTH 40      /* dentry components walked per path */
-#endif
-#ifndef RUN_ID
-#define RUN_ID 0          /* collector/probes.py numbers each start within a boot */
-#endif
-#ifndef WAKE_EVERY
-#define WAKE_EVERY 256     /* power of two */
 #endif
 #ifndef COMPAT
 #define COMPAT 1           /* probes.py sets 0 where BTF has no thread_info.status (not x86) */
@@ -103,9 +94,6 @@
 #define SYS_RECVMSG_ 17
 #define SYS_RECVMMSG_ 19
 #define SYS_SENDMMSG_ 20
-
-/* Read a kernel value of type T at base + off. */
-#define KREAD(T, base, off) ({ T _v = 0; bpf_probe_read_kernel(&_v, sizeof(_v), (void *)((u64)(base) + (off))); _v; })
 
 struct pending {
     u64 msgvec;  /* user pointer: msghdr, or mmsghdr array */
@@ -178,8 +166,7 @@ struct work {
     struct xfer x;       /* RECV: the snapshot the installed files are checked against */
     struct xfer_key key;
     u64 msgvec;
-    u64 root_dentry;
-    u64 root_mnt;
+    struct kpath root;   /* the task's root: where paths start */
     u64 fd_array;        /* current->files->fdt->fd */
     u64 fpl;             /* SEND: the message's scm_fp_list (0: not found) */
     u64 skb;             /* SEND: the skb carrying fpl */
@@ -199,81 +186,15 @@ struct work {
     s32 fds[FDS_SLOTS];
 };
 
-/* Per-process facts that cost ~10 reads to gather and rarely change: kept by
- * tgid, and trusted only while the task's real_parent and nsproxy pointers
- * are still the ones they were read through (reparenting, setns and unshare
- * all replace one of them). */
-struct proc_info {
-    u64 real_parent;
-    u64 nsproxy;
-    u32 ppid;
-    u32 mntns_id;
-    u32 netns_id;
-    u32 pidns_id;
-};
-
 BPF_ARRAY(pending_slots, struct pending, PENDING_SLOTS);
 BPF_HASH(pending_spill, u32, struct pending, 16384);
 BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup at 0 */
 BPF_TABLE("lru_hash", u64, struct pending, uring_pending, 16384); /* io_uring: by struct io_kiocb address */
 BPF_TABLE("lru_hash", u64, struct sk_state, sk_states, 65536);
 BPF_TABLE("lru_hash", struct xfer_key, struct xfer, xfers, 16384);
-BPF_TABLE("lru_hash", u32, struct proc_info, procs, 8192);
 BPF_PERCPU_ARRAY(work, struct work, 1);
-BPF_PERCPU_ARRAY(stats, u64, FDP_STAT_N);
-BPF_ARRAY(seqno, u64, 2); /* [0] record sequence, [1] transfer ids */
 BPF_PROG_ARRAY(progs, 1);
 BPF_PROG_ARRAY(progs_raw, 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-#ifdef FILTER_MNTNS
-BPF_HASH(mntns_filter, u32, u8, 1024);
-#endif
-
-static __always_inline void stat_inc(u32 idx) {
-    u64 *v = stats.lookup(&idx);
-    if (v)
-        *v += 1;
-}
-
-static __always_inline u64 next_id(u32 which) {
-    u64 *n = seqno.lookup(&which);
-    return ((u64)RUN_ID << 48) | (n ? __sync_fetch_and_add(n, 1) : 0);
-}
-
-static __always_inline u32 task_mntns(u64 task) {
-    u64 nsproxy = KREAD(u64, task, OFF_TASK_NSPROXY);
-    u64 mnt_ns = KREAD(u64, nsproxy, OFF_NSPROXY_MNT_NS);
-    return KREAD(u32, mnt_ns, OFF_MNT_NAMESPACE_INUM);
-}
-
-/* Filters run on enter, after the cheap "is there control data" test. */
-static __always_inline int filtered_out(void) {
-#ifdef FILTER_PID
-    if ((bpf_get_current_pid_tgid() >> 32) != FILTER_PID)
-        return 1;
-#endif
-#ifdef FILTER_MNTNS
-    u32 ns = task_mntns(bpf_get_current_task());
-    if (!mntns_filter.lookup(&ns))
-        return 1;
-#endif
-    return 0;
-}
-
-/* current->files->fdt: the fd array and its size, in one read when adjacent. */
-static __always_inline u64 fd_array_of(u64 task, u32 *max_fds) {
-    u64 files = KREAD(u64, task, OFF_TASK_FILES);
-    u64 fdt = KREAD(u64, files, OFF_FILES_FDT);
-#if OFF_FDTABLE_FD == OFF_FDTABLE_MAX_FDS + 8
-    struct { u32 max_fds; u32 pad; u64 fd; } t = {};
-    bpf_probe_read_kernel(&t, sizeof(t), (void *)(fdt + OFF_FDTABLE_MAX_FDS));
-    *max_fds = t.max_fds;
-    return t.fd;
-#else
-    *max_fds = KREAD(u32, fdt, OFF_FDTABLE_MAX_FDS);
-    return KREAD(u64, fdt, OFF_FDTABLE_FD);
-#endif
-}
 
 /* The struct sock of a socket file if it is a unix socket, else 0. */
 static __always_inline u64 unix_sk_of_file(u64 file) {
@@ -688,31 +609,6 @@ static __always_inline u64 fd_file(struct work *w, s32 fd) {
     return KREAD(u64, w->fd_array, (u64)fd * 8);
 }
 
-/* struct path is { vfsmount *mnt; dentry *dentry; } on every kernel: one read. */
-struct kpath {
-    u64 mnt;
-    u64 dentry;
-};
-
-static __always_inline struct proc_info *proc_info(u64 task, u32 tgid) {
-    u64 parent = KREAD(u64, task, OFF_TASK_REAL_PARENT);
-    u64 nsproxy = KREAD(u64, task, OFF_TASK_NSPROXY);
-    struct proc_info *pi = procs.lookup(&tgid);
-    if (pi && pi->real_parent == parent && pi->nsproxy == nsproxy)
-        return pi;
-    struct proc_info fresh = {.real_parent = parent, .nsproxy = nsproxy};
-    fresh.ppid = KREAD(u32, parent, OFF_TASK_TGID);
-    fresh.mntns_id = KREAD(u32, KREAD(u64, nsproxy, OFF_NSPROXY_MNT_NS), OFF_MNT_NAMESPACE_INUM);
-    fresh.netns_id = KREAD(u32, KREAD(u64, nsproxy, OFF_NSPROXY_NET_NS), OFF_NET_INUM);
-    /* The active pid namespace: thread_pid->numbers[level].ns (fixed for a task's life) */
-    u64 tpid = KREAD(u64, task, OFF_TASK_THREAD_PID);
-    u32 level = KREAD(u32, tpid, OFF_PID_LEVEL);
-    u64 pidns = KREAD(u64, tpid, OFF_PID_NUMBERS + (u64)(level & 31) * SIZEOF_UPID + OFF_UPID_NS);
-    fresh.pidns_id = KREAD(u32, pidns, OFF_PID_NAMESPACE_INUM);
-    procs.update(&tgid, &fresh);
-    return procs.lookup(&tgid);
-}
-
 /* Fill the per-task, per-call part of the record. Returns 0 to go on. */
 static __always_inline int begin(struct work *w, struct pending *p, long ret, int alone) {
     u64 task = bpf_get_current_task();
@@ -726,30 +622,9 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
         KREAD(u16, socket, OFF_SOCKET_TYPE) == SOCK_STREAM_)
         return -1;
 
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u64 uid_gid = bpf_get_current_uid_gid();
-    ev->ktime_ns = bpf_ktime_get_ns();
-    ev->pid = pid_tgid >> 32;
-    ev->tid = (u32)pid_tgid;
-    ev->uid = (u32)uid_gid;
-    ev->gid = uid_gid >> 32;
-    ev->cgroup_id = bpf_get_current_cgroup_id();
-    if (p->probe == FDP_PROBE_TRACEPOINT && p->syscall >= FDP_SYS_URING_SENDMSG) {
-        /* io-wq workers are named iou-wrk-PID: name the ring owner's process */
-        u64 leader = KREAD(u64, task, OFF_TASK_GROUP_LEADER);
-        bpf_probe_read_kernel(ev->comm, sizeof(ev->comm), (void *)(leader + OFF_TASK_COMM));
-    } else {
-        bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-    }
-    struct proc_info *pi = proc_info(task, ev->pid);
-    if (!pi)
+    /* io-wq workers are named iou-wrk-PID: name the ring owner's process */
+    if (fill_task(ev, task, p->probe == FDP_PROBE_TRACEPOINT && p->syscall >= FDP_SYS_URING_SENDMSG) != 0)
         return -1;
-    ev->ppid = pi->ppid;
-    ev->mntns_id = pi->mntns_id;
-    ev->netns_id = pi->netns_id;
-    ev->pidns_id = pi->pidns_id;
-    /* Read every time: the parent may have exec'd since it was cached. */
-    bpf_probe_read_kernel(ev->parent_comm, sizeof(ev->parent_comm), (void *)(pi->real_parent + OFF_TASK_COMM));
 
     ev->sock_fd = p->sock_fd;
     /* SOCK_INODE(): the inode sits beside the socket in struct socket_alloc */
@@ -773,10 +648,7 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
     ev->flags = peer_flag;
     ev->transfer_id = 0;
 
-    struct kpath root = {};
-    bpf_probe_read_kernel(&root, sizeof(root), (void *)(KREAD(u64, task, OFF_TASK_FS) + OFF_FS_ROOT));
-    w->root_mnt = root.mnt;
-    w->root_dentry = root.dentry;
+    task_root(task, &w->root);
 
     w->msgvec = p->msgvec;
     w->compat = p->abi != FDP_ABI_X86_64;
@@ -818,91 +690,7 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
     return 0;
 }
 
-/* Send w->ev (header + ev.path_len bytes of path) to user space. */
-static __always_inline void emit(void *ctx, struct work *w) {
-    struct fdp_event *ev = &w->ev;
-    ev->seq = next_id(0);
-    u64 size = offsetof(struct fdp_event, path) + ev->path_len;
-    /* Keep the bound check and the use on one register, or clang may test a
-     * copy and the verifier sees an unbounded size. */
-    asm volatile("" : "+r"(size));
-    if (size > sizeof(struct fdp_event))
-        size = sizeof(struct fdp_event);
-    asm volatile("" : "+r"(size));
-    /* Wake the reader once every WAKE_EVERY records, not per record (a wakeup
-     * costs ~5 us); it also drains on a short timer, so nothing waits long. */
-    u64 wake = (ev->seq & (WAKE_EVERY - 1)) == 0 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-    if (events.ringbuf_output(ev, size, wake) != 0)
-        stat_inc(FDP_STAT_RB_DROPS);
-    else
-        stat_inc(FDP_STAT_EVENTS);
-}
-
-/* Walk dentries from the file up to the task's root, crossing mounts, writing
- * names leaf first into ev->path. Mirrors the kernel's d_path()/prepend_path().
- *
- * The running length and count live in the map value (ev->path_len,
- * ev->ncomp), not in locals: the verifier tracks locals precisely, so a
- * length that differs between the "cross a mount" and "take a name" branches
- * would keep it from merging states and it would explore every combination
- * of branches over PATH_DEPTH steps. Values loaded from map memory are
- * unknown scalars, bounded by the mask, and the states merge. */
-static __always_inline void walk_path(struct work *w, u64 dentry, u64 vfsmnt) {
-    struct fdp_event *ev = &w->ev;
-    u64 mount = vfsmnt - OFF_MOUNT_MNT;
-    ev->path_len = 0;
-    ev->ncomp = 0;
-
-    /* Pseudo files (sockets, pipes, anon inodes, memfds) name themselves
-     * through d_op->d_dname, unless the dentry is its mount's root. */
-    u64 dop = KREAD(u64, dentry, OFF_DENTRY_D_OP);
-    if (dop && KREAD(u64, dop, OFF_DENTRY_OPERATIONS_D_DNAME)) {
-        u64 parent = KREAD(u64, dentry, OFF_DENTRY_D_PARENT);
-        if (parent != dentry || dentry != KREAD(u64, vfsmnt, OFF_VFSMOUNT_MNT_ROOT)) {
-            u64 name = KREAD(u64, dentry, OFF_DENTRY_D_NAME_NAME);
-            long n = bpf_probe_read_kernel_str(ev->path, FDP_NAME_MAX, (void *)name);
-            ev->flags |= FDP_F_DNAME;
-            ev->ncomp = 1;
-            ev->path_len = n > 0 ? (u16)n : 0;
-            return;
-        }
-    }
-    /* d_unlinked(): unhashed and not a root */
-    if (!KREAD(u64, dentry, OFF_DENTRY_D_HASH_PPREV) && KREAD(u64, dentry, OFF_DENTRY_D_PARENT) != dentry)
-        ev->flags |= FDP_F_DELETED;
-
-    for (int i = 0; i < PATH_DEPTH; i++) {
-        if (dentry == w->root_dentry && vfsmnt == w->root_mnt)
-            return;
-        u64 mnt_root = KREAD(u64, vfsmnt, OFF_VFSMOUNT_MNT_ROOT);
-        if (dentry == mnt_root) {
-            u64 parent_mount = KREAD(u64, mount, OFF_MOUNT_MNT_PARENT);
-            if (parent_mount == mount)
-                return; /* global root, or a detached mount */
-            dentry = KREAD(u64, mount, OFF_MOUNT_MNT_MOUNTPOINT);
-            mount = parent_mount;
-            vfsmnt = mount + OFF_MOUNT_MNT;
-            continue;
-        }
-        u64 parent = KREAD(u64, dentry, OFF_DENTRY_D_PARENT);
-        if (parent == dentry)
-            return; /* an unreachable root: the kernel stops here too */
-        u32 len = ev->path_len;
-        if (len >= FDP_PATH_MAX) {
-            ev->flags |= FDP_F_PATH_TRUNC;
-            return;
-        }
-        u64 name = KREAD(u64, dentry, OFF_DENTRY_D_NAME_NAME);
-        long n = bpf_probe_read_kernel_str(&ev->path[len & (FDP_PATH_MAX - 1)], FDP_NAME_MAX, (void *)name);
-        if (n > 0)
-            ev->path_len = len + (u32)n;
-        ev->ncomp += 1;
-        dentry = parent;
-    }
-    /* Depth bound reached: unless this is the root, the path is incomplete. */
-    if (!(dentry == w->root_dentry && vfsmnt == w->root_mnt))
-        ev->flags |= FDP_F_PATH_TRUNC;
-}
+static __always_inline void emit(void *ctx, struct work *w) { emit_event(ctx, &w->ev); }
 
 /* The file to report for fd at position index, and whether it is verified. */
 static __always_inline u64 file_for(struct work *w, s32 fd, u32 index, u8 *verified) {
@@ -952,16 +740,7 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
         emit(ctx, w);
         return;
     }
-    u64 inode = KREAD(u64, file, OFF_FILE_F_INODE);
-    ev->file_flags = KREAD(u32, file, OFF_FILE_F_FLAGS);
-    ev->file_ino = KREAD(u64, inode, OFF_INODE_I_INO);
-    ev->i_mode = KREAD(u16, inode, OFF_INODE_I_MODE);
-    u64 sb = KREAD(u64, inode, OFF_INODE_I_SB);
-    ev->file_dev = KREAD(u32, sb, OFF_SUPER_BLOCK_S_DEV);
-    ev->sb_magic = (u32)KREAD(u64, sb, OFF_SUPER_BLOCK_S_MAGIC);
-    struct kpath fp = {};
-    bpf_probe_read_kernel(&fp, sizeof(fp), (void *)(file + OFF_FILE_F_PATH));
-    walk_path(w, fp.dentry, fp.mnt);
+    u64 inode = fill_file(ev, file, &w->root);
     /* SEND: the reads above were of the file the list held if the list still
      * holds it now, or else (a receiver took the list meanwhile) if the sender
      * still has that same file, on the same inode, open at fd. */

@@ -22,6 +22,12 @@
 #define FDP_KIND_FD 1   /* one passed descriptor */
 #define FDP_KIND_LOSS 2 /* descriptors a bound kept us from reporting; fd_count says how many
                            (0: unknown, e.g. sendmmsg messages past the walk budget) */
+/* The in-kernel backend (bpf/fdpass_kernel.bpf.c) sees each fd where the kernel moves it,
+ * before the call's outcome is known: its FD records wait in user space for these two. */
+#define FDP_KIND_MSG_END 3  /* one message of the thread's call is done: msg_index, fd_count
+                               (its FD records), sock_ino, peer_sock_ino, FDP_F_PEER/CTRUNC;
+                               fd_index 1 = its fds reached the peer (SEND) or were installed */
+#define FDP_KIND_CALL_END 4 /* the thread's call is done: syscall, abi, sock_fd, ret */
 
 /* direction */
 #define FDP_DIR_SEND 1
@@ -44,6 +50,7 @@
 /* probe: the kind of hook that produced the record */
 #define FDP_PROBE_TRACEPOINT 1     /* syscalls:sys_{enter,exit}_* and io_uring:* */
 #define FDP_PROBE_RAW_TRACEPOINT 2 /* raw_syscalls sys_enter/sys_exit (compat calls) */
+#define FDP_PROBE_FENTRY 3         /* fentry/fexit on the kernel functions that move the files */
 
 /* flags */
 #define FDP_F_PATH_TRUNC 0x01 /* the path walk hit a bound: path is incomplete */

@@ -73,6 +73,7 @@ class BTF:
         self._types = [0]
         self._struct_by_name: dict[str, int] = {}
         self._enum_ids: list[int] = []
+        self._func_by_name: dict[str, int] = {}
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         unpack = struct.unpack_from
         while pos < end:
@@ -86,6 +87,8 @@ class BTF:
                 self._struct_by_name.setdefault(self._str(name_off), tid)
             elif kind == KIND_ENUM or kind == KIND_ENUM64:
                 self._enum_ids.append(tid)
+            elif kind == KIND_FUNC and name_off:
+                self._func_by_name.setdefault(self._str(name_off), tid)
             fixed, per = _TRAILER.get(kind, (0, 0))
             pos += 12 + fixed + per * vlen
 
@@ -192,3 +195,16 @@ class BTF:
             return True
         except BTFError:
             return False
+
+    def func_params(self, name: str) -> list[str] | None:
+        """Parameter names of kernel function `name` (a BTF FUNC: what fentry/fexit
+        can attach to), or None when the kernel has no such function (inlined,
+        static and dropped, or renamed)."""
+        tid = self._func_by_name.get(name)
+        if tid is None:
+            return None
+        proto = self._header(tid)[4] & 0xFFFFFFFF
+        pos, _n, kind, vlen, _s = self._header(proto)
+        if kind != KIND_FUNC_PROTO:
+            return None
+        return [self._str(struct.unpack_from("<I", self._data, pos + 12 + 8 * i)[0]) for i in range(vlen)]

@@ -7,13 +7,23 @@ import json
 import os
 import sys
 
-from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, TRACEPOINTS
+from fdpass.collector.probes import BACKENDS, DEFAULT_RINGBUF_PAGES
 from fdpass import logs
 from fdpass.errors import UserError
 
 COLLECT_HELP = """\
 Trace every file descriptor passed over a unix socket (SCM_RIGHTS), on the
-send and on the receive side, with eBPF syscall tracepoints. Needs root.
+send and on the receive side, with eBPF. Needs root.
+
+Two capture backends (--backend; `fdpass doctor` says which one runs here):
+  kernel      fentry/fexit on the kernel functions that move the files
+              (__scm_send, scm_detach_fds, ...): exact fd and file on both
+              sides, every entry point (64-bit, 32-bit, io_uring) at once.
+              Needs a kernel that allows fentry (e.g. Debian's, Ubuntu's).
+  tracepoint  syscall, raw_syscalls and io_uring tracepoints: runs wherever
+              BTF and tracepoints exist; file_verified says which events rest
+              on the kernel's own SCM_RIGHTS list.
+  auto        (default) kernel when its hooks load here, else tracepoint.
 
 One event per passed descriptor; field names are the data contract (README,
 "The event"). Once every probe is attached, a line containing
@@ -26,6 +36,7 @@ examples:
   fdpass collect --jsonl --pid 1234           only process 1234
   fdpass collect --jsonl --container 3f2a9c   only that container's mount namespaces
   fdpass collect --kafka 127.0.0.1:9092       publish Avro events to Kafka
+  fdpass collect --jsonl --backend tracepoint the tracepoint backend even where fentry works
 """
 
 
@@ -61,6 +72,13 @@ def _mntns_list(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def add_backend_argument(p) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="capture backend: kernel (in-kernel fentry hooks, exact), tracepoint (syscall "
+                   "tracepoints, runs everywhere), or auto (default: kernel when it loads here, else "
+                   "tracepoint; `fdpass doctor` says which and why)")
+
+
 def add_filter_arguments(p) -> None:
     filt = p.add_argument_group("filters (applied in the kernel)")
     filt.add_argument("--pid", type=_positive_int, help="only this process (thread group id)")
@@ -75,6 +93,7 @@ def register(sub) -> None:
     out = p.add_argument_group("output (choose one)")
     out.add_argument("--jsonl", action="store_true", help="write one JSON object per event on stdout")
     add_filter_arguments(p)
+    add_backend_argument(p)
     p.add_argument("--duration", type=seconds_arg, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
     p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
                    help="kernel ring buffer size in 4 KiB pages, a power of two (default 4096 = 16 MiB, ~90k records: about two seconds of a reader falling behind at full rate)")
@@ -93,7 +112,8 @@ def register(sub) -> None:
 
     d = sub.add_parser("doctor", help="check this kernel and machine for what fdpass needs",
                        description="Check BTF, tracepoints, kprobes, fentry, bcc, kernel headers and "
-                       "privileges; print a verdict and the fix for each. Exit 1 if fdpass cannot run.")
+                       "privileges; say which capture backend `collect` and `run` will use here and why "
+                       "(--backend auto); print a verdict and the fix for each. Exit 1 if fdpass cannot run.")
     d.set_defaults(func=run_doctor)
 
 
@@ -140,10 +160,12 @@ def run_collect(args) -> int:
         emit, flush = _jsonl_output()
 
     def attached() -> None:
-        print("fdpass collect: probes attached (" + ", ".join(TRACEPOINTS) + ")", file=sys.stderr, flush=True)
+        p = collector.probes
+        print(f"fdpass collect: probes attached ({p.backend} backend: {p.why}; " + ", ".join(p.hooks) + ")",
+              file=sys.stderr, flush=True)
 
     try:
-        collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages)
+        collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages, backend=args.backend)
     except BaseException:
         if publisher is not None:
             publisher.close()  # releases the spool; nothing was published yet

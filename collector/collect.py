@@ -17,7 +17,8 @@ from typing import Callable
 
 from fdpass.collector import records as R
 from fdpass.collector.enrich import Enricher
-from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, Filters, Probes
+from fdpass.collector.kernel_calls import KernelCalls
+from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, Filters, open_probes
 from fdpass.errors import UserError
 
 log = logging.getLogger("fdpass.collect")
@@ -59,11 +60,14 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 class Collector:
     def __init__(self, output: Callable[[dict], None], filters: Filters | None = None,
                  ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                 tuning: dict[str, int] | None = None):
+                 tuning: dict[str, int] | None = None, backend: str = "auto"):
+        """backend: auto, kernel or tracepoint (collector/probes.py: open_probes)."""
         self.output = output
         self.counters = Counters()
         self.enricher = Enricher()
-        self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning)
+        self.kernel_calls = KernelCalls()
+        self.probes = open_probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning, backend=backend)
+        log.info("capture backend: %s (%s)", self.probes.backend, self.probes.why)
         self.probes.open(self._on_record)
         self._stop = threading.Event()
         self.output_closed = False
@@ -75,6 +79,10 @@ class Collector:
             self.counters.bad_records += 1
             log.error("%s", e)
             return
+        if rec.probe == R.PROBE_FENTRY:
+            for done, done_raw in self.kernel_calls.add(rec, raw):
+                self._report(done, done_raw)
+            return
         if rec.kind == R.KIND_LOSS:
             self.counters.loss_records += 1
             self.counters.lost_fds_known += rec.fd_count
@@ -85,6 +93,9 @@ class Collector:
                 f"{rec.fd_count} fds" if rec.fd_count else "whole messages",
             )
             return
+        self._report(rec, raw)
+
+    def _report(self, rec: R.Record, raw: bytes) -> None:
         event = self.enricher.event(rec, raw)
         self.counters.events[event["direction"]] += 1
         # This runs inside bcc's C callback, where an exception would only be
@@ -112,6 +123,7 @@ class Collector:
             "kernel_budget_exhausted": k["budget_exhausted"],
             "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,
+            "kernel_calls_unfinished": self.kernel_calls.unfinished_dropped,
             "bad_records": self.counters.bad_records,
             "output_errors": self.counters.output_errors,
         }

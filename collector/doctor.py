@@ -56,12 +56,44 @@ def check_tracepoints() -> Check:
     return Check("tracepoints", "OK", f"{len(TRACEPOINTS)} syscall tracepoints present ({d})")
 
 
-def coverage_checks() -> list[Check]:
+def kernel_backend_reason() -> str | None:
+    """Why `--backend auto` will not use the in-kernel backend here (None: it will)."""
+    from fdpass.collector.probes import kernel_unavailable_reason
+
+    return kernel_unavailable_reason()
+
+
+def check_backend(reason: str | None) -> Check:
+    if reason is None:
+        return Check("capture backend", "OK", "kernel: fentry/fexit on the kernel functions that move the files "
+                     "load here, so --backend auto uses them (exact fds and files, file_verified always true)")
+    return Check("capture backend", "OK", "tracepoint: --backend auto falls back to it, the in-kernel backend "
+                 "cannot run here (see fentry above)")
+
+
+def coverage_checks(kernel_reason: str | None) -> list[Check]:
     """Each way an fd can move over a unix socket: seen on this kernel or not, and why.
     The README's "What it sees" section says the same; docs/kernel.md says how."""
     from fdpass.collector.btf import BTF, BTFError
-    from fdpass.collector.probes import kernel_defines
+    from fdpass.collector.probes import kernel_defines, kernel_plan
 
+    if kernel_reason is None:
+        _defines, hooks = kernel_plan(BTF.load())
+        uring = [h for h in hooks if h.startswith("io_")]
+        out = [Check("seen: every entry point", "OK", "native, compat (32-bit programs, int $0x80, x32, "
+                     "socketcall) and io_uring transfers all pass the hooked functions: " + ", ".join(
+                         h for h in hooks if not h.startswith("io_")))]
+        if uring:
+            out.append(Check("seen: io_uring", "OK", "IORING_OP_SENDMSG, RECVMSG" + (", SENDMSG_ZC" if len(uring) > 2
+                             else "") + " named as such (" + ", ".join(uring) + ")"))
+        else:
+            out.append(Check("io_uring naming", "WARN", "io_sendmsg/io_recvmsg are not in BTF: io_uring transfers "
+                             "are seen but their calls are not named, so they are not reported",
+                             "--backend tracepoint reports them from the io_uring tracepoints"))
+        out.append(Check("not seen: io_uring", "WARN", "IORING_OP_MSG_RING with IORING_MSG_SEND_FD (moves a file "
+                         "between rings, no SCM_RIGHTS); multishot RECVMSG is not checked",
+                         "out of scope for now: docs/kernel.md, \"What is not seen\""))
+        return out
     try:
         _defines, cov = kernel_defines(BTF.load())
     except BTFError as e:
@@ -84,34 +116,31 @@ def coverage_checks() -> list[Check]:
     out.append(Check("not seen: io_uring", "WARN", "IORING_OP_MSG_RING with IORING_MSG_SEND_FD (moves a file "
                      "between rings, no SCM_RIGHTS) and multishot RECVMSG (fds land in provided buffers)",
                      "out of scope for now: docs/kernel.md, \"What is not seen\""))
-    if os.path.exists(os.path.join(d, "kprobe_events")):
-        out.append(Check("not seen: in-kernel", "WARN", "this kernel has kprobes, but fdpass does not hook the "
-                         "kernel's SCM_RIGHTS functions yet: only the paths above are seen"))
-    else:
-        out.append(Check("in-kernel hooks", "OK", "none on this kernel (no kprobes, fentry refused): the "
-                         "tracepoints above are the capture paths"))
     return out
 
 
 def check_kprobes() -> Check:
     d = _tracefs()
     if d and os.path.exists(os.path.join(d, "kprobe_events")):
-        return Check("kprobes", "OK", "available (optional; fdpass uses tracepoints)")
-    return Check("kprobes", "WARN", "not available (CONFIG_KPROBES off)",
-                 "none needed: fdpass captures from tracepoints (syscalls, raw_syscalls, io_uring)")
+        return Check("kprobes", "OK", "available (not used: the in-kernel backend hooks with fentry/fexit)")
+    return Check("kprobes", "OK", "not available (CONFIG_KPROBES off); not needed: the in-kernel backend hooks "
+                 "with fentry/fexit, the tracepoint backend with tracepoints")
 
 
-def check_fentry() -> Check:
+def check_fentry(reason: str | None) -> Check:
+    if reason is None:
+        return Check("fentry", "OK", "fentry/fexit programs load and attach (the in-kernel backend)")
     lockdown = ""
     try:
         with open("/sys/kernel/security/lockdown") as f:
             lockdown = f.read().strip()
     except OSError:
         pass
-    detail = "not used by fdpass"
+    detail = f"in-kernel backend unavailable: {reason}"
     if "[integrity]" in lockdown or "[confidentiality]" in lockdown:
-        detail += f"; kernel lockdown is {lockdown.split('[')[1].split(']')[0]} (fentry/LSM programs are likely refused)"
-    return Check("fentry", "OK", detail)
+        detail += f"; kernel lockdown is {lockdown.split('[')[1].split(']')[0]}"
+    return Check("fentry", "WARN", detail, "none needed: the tracepoint backend captures here "
+                 "(file_verified says which events it could check against the kernel's list)")
 
 
 def check_bcc() -> Check:
@@ -138,17 +167,17 @@ def check_headers() -> Check:
 
 
 def check_compile() -> Check:
-    """The real thing: compile, load and attach the probes, then detach."""
-    from fdpass.collector.probes import Probes
+    """The real thing: compile, load and attach the probes `--backend auto` picks, then detach."""
+    from fdpass.collector.probes import open_probes
     from fdpass.errors import UserError
 
     try:
-        p = Probes()
+        p = open_probes()
     except UserError as e:
         return Check("probes", "FAIL", str(e), "fix the FAIL lines above first")
     secs = p.load_seconds
     p.close()
-    return Check("probes", "OK", f"compiled, loaded and attached in {secs:.1f} s")
+    return Check("probes", "OK", f"{p.backend} backend compiled, loaded and attached in {secs:.1f} s")
 
 
 # The C parts (setup.py): optional, same results, several times faster.
@@ -175,15 +204,15 @@ def check_accelerators() -> Check:
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (
-    check_privileges, check_btf, check_tracepoints, check_kprobes, check_fentry, check_bcc, check_headers,
-    check_accelerators,
+    check_privileges, check_btf, check_tracepoints, check_kprobes, check_bcc, check_headers, check_accelerators,
 )
 
 
 def run_checks(out: TextIO) -> int:
     results = [c() for c in CHECKS]
     if all(r.verdict != "FAIL" for r in results):
-        results += coverage_checks()
+        reason = kernel_backend_reason()
+        results += [check_fentry(reason), check_backend(reason)] + coverage_checks(reason)
     if all(r.verdict != "FAIL" for r in results):
         results.append(check_compile())
     width = max(len(r.name) for r in results)

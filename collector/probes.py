@@ -1,8 +1,14 @@
-"""Load bpf/fdpass.bpf.c with bcc, with kernel struct offsets from BTF.
+"""Load one of fdpass's two capture backends with bcc, with kernel struct offsets from BTF.
+
+- "kernel": bpf/fdpass_kernel.bpf.c, fentry/fexit on the kernel functions
+  that move the files (exact, every entry point); where the kernel allows it.
+- "tracepoint": bpf/fdpass.bpf.c, syscall, raw_syscalls and io_uring
+  tracepoints; runs wherever BTF and tracepoints exist.
 
 The BPF C reads every kernel struct member at OFF_* byte offsets; this
 module is where they come from (the running kernel's BTF, never headers),
-and where the compiled programs are attached and the ring buffer drained.
+where the kernel functions the kernel backend hooks are checked against
+BTF, and where the compiled programs are attached and the ring buffer drained.
 """
 
 from __future__ import annotations
@@ -102,6 +108,45 @@ URING_OPTIONAL_OPS = {"IORING_OP_SENDMSG_ZC_": "IORING_OP_SENDMSG_ZC"}  # Linux 
 URING_SUBMIT = ("io_uring:io_uring_submit_req", "io_uring:io_uring_submit_sqe")
 URING_COMPLETE = "io_uring:io_uring_complete"
 
+# The kernel backend: offsets beyond OFFSETS, and the functions it hooks with
+# their parameters as BTF names them (fentry/fexit read arguments by position,
+# so a kernel whose parameters differ is refused rather than misread).
+KERNEL_OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_SCM_COOKIE_FP": ("scm_cookie", "fp"),
+    "OFF_MSGHDR_MSG_FLAGS": ("msghdr", "msg_flags"),
+    "OFF_TASK_FLAGS": ("task_struct", "flags"),
+    "OFF_TASK_TI_STATUS": ("task_struct", "thread_info.status"),
+}
+KERNEL_URING_OFFSETS: dict[str, tuple[str, str]] = {
+    "OFF_IO_KIOCB_CTX": ("io_kiocb", "ctx"),
+    "OFF_IO_KIOCB_FLAGS": ("io_kiocb", "flags"),
+    "OFF_IO_KIOCB_CQE": ("io_kiocb", "cqe"),
+    "OFF_IO_CQE_FD": ("io_cqe", "fd"),
+    "OFF_IO_CQE_RES": ("io_cqe", "res"),
+}
+KERNEL_FUNCS: dict[str, list[str]] = {
+    "__scm_send": ["sock", "msg", "p"],
+    "fget_raw": ["fd"],
+    "scm_fp_dup": ["fpl"],
+    "scm_detach_fds": ["msg", "scm"],
+    "unix_stream_sendmsg": ["sock", "msg", "len"],
+    "unix_dgram_sendmsg": ["sock", "msg", "len"],
+    "unix_stream_recvmsg": ["sock", "msg", "size", "flags"],
+    "unix_dgram_recvmsg": ["sock", "msg", "size", "flags"],
+    "__sys_sendmsg": ["fd", "msg", "flags", "forbid_cmsg_compat"],
+    "__sys_sendmmsg": ["fd", "mmsg", "vlen", "flags", "forbid_cmsg_compat"],
+    "__sys_recvmsg": ["fd", "msg", "flags", "forbid_cmsg_compat"],
+    "do_recvmmsg": ["fd", "mmsg", "vlen", "flags", "timeout"],
+}
+# scm_detach_fds installs each file with __receive_fd(file, ufd, o_flags) on
+# Linux 5.13-6.6 (receive_fd(file, o_flags) is pidfd_getfd's there) and with
+# receive_fd(file, ufd, o_flags) after: RECEIVE_FD_HOOK 1 or 0.
+RECEIVE_FD = (("__receive_fd", 1), ("receive_fd", 0))
+RECEIVE_FD_PARAMS = ["file", "ufd", "o_flags"]
+KERNEL_URING_FUNCS = {"io_sendmsg": ["req", "issue_flags"], "io_recvmsg": ["req", "issue_flags"]}
+KERNEL_URING_ZC = "io_sendmsg_zc"
+BACKENDS = ("auto", "kernel", "tracepoint")
+
 TRACEPOINTS = tuple(
     f"syscalls:sys_{phase}_{call}"
     for call in ("sendmsg", "sendmmsg", "recvmsg", "recvmmsg")
@@ -176,6 +221,40 @@ def kernel_defines(btf: BTF) -> tuple[dict[str, int], Coverage]:
     return out, cov
 
 
+def kernel_plan(btf: BTF) -> tuple[dict[str, int], list[str]]:
+    """-D values of bpf/fdpass_kernel.bpf.c for this kernel and the functions it
+    hooks; BTFError when a function or offset it needs is missing or has
+    other parameters (the kernel backend cannot run here)."""
+    for fn, params in KERNEL_FUNCS.items():
+        got = btf.func_params(fn)
+        if got != params:
+            raise BTFError(f"kernel function {fn}({', '.join(params)}) is "
+                           + ("not in BTF (inlined or absent)" if got is None else f"{fn}({', '.join(got)}) here"))
+    hooks = list(KERNEL_FUNCS)
+    out = {name: btf.offsetof(s, m) for name, (s, m) in OFFSETS.items()}
+    out.update({name: btf.sizeof(s) for name, s in SIZES.items()})
+    out.update({name: btf.offsetof(s, m) for name, (s, m) in KERNEL_OFFSETS.items()})
+    for fn, flag in RECEIVE_FD:
+        if btf.func_params(fn) == RECEIVE_FD_PARAMS:
+            out["RECEIVE_FD_HOOK"] = flag
+            hooks.append(fn)
+            break
+    else:
+        raise BTFError(f"no kernel function installs received fds as ({', '.join(RECEIVE_FD_PARAMS)}): "
+                       "neither __receive_fd nor receive_fd has those parameters")
+    out["URING"] = int(all(btf.func_params(fn) == p for fn, p in KERNEL_URING_FUNCS.items()))
+    out["URING_SENDMSG_ZC"] = 0
+    if out["URING"]:
+        out.update({name: btf.offsetof(s, m) for name, (s, m) in KERNEL_URING_OFFSETS.items()})
+        bit = btf.bit_offsetof("io_ring_ctx", "compat")
+        out["OFF_IO_RING_CTX_COMPAT_BYTE"], out["OFF_IO_RING_CTX_COMPAT_BIT"] = bit // 8, bit % 8
+        hooks += list(KERNEL_URING_FUNCS)
+        if btf.func_params(KERNEL_URING_ZC) == KERNEL_URING_FUNCS["io_sendmsg"]:
+            out["URING_SENDMSG_ZC"] = 1
+            hooks.append(KERNEL_URING_ZC)
+    return out, hooks
+
+
 @dataclass
 class Filters:
     pid: int | None = None
@@ -215,6 +294,26 @@ def bpf_source_dir() -> str:
     return str(resources.files("fdpass.bpf"))
 
 
+COMMON_HEADER = "fdpass_common.h"
+
+
+def bpf_text(source: str) -> str:
+    """A backend's BPF C with bpf/fdpass_common.h pasted in where it is included.
+
+    bcc rewrites map calls (stats.lookup(...), events.ringbuf_output(...)) only
+    in the source it is given, not in headers it includes; the shared code uses
+    maps, so it must be part of that source."""
+    src_dir = bpf_source_dir()
+    with open(os.path.join(src_dir, source)) as f:
+        text = f.read()
+    with open(os.path.join(src_dir, COMMON_HEADER)) as f:
+        common = f.read()
+    include = f'#include "{COMMON_HEADER}"\n'
+    if include not in text:
+        raise UserError(f"{source} does not include {COMMON_HEADER}")
+    return text.replace(include, common, 1)
+
+
 def _check_privileges() -> None:
     if os.geteuid() != 0:
         raise UserError("loading eBPF probes needs root (CAP_BPF and CAP_PERFMON): run with sudo")
@@ -229,17 +328,28 @@ def _import_bcc():
 
 
 class Probes:
-    """The compiled, attached probes and their ring buffer."""
+    """The compiled, attached probes of one backend and their ring buffer.
+
+    backend: "kernel" or "tracepoint" (what open_probes() chose); hooks: what
+    is attached, for the "probes attached" line."""
 
     def __init__(self, filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                 tuning: dict[str, int] | None = None):
+                 tuning: dict[str, int] | None = None, backend: str = "tracepoint"):
         """tuning: -D values overriding the BPF C's defaults (PENDING_SLOTS,
         WALK_STEPS, PATH_DEPTH, WAKE_EVERY), for tests and benchmarks."""
         _check_privileges()
         bcc = _import_bcc()
         self.filters = filters or Filters()
+        self.backend = backend
         btf = BTF.load()
-        defines, self.coverage = kernel_defines(btf)
+        if backend == "kernel":
+            defines, self.hooks = kernel_plan(btf)
+            self.coverage = Coverage()
+            source = "fdpass_kernel.bpf.c"
+        else:
+            defines, self.coverage = kernel_defines(btf)
+            self.hooks = list(TRACEPOINTS)
+            source = "fdpass.bpf.c"
         defines["RINGBUF_PAGES"] = ringbuf_pages
         self.run_id = next_run_id()
         defines["RUN_ID"] = self.run_id
@@ -252,24 +362,27 @@ class Probes:
         cflags = [f"-I{src_dir}", "-Wno-macro-redefined"] + [f"-D{k}={v}" for k, v in defines.items()]
         started = time.monotonic()
         try:
-            self.bpf = bcc.BPF(src_file=os.path.join(src_dir, "fdpass.bpf.c").encode(), cflags=cflags)
-        except Exception as e:  # bcc raises bare Exception for compile and load errors
-            raise UserError(f"could not compile or load the BPF program: {e} (see `fdpass doctor`)") from None
-        try:
-            # The per-fd walk is tail-called, and a tail call stays within one
-            # program type: one copy for the tracepoints, one for raw_syscalls.
-            walk = self.bpf.load_func(b"walk", bcc.BPF.TRACEPOINT)
-            self.bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(walk.fd)
-            if defines["COMPAT"]:
-                walk_raw = self.bpf.load_func(b"walk_raw", bcc.BPF.RAW_TRACEPOINT)
-                self.bpf[b"progs_raw"][ctypes.c_int(0)] = ctypes.c_int(walk_raw.fd)
-        except Exception as e:
-            raise UserError(f"the kernel refused the BPF walk program: {e}") from None
+            self.bpf = bcc.BPF(text=bpf_text(source).encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception for compile, load and attach errors
+            raise UserError(f"could not compile, load or attach the {backend} backend's BPF program: {e} "
+                            "(see `fdpass doctor`)") from None
+        if backend == "tracepoint":
+            try:
+                # The per-fd walk is tail-called, and a tail call stays within one
+                # program type: one copy for the tracepoints, one for raw_syscalls.
+                walk = self.bpf.load_func(b"walk", bcc.BPF.TRACEPOINT)
+                self.bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(walk.fd)
+                if defines["COMPAT"]:
+                    walk_raw = self.bpf.load_func(b"walk_raw", bcc.BPF.RAW_TRACEPOINT)
+                    self.bpf[b"progs_raw"][ctypes.c_int(0)] = ctypes.c_int(walk_raw.fd)
+            except Exception as e:
+                raise UserError(f"the kernel refused the BPF walk program: {e}") from None
         if self.filters.mntns:
             table = self.bpf[b"mntns_filter"]
             for ns in self.filters.mntns:
                 table[ctypes.c_uint32(ns)] = ctypes.c_uint8(1)
         self.load_seconds = time.monotonic() - started
+        self.why = ""
         self._rb_open = False
 
     def open(self, callback: Callable[[int, int], None]) -> None:
@@ -299,3 +412,58 @@ class Probes:
 
     def close(self) -> None:
         self.bpf.cleanup()
+
+
+def open_probes(filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
+                tuning: dict[str, int] | None = None, backend: str = "auto") -> Probes:
+    """The probes of the backend asked for. "auto": the kernel backend when
+    this kernel has its functions and lets it attach, else the tracepoint one;
+    Probes.why says why that one."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "tracepoint":
+        p = Probes(filters, ringbuf_pages, tuning, "tracepoint")
+        p.why = "chosen with --backend tracepoint"
+        return p
+    _check_privileges()
+    reason = kernel_unavailable_reason()
+    if reason is None:
+        try:
+            p = Probes(filters, ringbuf_pages, tuning, "kernel")
+            p.why = "in-kernel hooks (fentry/fexit) load here" + (" (auto)" if backend == "auto" else "")
+            return p
+        except UserError as e:
+            reason = str(e)
+    if backend == "kernel":
+        raise UserError(f"--backend kernel: {reason}")
+    p = Probes(filters, ringbuf_pages, tuning, "tracepoint")
+    p.why = f"in-kernel backend unavailable: {reason}"
+    return p
+
+
+FENTRY_PROBE = "KFUNC_PROBE(fget_raw, unsigned int fd) { return 0; }"
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the kernel backend cannot run here, or None. Checked before the full
+    compile: a missing function from BTF, then a one-line fentry program (a
+    kernel may refuse fentry outright, e.g. under a locking-down LSM)."""
+    try:
+        kernel_plan(BTF.load())
+    except BTFError as e:
+        return str(e)
+    bcc = _import_bcc()
+    # libbpf prints the refusal on stderr itself; the reason returned says it once.
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                b = bcc.BPF(text=FENTRY_PROBE)
+            except Exception:
+                return "this kernel refuses fentry programs (loading one on fget_raw failed with EPERM or similar)"
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    b.cleanup()
+    return None

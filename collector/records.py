@@ -18,11 +18,14 @@ FDP_NAME_MAX = 256
 FDP_PATH_BUF = FDP_PATH_MAX + FDP_NAME_MAX
 
 KIND_FD, KIND_LOSS = 1, 2
+# The in-kernel backend's FD records wait for these (collector/kernel_calls.py).
+KIND_MSG_END, KIND_CALL_END = 3, 4
 DIRECTIONS = {1: "SEND", 2: "RECV"}
 SYSCALLS = {1: "SENDMSG", 2: "SENDMMSG", 3: "RECVMSG", 4: "RECVMMSG",
             5: "IO_URING_SENDMSG", 6: "IO_URING_SENDMSG_ZC", 7: "IO_URING_RECVMSG"}
 ABIS = {1: "X86_64", 2: "IA32", 3: "X32"}
-PROBES = {1: "tracepoint", 2: "raw_tracepoint"}
+PROBES = {1: "tracepoint", 2: "raw_tracepoint", 3: "fentry"}
+PROBE_FENTRY = 3
 
 F_PATH_TRUNC = 0x01
 F_FDS_TRUNC = 0x02

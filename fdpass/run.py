@@ -49,11 +49,13 @@ examples:
   fdpass run                          record until Ctrl-C into /var/lib/fdpass/store
   fdpass run --duration 60 --store /tmp/fdpass-store
   fdpass run --pid 1234               only what process 1234 passes or receives
+  fdpass run --backend tracepoint     capture from tracepoints even where fentry works
+                                      (see `fdpass collect --help` for the two backends)
 """
 
 
 def register(sub) -> None:
-    from fdpass.collector.cli import add_filter_arguments, seconds_arg
+    from fdpass.collector.cli import add_backend_argument, add_filter_arguments, seconds_arg
 
     p = sub.add_parser("run", help="record on this host into embedded ClickHouse (no servers)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +70,7 @@ def register(sub) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
     logs.add_arguments(p)
     add_filter_arguments(p)
+    add_backend_argument(p)
     p.set_defaults(func=run)
 
 
@@ -194,9 +197,9 @@ def run(args) -> int:
         def output(event: dict) -> None:
             writer.put(event["event_id"], encode(event))
 
-        attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
-                                 file=sys.stderr, flush=True)
-        collector = Collector(output, filters)
+        collector = Collector(output, filters, backend=args.backend)
+        attached = lambda: print(f"fdpass run: probes attached ({collector.probes.backend} backend: "  # noqa: E731
+                                 f"{collector.probes.why}); recording into {store_dir}", file=sys.stderr, flush=True)
         if args.metrics:
             from fdpass import metrics
 

@@ -186,8 +186,54 @@ def test_record_constants_match_the_c_header():
     for value, const in syscalls.items():
         assert R.SYSCALLS[value].replace("IO_URING_", "URING_") == const[len("FDP_SYS_"):], const
     assert (d["FDP_KIND_FD"], d["FDP_KIND_LOSS"]) == (R.KIND_FD, R.KIND_LOSS)
+    assert (d["FDP_KIND_MSG_END"], d["FDP_KIND_CALL_END"]) == (R.KIND_MSG_END, R.KIND_CALL_END)
+    assert d["FDP_PROBE_FENTRY"] == R.PROBE_FENTRY
     flags = {k[len("FDP_F_"):]: v for k, v in d.items() if k.startswith("FDP_F_")}
     assert flags == {n[len("F_"):]: getattr(R, n) for n in dir(R) if n.startswith("F_") and n[2:] in flags} and \
         len(flags) == len([n for n in dir(R) if n.startswith("F_")])
     stats = sorted((v, k) for k, v in d.items() if k.startswith("FDP_STAT_") and k != "FDP_STAT_N")
     assert [v for v, _ in stats] == list(range(d["FDP_STAT_N"])) and len(STAT_NAMES) == d["FDP_STAT_N"]
+
+
+def _rec(**kw) -> R.Record:
+    base = {f: 0 for f in R.Record._fields}
+    base.update(comm=b"", parent_comm=b"", probe=R.PROBE_FENTRY)
+    base.update(kw)
+    return R.Record(**base)
+
+
+def test_kernel_calls_hold_fd_records_until_the_call_ends():
+    """The in-kernel backend's FD records come out completed by their message's
+    and call's end, and only for messages that got through in a call that did."""
+    from fdpass.collector.kernel_calls import KernelCalls
+
+    calls = KernelCalls()
+    fd = lambda tid, msg, i: _rec(kind=R.KIND_FD, tid=tid, msg_index=msg, fd_index=i, fd=10 + i, flags=R.F_VERIFIED)
+    end = lambda tid, msg, n, ok: _rec(kind=R.KIND_MSG_END, tid=tid, msg_index=msg, fd_count=n, fd_index=ok,
+                                       sock_ino=7, peer_sock_ino=8, flags=R.F_PEER)
+    call = lambda tid, ret, sys=1: _rec(kind=R.KIND_CALL_END, tid=tid, syscall=sys, abi=2, sock_fd=3, ret=ret)
+    assert calls.add(fd(1, 0, 0), b"") == [] and calls.add(fd(1, 0, 1), b"") == []
+    assert calls.add(end(1, 0, 2, 1), b"") == []
+    out = [r for r, _ in calls.add(call(1, 5), b"")]
+    assert [(r.fd, r.fd_index, r.fd_count, r.sock_ino, r.peer_sock_ino, r.syscall, r.abi, r.sock_fd, r.ret) for r in out] \
+        == [(10, 0, 2, 7, 8, 1, 2, 3, 5), (11, 1, 2, 7, 8, 1, 2, 3, 5)]
+    assert all(r.flags == R.F_VERIFIED | R.F_PEER for r in out)
+    # a failed message (peer shut down), then a failed call: nothing comes out
+    calls.add(fd(2, 0, 0), b"")
+    calls.add(end(2, 0, 1, 0), b"")
+    assert calls.add(call(2, 1), b"") == []
+    calls.add(fd(3, 0, 0), b"")
+    calls.add(end(3, 0, 1, 1), b"")
+    assert calls.add(call(3, -32), b"") == []
+    # sendmmsg returning 1: the second message's files were taken but it was not sent
+    calls.add(fd(4, 0, 0), b"")
+    calls.add(end(4, 0, 1, 1), b"")
+    calls.add(fd(4, 1, 0), b"")
+    calls.add(end(4, 1, 1, 1), b"")
+    assert [r.msg_index for r, _ in calls.add(call(4, 1, sys=2), b"")] == [0]
+    assert calls.failed_dropped == 3 and not calls.calls
+    # calls whose end never comes are bounded and counted
+    small = KernelCalls(max_threads=2)
+    for tid in (1, 2, 3):
+        small.add(fd(tid, 0, 0), b"")
+    assert small.unfinished_dropped == 1 and list(small.calls) == [2, 3]

@@ -1,0 +1,75 @@
+"""Where the in-kernel backend's FD records wait for their call's outcome.
+
+bpf/fdpass_kernel.bpf.c emits each fd the moment the kernel takes (SEND) or
+installs (RECV) it, while it holds the file, so the identity is exact. Whether
+the message got through, and the call's syscall, abi, sock_fd and return value,
+are known only later: a MSG_END record per message and a CALL_END record per
+call, from the same thread, follow. Here FD records are held by thread id until
+the CALL_END, then completed and released, or dropped when their message or
+call failed (what the tracepoint backend never reports either, as it emits only
+after a successful call).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from fdpass.collector import records as R
+
+# Threads with a call in progress kept at once; past this the oldest is
+# dropped and counted (a call whose end was never seen, e.g. a kernel path
+# fdpass does not hook).
+MAX_THREADS = 4096
+MMSG = ("SENDMMSG", "RECVMMSG")
+
+
+class _Call:
+    __slots__ = ("fds", "msgs")
+
+    def __init__(self):
+        self.fds: list[tuple[R.Record, bytes]] = []
+        self.msgs: dict[int, R.Record] = {}
+
+
+class KernelCalls:
+    def __init__(self, max_threads: int = MAX_THREADS):
+        self.calls: OrderedDict[int, _Call] = OrderedDict()
+        self.max_threads = max_threads
+        self.unfinished_dropped = 0  # FD records whose call end never came
+        self.failed_dropped = 0  # FD records of messages or calls that failed
+
+    def _call(self, tid: int) -> _Call:
+        call = self.calls.get(tid)
+        if call is None:
+            call = self.calls[tid] = _Call()
+            if len(self.calls) > self.max_threads:
+                _tid, old = self.calls.popitem(last=False)
+                self.unfinished_dropped += len(old.fds)
+        return call
+
+    def add(self, rec: R.Record, raw: bytes) -> list[tuple[R.Record, bytes]]:
+        """Take one record of the kernel backend; return the FD records it completes."""
+        if rec.kind == R.KIND_FD:
+            self._call(rec.tid).fds.append((rec, raw))
+        elif rec.kind == R.KIND_MSG_END:
+            self._call(rec.tid).msgs[rec.msg_index] = rec
+        elif rec.kind == R.KIND_CALL_END:
+            call = self.calls.pop(rec.tid, None)
+            if call is not None:
+                return self._finish(call, rec)
+        return []
+
+    def _finish(self, call: _Call, end: R.Record) -> list[tuple[R.Record, bytes]]:
+        out = []
+        mmsg = R.SYSCALLS.get(end.syscall) in MMSG
+        for rec, raw in call.fds:
+            msg = call.msgs.get(rec.msg_index)
+            # a message counts if it got through and the call says so: sendmmsg
+            # and recvmmsg return how many messages they handled
+            if end.ret < 0 or msg is None or not msg.fd_index or (mmsg and rec.msg_index >= end.ret):
+                self.failed_dropped += 1
+                continue
+            out.append((rec._replace(syscall=end.syscall, abi=end.abi, sock_fd=end.sock_fd, ret=end.ret,
+                                     sock_ino=msg.sock_ino, peer_sock_ino=msg.peer_sock_ino,
+                                     fd_count=msg.fd_count, flags=rec.flags | msg.flags), raw))
+        return out
