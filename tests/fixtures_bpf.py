@@ -17,6 +17,13 @@ import time
 import pytest
 
 REQUIRE_BPF = os.environ.get("FDPASS_REQUIRE_BPF") == "1"
+# The backend the shared `live` collector runs (auto: kernel where it loads).
+# scripts/vm-test runs the capture tests with FDPASS_TEST_BACKEND=kernel, and
+# FDPASS_REQUIRE_KERNEL_BACKEND=1 makes a kernel_backend test that cannot load
+# it a failure there; elsewhere (kprobes off, fentry refused) it is a skip,
+# FDPASS_REQUIRE_BPF=1 or not: such a host cannot have it.
+BACKEND = os.environ.get("FDPASS_TEST_BACKEND", "auto")
+REQUIRE_KERNEL_BACKEND = os.environ.get("FDPASS_REQUIRE_KERNEL_BACKEND") == "1"
 
 
 def bpf_unavailable_reason() -> str | None:
@@ -39,15 +46,26 @@ def require_bpf() -> None:
         pytest.skip(reason)
 
 
+def require_kernel_backend() -> None:
+    require_bpf()
+    from fdpass.collector.probes import kernel_unavailable_reason
+
+    reason = kernel_unavailable_reason()
+    if reason:
+        if REQUIRE_KERNEL_BACKEND:
+            pytest.fail(f"FDPASS_REQUIRE_KERNEL_BACKEND=1 but the in-kernel backend cannot load: {reason}")
+        pytest.skip(f"the in-kernel backend cannot load on this kernel ({reason}); scripts/vm-test runs it")
+
+
 class LiveCollector:
     """The real Collector draining in a background thread, keeping every event."""
 
-    def __init__(self, filters=None, tuning=None):
+    def __init__(self, filters=None, tuning=None, backend=BACKEND):
         from fdpass.collector.collect import Collector
 
         self.events: list[dict] = []
         self._lock = threading.Lock()
-        self.collector = Collector(self._add, filters, tuning=tuning)
+        self.collector = Collector(self._add, filters, tuning=tuning, backend=backend)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self.final_stats: dict | None = None

@@ -397,11 +397,12 @@ def test_many_threads_no_lost_or_mixed_events(live, tmp_path):
 
 def test_many_threads_when_every_pending_slot_collides(tmp_path):
     """One pending slot, held by a thread blocked in recvmsg: every other
-    thread's syscalls take the spill map, and still nothing is lost or mixed."""
+    thread's syscalls take the spill map, and still nothing is lost or mixed.
+    (The tracepoint backend's pending slots; the kernel backend has none.)"""
     from tests.fixtures_bpf import LiveCollector, require_bpf
 
     require_bpf()
-    lc = LiveCollector(tuning={"PENDING_SLOTS": 1})
+    lc = LiveCollector(tuning={"PENDING_SLOTS": 1}, backend="tracepoint")
     xa, xb = socket.socketpair()
     got: list[int] = []
     blocker = threading.Thread(target=lambda: got.extend(socket.recv_fds(xb, 4, 2)[1]))
