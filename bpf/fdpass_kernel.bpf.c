@@ -274,9 +274,10 @@ KRETFUNC_PROBE(unix_stream_recvmsg, void *sock, void *msg, u64 size, int flags, 
     return msg_end(ctx, (u64)sock, 1, (u64)msg);
 }
 
-/* unix_seqpacket_recvmsg calls this one too. */
-KRETFUNC_PROBE(unix_dgram_recvmsg, void *sock, void *msg, u64 size, int flags, int ret) {
-    return msg_end(ctx, (u64)sock, 1, (u64)msg);
+/* Datagram and seqpacket receives both run this (not unix_dgram_recvmsg:
+ * Debian's 6.1 inlines that into unix_seqpacket_recvmsg). */
+KRETFUNC_PROBE(__unix_dgram_recvmsg, void *sk, void *msg, u64 size, int flags, int ret) {
+    return msg_end(ctx, KREAD(u64, sk, OFF_SOCK_SK_SOCKET), 1, (u64)msg);
 }
 
 static __always_inline int call_end(void *ctx, u8 syscall, u8 abi, s32 sock_fd, long ret) {

@@ -132,7 +132,7 @@ KERNEL_FUNCS: dict[str, list[str]] = {
     "unix_stream_sendmsg": ["sock", "msg", "len"],
     "unix_dgram_sendmsg": ["sock", "msg", "len"],
     "unix_stream_recvmsg": ["sock", "msg", "size", "flags"],
-    "unix_dgram_recvmsg": ["sock", "msg", "size", "flags"],
+    "__unix_dgram_recvmsg": ["sk", "msg", "size", "flags"],
     "__sys_sendmsg": ["fd", "msg", "flags", "forbid_cmsg_compat"],
     "__sys_sendmmsg": ["fd", "mmsg", "vlen", "flags", "forbid_cmsg_compat"],
     "__sys_recvmsg": ["fd", "msg", "flags", "forbid_cmsg_compat"],
@@ -441,7 +441,7 @@ def open_probes(filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RIN
     return p
 
 
-FENTRY_PROBE = "KFUNC_PROBE(fget_raw, unsigned int fd) { return 0; }"
+FENTRY_PROBE = b"KFUNC_PROBE(fget_raw, unsigned int fd) { return 0; }"
 
 
 def kernel_unavailable_reason() -> str | None:
