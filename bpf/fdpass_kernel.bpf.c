@@ -50,6 +50,7 @@ struct kcall {
     u32 msg_index;  /* messages of the call finished so far */
     u32 nfds;       /* FD records of the current message */
     u32 records;    /* FD records of the call */
+    s32 uring_fd;   /* io_uring: the request's fd, read as it is issued (-1: a fixed file) */
     u8 direction;
 };
 
@@ -62,12 +63,12 @@ static __always_inline struct kcall *kcall_of(void) {
     return kcalls.lookup(&tid);
 }
 
-static __always_inline struct kcall *kcall_begin(u8 direction) {
+static __always_inline struct kcall *kcall_begin(u8 direction, int fresh_call) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct kcall *c = kcalls.lookup(&tid);
-    if (c && c->direction == direction)
+    if (c && c->direction == direction && !fresh_call)
         return c;
-    struct kcall fresh = {.direction = direction};
+    struct kcall fresh = {.direction = direction, .uring_fd = -1};
     kcalls.update(&tid, &fresh);
     c = kcalls.lookup(&tid);
     if (!c)
@@ -136,7 +137,7 @@ static __always_inline struct fdp_event *marker(u8 kind, struct kcall *c) {
 KFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm) {
     if (filtered_out())
         return 0;
-    struct kcall *c = kcall_begin(FDP_DIR_SEND);
+    struct kcall *c = kcall_begin(FDP_DIR_SEND, 0);
     if (c) {
         c->scm = (u64)scm;
         c->nfds = 0;
@@ -187,7 +188,7 @@ KRETFUNC_PROBE(scm_fp_dup, void *fpl, void *dup) {
 KFUNC_PROBE(scm_detach_fds, void *msg, void *scm) {
     if (filtered_out())
         return 0;
-    struct kcall *c = kcall_begin(FDP_DIR_RECV);
+    struct kcall *c = kcall_begin(FDP_DIR_RECV, 0);
     if (!c)
         return 0;
     u64 fpl = KREAD(u64, scm, OFF_SCM_COOKIE_FP);
@@ -326,31 +327,47 @@ KRETFUNC_PROBE(do_recvmmsg, int fd, void *mmsg, unsigned int vlen, unsigned int 
 }
 
 #if URING
-/* io_uring: the request's result is in its CQE once the handler returns 0
- * (IOU_OK); -EAGAIN means it runs again later (async), and what this attempt
- * moved failed with it. A fixed-file request names a slot, not an fd. */
+/* io_uring: the request's fd is in its CQE's fd field until the result is
+ * set (the field is shared with the CQE flags), so it is read as the request
+ * is issued; a fixed-file request names a slot, not an fd. The result is in
+ * the CQE once the handler returns 0 (IOU_OK); -EAGAIN means it runs again
+ * later (async), and what this attempt moved failed with it. */
+static __always_inline int uring_begin(u64 req, u8 direction) {
+    if (filtered_out())
+        return 0;
+    struct kcall *c = kcall_begin(direction, 1);
+    if (c)
+        c->uring_fd = KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */ ? -1
+                    : KREAD(s32, req, OFF_IO_KIOCB_CQE + OFF_IO_CQE_FD);
+    return 0;
+}
+
 static __always_inline int uring_end(void *ctx, u64 req, u8 syscall, int ret) {
     struct kcall *c = kcall_of();
     if (!c)
         return 0;
     long res = ret == 0 ? (long)KREAD(s32, req, OFF_IO_KIOCB_CQE + OFF_IO_CQE_RES) : ret;
-    s32 fd = KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */ ? -1
-           : KREAD(s32, req, OFF_IO_KIOCB_CQE + OFF_IO_CQE_FD);
     u64 ring = KREAD(u64, req, OFF_IO_KIOCB_CTX);
     u8 abi = (KREAD(u8, ring, OFF_IO_RING_CTX_COMPAT_BYTE) >> OFF_IO_RING_CTX_COMPAT_BIT) & 1 ? FDP_ABI_IA32
                                                                                           : FDP_ABI_X86_64;
-    return call_end(ctx, syscall, abi, fd, res);
+    return call_end(ctx, syscall, abi, c->uring_fd, res);
 }
+
+KFUNC_PROBE(io_sendmsg, void *req, unsigned int issue_flags) { return uring_begin((u64)req, FDP_DIR_SEND); }
 
 KRETFUNC_PROBE(io_sendmsg, void *req, unsigned int issue_flags, int ret) {
     return uring_end(ctx, (u64)req, FDP_SYS_URING_SENDMSG, ret);
 }
+
+KFUNC_PROBE(io_recvmsg, void *req, unsigned int issue_flags) { return uring_begin((u64)req, FDP_DIR_RECV); }
 
 KRETFUNC_PROBE(io_recvmsg, void *req, unsigned int issue_flags, int ret) {
     return uring_end(ctx, (u64)req, FDP_SYS_URING_RECVMSG, ret);
 }
 
 #if URING_SENDMSG_ZC
+KFUNC_PROBE(io_sendmsg_zc, void *req, unsigned int issue_flags) { return uring_begin((u64)req, FDP_DIR_SEND); }
+
 KRETFUNC_PROBE(io_sendmsg_zc, void *req, unsigned int issue_flags, int ret) {
     return uring_end(ctx, (u64)req, FDP_SYS_URING_SENDMSG_ZC, ret);
 }
