@@ -183,6 +183,23 @@ def test_doctor_reports_every_check():
     assert "fdpass can run here." in r.stdout
 
 
+def test_backend_option_says_what_runs_and_why():
+    """--backend kernel loads the in-kernel backend or says why it cannot; tracepoint always loads."""
+    require_bpf()
+    from fdpass.collector.probes import kernel_unavailable_reason
+
+    reason = kernel_unavailable_reason()
+    r = run_fdpass("collect", "--jsonl", "--backend", "kernel", "--duration", "0.5", timeout=180)
+    if reason:
+        assert r.returncode != 0 and "--backend kernel:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0 and "probes attached (kernel backend" in r.stderr, r.stderr
+    r = run_fdpass("collect", "--jsonl", "--backend", "tracepoint", "--duration", "0.5", timeout=180)
+    assert r.returncode == 0 and "probes attached (tracepoint backend: chosen with --backend tracepoint" in r.stderr
+    r = run_fdpass("collect", "--jsonl", "--backend", "nope")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
 def test_container_filter_and_container_id_from_a_real_cgroup():
     """A child in a cgroup named like Docker's (docker-<64 hex>.scope) and a
     mount namespace of its own: --container selects exactly it, and its
