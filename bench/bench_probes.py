@@ -6,10 +6,21 @@ time added per plain sendmsg (no control data) and per SCM_RIGHTS transfer
   (b) empty programs on the same hooks (8 syscall tracepoints, 2 raw_syscalls)
   (c) the reference's pattern: a hash update on every sendmsg enter, a
       delete on exit (Inspektor Gadget's fdpass gadget does this)
-  (d) fdpass's probes, with the collector draining and decoding in-process,
+  (d) fdpass's tracepoint backend, with the collector draining and decoding
+      in-process,
+  (e) the seed's whole hook pattern (Inspektor Gadget's fdpass gadget, which
+      fdpass started from): (c) plus a kprobe on __scm_send (update) and its
+      kretprobe (delete), and a kprobe on fget_raw that looks both up and
+      emits a small record per fd; needs kprobes
+  (f) fdpass's in-kernel backend (fentry/fexit), collector as in (d); needs
+      fentry
 
 and, for (d), per unrelated syscall (getuid/getpid): the cost every syscall
-pays for the raw_syscalls programs that catch 32-bit (compat) calls.
+pays for the raw_syscalls programs that catch 32-bit (compat) calls. (e) and
+(f) are skipped where the kernel lacks kprobes or refuses fentry (the
+project's VMs); `scripts/vm-test --cmd '.venv/bin/python bench/bench_probes.py
+--quick'` runs all of them on Debian's stock kernel, where TCG makes absolute
+nanoseconds meaningless and only the ratios printed at the end count.
 
 BPF work comes from the kernel's own accounting (sysctl
 kernel.bpf_stats_enabled=1; run_time_ns / run_cnt of every program, read
@@ -52,6 +63,34 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) { return enter((u64)args->mmsg); 
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return leave(); }
 """
 
+# (e): the seed gadget's hooks, each doing what the gadget does there (its
+# event carries more fields; one small record per fd stands for it).
+SEED = "#include <uapi/linux/ptrace.h>\n" + REFERENCE + """
+BPF_HASH(scm_send_ctx, u64, u64, 10240);
+BPF_RINGBUF_OUTPUT(seed_events, 256);
+struct seed_event { u64 pid_tgid; u64 sockfd; u64 fd; };
+int kprobe____scm_send(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid(), sock = PT_REGS_PARM1(ctx);
+    scm_send_ctx.update(&id, &sock);
+    return 0;
+}
+int kretprobe____scm_send(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    scm_send_ctx.delete(&id);
+    return 0;
+}
+int kprobe__fget_raw(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!scm_send_ctx.lookup(&id))
+        return 0;
+    u32 tid = id;
+    u64 *sockfd = ctx_map.lookup(&tid);
+    struct seed_event e = {.pid_tgid = id, .sockfd = sockfd ? *sockfd : 0, .fd = PT_REGS_PARM1(ctx)};
+    seed_events.ringbuf_output(&e, sizeof(e), 0);
+    return 0;
+}
+"""
+
 libc = ctypes.CDLL(None, use_errno=True)
 SYS_BPF = 321
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -74,11 +113,28 @@ def prog_stats(fd: int) -> tuple[int, int]:
 
 def entry_fds(bpf) -> list[int]:
     """fds of the attached (entry) programs: tail-called ones are counted inside them."""
-    return [f.fd for name, f in bpf.funcs.items() if name.startswith((b"tracepoint__", b"raw_tracepoint__"))]
+    return [f.fd for name, f in bpf.funcs.items()
+            if name.startswith((b"tracepoint__", b"raw_tracepoint__", b"kprobe__", b"kretprobe__", b"kfunc__",
+                                b"kretfunc__"))]
 
 
 def total_bpf_ns(fds: list[int]) -> int:
     return sum(prog_stats(fd)[0] for fd in fds)
+
+
+CONFIGS = ("a_none", "b_empty", "c_reference", "d_fdpass", "e_seed", "f_kernel")
+
+
+def unavailable(name: str) -> str | None:
+    """Why a config cannot run on this kernel, or None."""
+    if name == "e_seed" and not any(os.path.exists(f"{d}/kprobe_events")
+                                    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")):
+        return "no kprobes on this kernel"
+    if name == "f_kernel":
+        from fdpass.collector.probes import kernel_unavailable_reason
+
+        return kernel_unavailable_reason()
+    return None
 
 
 class Config:
@@ -92,14 +148,29 @@ class Config:
 
         if self.name == "a_none":
             return
-        if self.name in ("b_empty", "c_reference"):
-            b = BPF(text=EMPTY + "\n" + EMPTY_RAW if self.name == "b_empty" else REFERENCE)
+        if self.name in ("b_empty", "c_reference", "e_seed"):
+            text = {"b_empty": EMPTY + "\n" + EMPTY_RAW, "c_reference": REFERENCE, "e_seed": SEED}[self.name]
+            b = BPF(text=text)
             self.fds = entry_fds(b)
-            self._close = b.cleanup
+            if self.name == "e_seed":  # a reader, as the gadget has: the ring never fills
+                b[b"seed_events"].open_ring_buffer(lambda *_: 0)
+                stop = threading.Event()
+                t = threading.Thread(target=lambda: [b.ring_buffer_poll(50) for _ in iter(stop.is_set, True)],
+                                     daemon=True)
+                t.start()
+
+                def close():
+                    stop.set()
+                    t.join(10)
+                    b.cleanup()
+
+                self._close = close
+            else:
+                self._close = b.cleanup
             return
         from fdpass.collector.collect import Collector
 
-        col = Collector(lambda e: None)
+        col = Collector(lambda e: None, backend="kernel" if self.name == "f_kernel" else "tracepoint")
         self.fds = entry_fds(col.probes.bpf)
         t = threading.Thread(target=col.run, daemon=True)
         t.start()
@@ -138,8 +209,10 @@ def main() -> int:
     with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
         f.write("1")
     results: dict[tuple[str, str], tuple[float, float | None]] = {}
+    skipped = {c: r for c in CONFIGS if (r := unavailable(c))}
+    configs = [c for c in CONFIGS if c not in skipped]
     try:
-        for cname in ("a_none", "b_empty", "c_reference", "d_fdpass"):
+        for cname in configs:
             cfg = Config(cname)
             cfg.load()
             try:
@@ -154,10 +227,12 @@ def main() -> int:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write(old)
 
+    for cname, why in skipped.items():
+        print(f"{cname}: skipped ({why})")
     print(f"{'workload':<15} {'config':<12} {'wall ns/op':>11} {'+wall vs a':>11} {'BPF ns/op':>10}")
     for wname, _m, _n, k in workloads:
         base = results[("a_none", wname)][0]
-        for cname in ("a_none", "b_empty", "c_reference", "d_fdpass"):
+        for cname in configs:
             wall, bpf = results[(cname, wname)]
             print(f"{wname:<15} {cname:<12} {wall:>11.0f} {wall - base:>+11.0f} {'-' if bpf is None else f'{bpf:.0f}':>10}")
     plain_d = results[("d_fdpass", "plain sendmsg")][1]
@@ -178,6 +253,19 @@ def main() -> int:
     wall_empty = results[("b_empty", "1-fd transfer")][0] - results[("a_none", "1-fd transfer")][0]
     print(f"wall added per 1-fd transfer: fdpass {wall_one:+.0f} ns, empty programs {wall_empty:+.0f} ns "
           "(wall clock swings by tens of percent here)")
+    if "e_seed" in configs:
+        seed_plain = results[("e_seed", "plain sendmsg")][1]
+        print()
+        print("BPF work as a ratio of the seed's hook pattern (e), same run (target for the kernel backend: <= 1.0x):")
+        print(f"{'backend':<22} {'plain sendmsg':>14} {'per fd, 1-fd':>13} {'per fd, 8-fd':>13}")
+        for cname, label in (("f_kernel", "kernel (fentry)"), ("d_fdpass", "tracepoint")):
+            if cname not in configs:
+                continue
+            row = [results[(cname, "plain sendmsg")][1] / seed_plain]
+            for wname, k in (("1-fd transfer", 1), ("8-fd transfer", 8)):
+                # per passed fd per side: both sides' work over 2 k, against the seed's over k (it sees sends only)
+                row.append((results[(cname, wname)][1] / (2 * k)) / (results[("e_seed", wname)][1] / k))
+            print(f"{label:<22} {row[0]:>13.2f}x {row[1]:>12.2f}x {row[2]:>12.2f}x")
     return 0
 
 
