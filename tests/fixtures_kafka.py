@@ -147,11 +147,16 @@ class LocalKafkaCluster:
         return self._run("log").stdout
 
 
-@pytest.fixture
-def kafka_cluster():
+def fresh_data_dir(prefix: str) -> Path:
+    """A new, empty instance dir for test brokers under var/test-kafka (git-ignored)."""
     base = ROOT / "var" / "test-kafka"
     base.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(tempfile.mkdtemp(prefix=f"cluster-{os.getpid()}-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=base))
+
+
+@pytest.fixture
+def kafka_cluster():
+    data_dir = fresh_data_dir("cluster")
     cluster = LocalKafkaCluster(data_dir)
     try:
         cluster.start()
@@ -167,9 +172,7 @@ def kafka_cluster():
 
 @pytest.fixture(scope="session")
 def kafka_broker():
-    base = ROOT / "var" / "test-kafka"
-    base.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(tempfile.mkdtemp(prefix=f"broker-{os.getpid()}-", dir=base))
+    data_dir = fresh_data_dir("broker")
     broker = LocalKafka(data_dir)
     try:
         broker.start()

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -512,14 +511,11 @@ def test_replaced_cluster_gets_everything_not_acknowledged_exactly_once(tmp_path
     not acknowledged and everything after, in order, exactly once; what the
     old cluster had acknowledged is not sent again."""
     import shutil
-    import tempfile
 
-    from tests.fixtures_kafka import ROOT, LocalKafka, free_port
+    from tests.fixtures_kafka import LocalKafka, free_port, fresh_data_dir
 
-    base = ROOT / "var" / "test-kafka"
-    base.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    dirs = [Path(tempfile.mkdtemp(prefix="replaced-", dir=base)) for _ in range(2)]
+    dirs = [fresh_data_dir("replaced") for _ in range(2)]
     old, new = LocalKafka(dirs[0], port), LocalKafka(dirs[1], port)
     topic = new_topic()
     acked, during, later = events_for(300), events_for(200, 300), events_for(200, 500)
