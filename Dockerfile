@@ -1,6 +1,7 @@
 # The fdpass image: collector (`collect`), sink (`sink`), `query`, `doctor`.
 #
-#   docker build -t fdpass .
+#   docker build -t fdpass .                                      collector, sink to a ClickHouse server
+#   docker build --build-arg FDPASS_EXTRAS=embedded -t fdpass .   also the embedded store (chDB, ~530 MB)
 #   docker run --rm --privileged --pid host ... fdpass collect --kafka kafka:9092   (see docker-compose.yml)
 #
 # What is in it and why:
@@ -15,6 +16,9 @@
 #   the Avro -> Native converter of the sink) are compiled in a throw-away
 #   stage into the fdpass wheel; the final image checks they import, so an
 #   image never silently runs the slower pure-Python paths.
+# - chDB (the embedded store, pip extra `embedded`) only with
+#   --build-arg FDPASS_EXTRAS=embedded: the collector publishes to Kafka and
+#   the fleet's sink writes to a ClickHouse server; neither needs it.
 # - fdpass and its dependencies from PyPI, wheels only (--only-binary): if a
 #   dependency had no wheel for the platform the build fails here instead of
 #   silently wanting gcc.
@@ -78,6 +82,7 @@ RUN set -eux; \
 
 FROM ${DEBIAN_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
+ARG FDPASS_EXTRAS=
 RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends python3 python3-venv python3-bpfcc ca-certificates; \
@@ -95,9 +100,10 @@ RUN set -eux; \
 COPY --from=wheel /wheels /tmp/wheels
 RUN set -eux; \
     /opt/fdpass/venv/bin/pip install --no-cache-dir --upgrade pip; \
-    /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: /tmp/wheels/fdpass-*.whl; \
+    wheel="$(ls /tmp/wheels/fdpass-*.whl)"; \
+    /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: "${wheel}${FDPASS_EXTRAS:+[$FDPASS_EXTRAS]}"; \
     rm -rf /tmp/wheels; \
-    /opt/fdpass/venv/bin/python -c 'import fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
+    /opt/fdpass/venv/bin/python -c 'import fdpass.collector._capture, fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
     /opt/fdpass/venv/bin/fdpass --help >/dev/null
 
 COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers

@@ -358,9 +358,7 @@ static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
     for (int i = 0; i < QUEUE_WALK; i++) {
         if (!skb || skb == head || skb == p->tail0)
             return;
-        struct { u64 sk; } owner = {};
-        bpf_probe_read_kernel(&owner, sizeof(owner), (void *)(skb + OFF_SK_BUFF_SK));
-        if (owner.sk == p->sk) {
+        if (KREAD(u64, skb, OFF_SK_BUFF_SK) == p->sk) { /* sent by our socket */
             fpl = skb_fpl(skb);
             if (fpl)
                 break;

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import select
 import sys
 
-from fdpass.collector.probes import BACKENDS, DEFAULT_RINGBUF_PAGES
+from fdpass.collector.probes import BACKENDS, DEFAULT_RINGBUF_PAGES, RECORD_BYTES
 from fdpass import logs
 from fdpass.errors import UserError
 
@@ -95,8 +95,7 @@ def register(sub) -> None:
     add_filter_arguments(p)
     add_backend_argument(p)
     p.add_argument("--duration", type=seconds_arg, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
-    p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
-                   help="kernel ring buffer size in 4 KiB pages, a power of two (default 4096 = 16 MiB, ~90k records: about two seconds of a reader falling behind at full rate)")
+    add_ringbuf_argument(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
     logs.add_arguments(p)
@@ -117,6 +116,18 @@ def register(sub) -> None:
     d.set_defaults(func=run_doctor)
 
 
+def add_ringbuf_argument(p) -> None:
+    p.add_argument("--ringbuf-pages", type=_positive_int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
+                   help=f"kernel ring buffer size in 4 KiB pages, a power of two (default {DEFAULT_RINGBUF_PAGES} = "
+                   f"{DEFAULT_RINGBUF_PAGES * 4 // 1024} MiB of locked kernel memory, ~{DEFAULT_RINGBUF_PAGES * 4096 // RECORD_BYTES // 1000}k records: "
+                   "what a burst may get ahead of the reader without loss)")
+
+
+def check_ringbuf_pages(pages: int) -> None:
+    if pages & (pages - 1):
+        raise UserError(f"--ringbuf-pages {pages}: must be a power of two")
+
+
 def filters_from_args(args):
     from fdpass.collector.collect import mntns_of_container
     from fdpass.collector.probes import Filters
@@ -130,34 +141,47 @@ def filters_from_args(args):
 
 
 def _jsonl_output():
-    out = sys.stdout
-    write = out.write
-    dumps = json.dumps
+    """Batches of lines straight to fd 1. Not through sys.stdout.buffer: on a
+    pipe whose reader lags, its write of a large batch was seen to keep part
+    of it only (a line cut and its rest lost, no error); a partial os.write
+    says how much went, and the rest is written after."""
+    sys.stdout.flush()
+    fd, join, write = sys.stdout.fileno(), b"".join, os.write
 
-    def emit(event: dict) -> None:
-        write(dumps(event, separators=(",", ":")) + "\n")
+    def emit(lines: list[bytes]) -> None:
+        data = memoryview(join(lines))
+        while data:
+            try:
+                n = write(fd, data)
+            except BlockingIOError:  # stdout inherited non-blocking: wait for the reader
+                select.select([], [fd], [])
+                continue
+            data = data[n:]
 
-    return emit, out.flush
+    return emit, (lambda: None)
 
 
 def run_collect(args) -> int:
     logs.setup("collect", args.verbose, args.log_format)
     if args.jsonl == bool(args.kafka):
         raise UserError("choose one output: --jsonl or --kafka HOST:PORT")
-    if args.ringbuf_pages & (args.ringbuf_pages - 1):
-        raise UserError(f"--ringbuf-pages {args.ringbuf_pages}: must be a power of two")
+    check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
 
     from fdpass.collector.collect import Collector
 
     publisher = None
     if args.kafka:
+        from fdpass.collector.enrich import HostInfo
         from fdpass.collector.publisher import KafkaPublisher
 
         publisher = KafkaPublisher.from_args(args)
-        emit, flush = publisher.publish, (lambda: None)
+        key = HostInfo().host_id.encode()  # what publish(event) keys by: per-host order
+        outputs = {"encoded_output": lambda values: publisher.publish_encoded_many(key, values)}
+        flush = lambda: None  # noqa: E731
     else:
         emit, flush = _jsonl_output()
+        outputs = {"encoded_output": emit, "jsonl": True}
 
     def attached() -> None:
         p = collector.probes
@@ -165,7 +189,7 @@ def run_collect(args) -> int:
               file=sys.stderr, flush=True)
 
     try:
-        collector = Collector(emit, filters, ringbuf_pages=args.ringbuf_pages, backend=args.backend)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, backend=args.backend, **outputs)
     except BaseException:
         if publisher is not None:
             publisher.close()  # releases the spool; nothing was published yet

@@ -1,12 +1,14 @@
 """The collector's run loop: probes -> records -> contract events -> an output.
 
-Outputs are callables taking one event dict (JSON lines on stdout, the Kafka
-publisher, the embedded store); the loop owns draining, stopping on
+Outputs are callables taking one event dict (JSON lines on stdout), or a
+batch of encoded Avro messages (the Kafka publisher, the embedded store);
+records are read from the ring buffer in batches; the loop owns draining, stopping on
 --duration or SIGINT/SIGTERM, and the accounting of what the kernel side
 could not report (drops, bounds), which it never keeps quiet about."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fdpass.collector import records as R
+from fdpass.collector.batch import BatchEncoder
 from fdpass.collector.enrich import Enricher
 from fdpass.collector.kernel_calls import KernelCalls
-from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, Filters, open_probes
+from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, READ_BATCH, Filters, open_probes
+from fdpass.schemas import codec
 from fdpass.errors import UserError
 
 log = logging.getLogger("fdpass.collect")
@@ -58,30 +62,53 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
 
 
 class Collector:
-    def __init__(self, output: Callable[[dict], None], filters: Filters | None = None,
+    """output(event dict) per event (tests, benchmarks), or
+    encoded_output(values) per batch of Avro messages (Kafka, the embedded
+    store) or, with jsonl, of JSON lines (bytes), which the C encoder writes
+    straight from the records. While
+    hold() is true the output wants nothing more: records wait in the kernel
+    ring buffer (the final drain at stop takes them all regardless)."""
+
+    def __init__(self, output: Callable[[dict], None] | None = None, filters: Filters | None = None,
                  ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                 tuning: dict[str, int] | None = None, backend: str = "auto"):
+                 tuning: dict[str, int] | None = None, *,
+                 encoded_output: Callable[[list], None] | None = None,
+                 hold: Callable[[], bool] | None = None, jsonl: bool = False, prefer_c: bool = True,
+                 backend: str = "auto"):
         """backend: auto, kernel or tracepoint (collector/probes.py: open_probes)."""
+        if (output is None) == (encoded_output is None):
+            raise ValueError("Collector needs exactly one of output and encoded_output")
         self.output = output
+        self.encoded_output = encoded_output
+        self.hold = hold
         self.counters = Counters()
         self.enricher = Enricher()
-        self.kernel_calls = KernelCalls()
+        self.batch = BatchEncoder(self.enricher, prefer_c, jsonl) if encoded_output else None
+        self._encode_one = (lambda e: (json.dumps(e, separators=(",", ":")) + "\n").encode()) if jsonl else codec.encode
         self.probes = open_probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning, backend=backend)
         log.info("capture backend: %s (%s)", self.probes.backend, self.probes.why)
-        self.probes.open(self._on_record)
+        # The kernel backend's FD records are completed by later records of
+        # their call before they are events (collector/kernel_calls.py).
+        self.kernel_calls = KernelCalls() if self.probes.backend == "kernel" else None
+        self.probes.open(prefer_c)
         self._stop = threading.Event()
         self.output_closed = False
 
-    def _on_record(self, data: int, size: int) -> None:
+    def _output_failed(self, e: Exception, n: int = 1) -> None:
+        before = self.counters.output_errors
+        self.counters.output_errors += n
+        # log the 1st, 10th, 100th and every 1000th
+        if any(before < mark <= self.counters.output_errors for mark in (1, 10, 100)) or \
+                before // 1000 != self.counters.output_errors // 1000:
+            log.error("could not hand an event on (%d so far): %s", self.counters.output_errors, e)
+
+    def _record(self, raw: bytes) -> None:
+        """One record the per-record Python path: events, loss records, bad records."""
         try:
-            rec, raw = R.decode(data, size)
+            rec, path = R.decode_bytes(raw)
         except ValueError as e:
             self.counters.bad_records += 1
             log.error("%s", e)
-            return
-        if rec.probe == R.PROBE_FENTRY:
-            for done, done_raw in self.kernel_calls.add(rec, raw):
-                self._report(done, done_raw)
             return
         if rec.kind == R.KIND_LOSS:
             self.counters.loss_records += 1
@@ -93,22 +120,75 @@ class Collector:
                 f"{rec.fd_count} fds" if rec.fd_count else "whole messages",
             )
             return
-        self._report(rec, raw)
-
-    def _report(self, rec: R.Record, raw: bytes) -> None:
-        event = self.enricher.event(rec, raw)
+        event = self.enricher.event(rec, path)
         self.counters.events[event["direction"]] += 1
-        # This runs inside bcc's C callback, where an exception would only be
-        # printed and the next record delivered: handle every one here.
         try:
-            self.output(event)
+            if self.output is not None:
+                self.output(event)
+            else:
+                self.encoded_output([self._encode_one(event)])
         except BrokenPipeError:  # `fdpass collect --jsonl | head`: the reader is gone
             self.output_closed = True
             self._stop.set()
         except Exception as e:
-            self.counters.output_errors += 1
-            if self.counters.output_errors in (1, 10, 100) or self.counters.output_errors % 1000 == 0:
-                log.error("could not hand an event on (%d so far): %s", self.counters.output_errors, e)
+            self._output_failed(e)
+
+    def _complete_kernel_records(self, records: list[bytes]) -> list[bytes]:
+        """The kernel backend's batch -> its FD records completed by their
+        message's and call's end (MSG_END, CALL_END: collector/kernel_calls.py),
+        packed back into record bytes so that the same encoders (C or Python)
+        take them; the FD records of calls still running wait for a later batch."""
+        out = []
+        add, decode, pack = self.kernel_calls.add, R.decode_bytes, R.encode_bytes
+        for raw in records:
+            try:
+                rec, path = decode(raw)
+            except ValueError:
+                out.append(raw)  # _record counts and logs it
+                continue
+            if rec.probe != R.PROBE_FENTRY:
+                out.append(raw)
+                continue
+            for done, done_path in add(rec, path):
+                out.append(pack(done, done_path))
+        return out
+
+    def _handle(self, records: list[bytes]) -> None:
+        if self.kernel_calls is not None:
+            records = self._complete_kernel_records(records)
+        if self.batch is None:
+            for raw in records:
+                self._record(raw)
+                if self.output_closed:
+                    return
+            return
+        values, n_send, n_recv, others = self.batch.encode(records)
+        self.counters.events["SEND"] += n_send
+        self.counters.events["RECV"] += n_recv
+        if values:
+            try:
+                self.encoded_output(values)
+            except BrokenPipeError:
+                self.output_closed = True
+                self._stop.set()
+                return
+            except Exception as e:
+                self._output_failed(e, len(values))
+        for raw in others:
+            self._record(raw)
+
+    def drain(self, timeout_ms: int, final: bool = False) -> None:
+        """Wait up to timeout_ms for records, then handle every committed one, a
+        batch at a time (unless the output holds, and this is not the final drain)."""
+        if not final and self.hold is not None and self.hold():
+            self._stop.wait(timeout_ms / 1000)
+            return
+        records = self.probes.read(timeout_ms)
+        while records:
+            self._handle(records)
+            if len(records) < READ_BATCH or (not final and self.hold is not None and self.hold()):
+                return
+            records = self.probes.read(0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -123,7 +203,7 @@ class Collector:
             "kernel_budget_exhausted": k["budget_exhausted"],
             "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,
-            "kernel_calls_unfinished": self.kernel_calls.unfinished_dropped,
+            "kernel_calls_unfinished": self.kernel_calls.unfinished_dropped if self.kernel_calls else 0,
             "bad_records": self.counters.bad_records,
             "output_errors": self.counters.output_errors,
         }
@@ -139,7 +219,7 @@ class Collector:
         """Drain until stopped or --duration elapses; then a last drain."""
         deadline = time.monotonic() + duration if duration else None
         while not self._stop.is_set():
-            self.probes.drain(50)
+            self.drain(50)
             if tick:
                 try:
                     tick()
@@ -148,7 +228,7 @@ class Collector:
                     break
             if deadline and time.monotonic() >= deadline:
                 break
-        self.probes.drain(0)
+        self.drain(0, final=True)
         stats = self.stats()
         self.probes.close()
         return stats

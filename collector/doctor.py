@@ -182,6 +182,7 @@ def check_compile() -> Check:
 
 # The C parts (setup.py): optional, same results, several times faster.
 ACCELERATORS = (
+    ("fdpass.collector._capture", "batched ring buffer reader and record -> Avro encoder (capture)"),
     ("fdpass.schemas._avro_writer", "Avro writer (collector publish)"),
     ("fdpass.sinks._avro_to_native", "Avro -> ClickHouse Native (sink inserts)"),
 )

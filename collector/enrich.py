@@ -166,15 +166,22 @@ class Enricher:
             "peer_sock_ino": rec.peer_sock_ino if rec.flags & R.F_PEER else None,
         }
 
+    def expire(self) -> bool:
+        """Empty the task-part cache every EXE_TTL_S (so exe follows an exec);
+        True when it did, for caches built on it (collector/batch.py)."""
+        now = time.monotonic()
+        if now < self._parts_expire:
+            return False
+        self._parts.clear()
+        self._parts_expire = now + self.EXE_TTL_S
+        return True
+
     def event(self, rec: R.Record, raw_path: bytes) -> dict:
         # A busy sender repeats the same task, socket and syscall: build that
         # part once (it needs /proc lookups and string decoding) and copy it.
         # The cache is emptied every EXE_TTL_S so exe follows an exec.
         key = (_TASK_KEY(rec), rec.flags & R.F_PEER)
-        now = time.monotonic()
-        if now >= self._parts_expire:
-            self._parts.clear()
-            self._parts_expire = now + self.EXE_TTL_S
+        self.expire()
         part = self._parts.get(key)
         if part is None:
             if len(self._parts) >= 4096:

@@ -14,14 +14,19 @@ BTF, and where the compiled programs are attached and the ring buffer drained.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
 
 from fdpass.collector.btf import BTF, BTFError
 from fdpass.errors import UserError
+
+try:
+    from fdpass.collector import _capture
+except ImportError:  # built without a C compiler (setup.py): bcc's per-record callback does the reading
+    _capture = None
 
 # -D name -> (struct, member path) in the running kernel's BTF.
 OFFSETS: dict[str, tuple[str, str]] = {
@@ -153,9 +158,17 @@ TRACEPOINTS = tuple(
     for phase in ("enter", "exit")
 )
 
-# Records average ~180 bytes: 16 MiB holds ~90k, a couple of seconds of a
-# reader that falls behind a burst, for 16 MiB of locked kernel memory.
-DEFAULT_RINGBUF_PAGES = 4096
+# A record of a short path takes ~192 bytes of ring buffer (168-byte header,
+# the path's components, the ring's 8-byte record header, 8-byte aligned):
+# 64 MiB of locked kernel memory holds ~350k, what `run` needs when its store
+# falls behind (it then stops reading: fdpass/run.py). Measured on a busy
+# 2-core VM at 150k events/s, 16 MiB lost 2% there and 64 MiB nothing.
+RECORD_BYTES = 192
+DEFAULT_RINGBUF_PAGES = 16384
+
+# Records per read: ~2-4 MB of copies, a few ms of work; the ring buffer is
+# released batch by batch, so it never waits long for its space.
+READ_BATCH = 16384
 
 # Indices of the BPF `stats` array (FDP_STAT_* in bpf/fdpass.h).
 STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled", "uring_full")
@@ -383,25 +396,53 @@ class Probes:
                 table[ctypes.c_uint32(ns)] = ctypes.c_uint8(1)
         self.load_seconds = time.monotonic() - started
         self.why = ""
+        self.ringbuf_pages = ringbuf_pages
         self._rb_open = False
+        self._ring = None
+        self.reader = None
 
-    def open(self, callback: Callable[[int, int], None]) -> None:
-        """callback(data_pointer, size) for every record."""
+    def open(self, prefer_c: bool = True) -> None:
+        """Start reading the ring buffer: mmapped by the C reader
+        (collector/capture.c) when it is built, else through bcc's callback."""
+        events = self.bpf[b"events"]
+        if prefer_c and _capture is not None:
+            self._ring = _capture.RingBuffer(events.map_fd, self.ringbuf_pages * mmap.PAGESIZE)
+            self.reader = "c"
+        else:
+            pending = self._pending = []
+            string_at = ctypes.string_at
 
-        def _cb(_ctx, data, size):
-            callback(data, size)
+            def _cb(_ctx, data, size):
+                pending.append(string_at(data, size))
 
-        self._cb = _cb  # keep a reference: bcc holds only a C pointer
-        self.bpf[b"events"].open_ring_buffer(_cb)
+            self._cb = _cb  # keep a reference: bcc holds only a C pointer
+            events.open_ring_buffer(_cb)
+            self.reader = "python"
         self._rb_open = True
 
-    def drain(self, timeout_ms: int = 50) -> None:
-        """Wait up to timeout_ms for a forced wakeup, then take everything queued.
+    def read(self, timeout_ms: int = 50, max_records: int = READ_BATCH) -> list[bytes]:
+        """The committed records (copies), oldest first, at most max_records;
+        if there are none, wait up to timeout_ms for some first.
 
         Records are written without per-record wakeups (they would cost ~5 us
-        each), so poll alone could sleep on a non-empty buffer: consume after."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        each; the kernel wakes the reader every WAKE_EVERY records), so a wait
+        can sleep on a non-empty buffer: a timeout still reads."""
+        if self._ring is not None:
+            batch = self._ring.read(max_records)
+            if not batch and timeout_ms:
+                self._ring.wait(timeout_ms)
+                batch = self._ring.read(max_records)
+            return batch
+        # bcc's consumer has no record limit: it hands over all it finds.
+        if not self._pending and timeout_ms:
+            self.bpf.ring_buffer_poll(timeout_ms)
         self.bpf.ring_buffer_consume()
+        batch, self._pending[:] = self._pending[:], []
+        return batch
+
+    def discard(self) -> int:
+        """Release every committed record unread (the benchmark's kernel-only floor; C reader only)."""
+        return self._ring.discard()
 
     def stats(self) -> dict[str, int]:
         table = self.bpf[b"stats"]
@@ -411,6 +452,7 @@ class Probes:
         return out
 
     def close(self) -> None:
+        self._ring = None  # unmaps the ring buffer before its map goes
         self.bpf.cleanup()
 
 

@@ -23,6 +23,15 @@ Where an event can be, in order:
    from it and written at the front of the spool; the next publisher on the
    same spool directory replays it first (also after a process restart).
 
+A replaced cluster: the producer's connections refuse a cluster other than
+the one they first met (librdkafka: "reports different ClusterId"), so it
+would never deliver again. While deliveries stall, a watcher asks the
+address for its cluster id and the topic every CLUSTER_CHECK_EVERY s with a
+fresh admin client; on a new id or a missing topic it rebuilds the producer,
+puts everything unacknowledged back at the front of the spool (in order) and
+lets the topic check create the topic(s) and the spool drain (_rebuild).
+Messages librdkafka refuses for a missing topic go back to the spool too.
+
 Start-up: bad input is a one-line UserError before anything runs: a --kafka
 entry that is not HOST:PORT, a host name that does not resolve, an unreadable
 or bad properties file, bad librdkafka properties, and a topic that does not
@@ -61,16 +70,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import re
-import socket
 import threading
 import time
-from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
+from fdpass import defaults, kafka
+from fdpass.kafka import SCRUBBER as _SCRUBBER, TopicProblem as _TopicProblem, is_secret, mask
 from fdpass.collector.spool import Spool, SpoolLocked
 from fdpass.errors import UserError
 from fdpass.schemas import codec
@@ -78,12 +84,9 @@ from fdpass.schemas.codec import encode_unchecked as _encode_unchecked
 
 log = logging.getLogger("fdpass.publisher")
 
-DEFAULT_TOPIC = "fdpass.events"
-DEFAULT_SPOOL_DIR = "/var/lib/fdpass/spool"
+DEFAULT_TOPIC = defaults.TOPIC
+DEFAULT_SPOOL_DIR = defaults.SPOOL_DIR
 DEFAULT_SPOOL_MAX_BYTES = 1 << 30
-ENV_PREFIX = "FDPASS_KAFKA_"
-# FDPASS_KAFKA_* variables that are not librdkafka properties (scripts/kafka-local's).
-ENV_NOT_PROPERTIES = {"FDPASS_KAFKA_PORT", "FDPASS_KAFKA_LIBS"}
 
 # Chosen with bench/bench_publish.py --sweep (one core, 2-core VM, local
 # broker): 20 ms linger with 1 MB batches gave the best publish rates (runs
@@ -109,143 +112,14 @@ POLL_EVERY = 1000  # publishes between inline polls of delivery reports
 # it still is, and how long each of its metadata requests waits.
 START_WARN_EVERY = 30.0  # s
 START_RETRY_TIMEOUT = 2.0  # s
-_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT,
-              KafkaError.REQUEST_TIMED_OUT, KafkaError.BROKER_NOT_AVAILABLE,
-              KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_CONTROLLER}
+# While deliveries are stalled, how often the cluster is asked whether it is
+# still the one the producer talks to (a fresh admin client each time).
+CLUSTER_CHECK_EVERY = 5.0  # s
+_TRANSIENT = kafka.transient_codes()
+# Delivery errors after which a message goes back to the spool instead of counting as failed.
+_TAKE_BACK = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._UNKNOWN_TOPIC,
+              KafkaError.UNKNOWN_TOPIC_OR_PART}
 SERVE_INTERVAL = 0.05  # s; the background thread's period
-
-_SECRET_WORDS = ("password", "secret", "token", ".pem", "jaas", "credential", "private")
-
-
-def is_secret(prop: str) -> bool:
-    prop = prop.lower()
-    return any(word in prop for word in _SECRET_WORDS)
-
-
-def mask(config: dict) -> dict:
-    """A copy of a librdkafka config fit for logs: secret values replaced."""
-    return {k: ("***" if is_secret(k) else v) for k, v in config.items()}
-
-
-class _SecretScrubber(logging.Filter):
-    """Replaces known secret values in any record that passes (belt and braces:
-    librdkafka does not print property values, but its messages are not ours)."""
-
-    def __init__(self):
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            text = record.getMessage()
-            clean = self.scrub(text)
-            if clean != text:
-                record.msg, record.args = clean, None
-        return True
-
-
-_SCRUBBER = _SecretScrubber()
-
-
-def _remember_secrets(config: dict) -> None:
-    # Short values would blank out ordinary words in log lines; real secrets are longer.
-    _SCRUBBER.secrets.update(str(v) for k, v in config.items() if is_secret(k) and len(str(v)) >= 4)
-
-
-def read_properties_file(path: str) -> dict:
-    """key=value lines; '#' or '!' starts a comment line; blank lines ignored."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read Kafka properties file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"Kafka properties file {path} is not text (UTF-8)") from None
-    props = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line[0] in "#!":
-            continue
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key or " " in key:
-            # Never echo the line: it may hold a secret.
-            raise UserError(f"{path}:{lineno}: expected a librdkafka property as key=value")
-        props[key] = value.strip()
-    return props
-
-
-def properties_from_env(environ: dict | None = None) -> dict:
-    environ = os.environ if environ is None else environ
-    props = {}
-    for name, value in environ.items():
-        if name.startswith(ENV_PREFIX) and name not in ENV_NOT_PROPERTIES:
-            props[name[len(ENV_PREFIX):].lower().replace("_", ".")] = value
-    return props
-
-
-def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
-    """The (host, port) entries of a --kafka value; UserError (one line) for one that is not HOST:PORT.
-
-    Accepts what librdkafka accepts: comma-separated HOST:PORT, an optional
-    PROTOCOL:// prefix, and [IPv6]:PORT.
-    """
-    servers = []
-    for item in bootstrap.split(","):
-        entry = item.strip()
-        addr = entry.split("://", 1)[1] if "://" in entry else entry
-        if addr.startswith("["):  # [IPv6]:PORT
-            host, sep, port = addr[1:].partition("]:")
-        else:
-            host, sep, port = addr.rpartition(":")
-            if ":" in host:  # a bare IPv6 address: which colon starts the port?
-                sep = ""
-        if (not sep or not host or any(c.isspace() for c in host)
-                or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536):
-            what = f"{entry!r} in {bootstrap!r}" if entry != bootstrap.strip() else repr(bootstrap)
-            raise UserError(f"--kafka {what} is not HOST:PORT (e.g. kafka-1.example:9092; IPv6 as [::1]:9092)")
-        servers.append((host, int(port)))
-    return servers
-
-
-def check_resolvable(servers: list[tuple[str, int]]) -> None:
-    """UserError naming the first host name that does not resolve.
-
-    A temporary DNS failure (EAI_AGAIN: no name server answered) is not bad
-    input but an outage; librdkafka keeps retrying the name, so it passes here.
-    """
-    for host, port in servers:
-        try:
-            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            if exc.errno == socket.EAI_AGAIN:
-                log.info("cannot resolve Kafka host %s right now (%s): treated as an outage", host, exc.strerror)
-                continue
-            raise UserError(f"Kafka host {host!r} (--kafka) does not resolve: {exc.strerror}; "
-                            "check the name") from None
-        except UnicodeError:  # a label too long or empty for IDNA
-            raise UserError(f"Kafka host {host!r} (--kafka) is not a valid host name") from None
-
-
-def _short_reason(text: str) -> str:
-    """librdkafka's error text without its broker prefix and state suffix:
-    "10.0.0.7:9092/bootstrap: Connect to ipv4#10.0.0.7:9092 failed: Connection refused (after 0ms in state
-    CONNECT)" -> "Connect to ipv4#10.0.0.7:9092 failed: Connection refused"."""
-    text = re.sub(r"^\S+/\S+: ", "", text)
-    return re.sub(r" \(after \d+ms in state \w+.*\)$", "", text)
-
-
-class _TopicProblem(Exception):
-    """The topic is not usable yet; `transient` when Kafka may just need time."""
-
-    def __init__(self, message: str, transient: bool):
-        super().__init__(message)
-        self.transient = transient
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Kafka options of `fdpass collect`, on a parser (in a "Kafka" group) or an argument group."""
@@ -296,10 +170,10 @@ class KafkaPublisher:
         self.queue_max_messages = queue_max_messages
         self.stall_seconds = stall_seconds
         # Bad input first, before anything touches the disk or the network.
-        servers = parse_bootstrap(bootstrap)
+        servers = kafka.parse_bootstrap(bootstrap)
         if create_topic and (partitions < 1 or replication < 1):
             raise UserError(f"--partitions and --replication must be >= 1 (got {partitions}, {replication})")
-        check_resolvable(servers)
+        kafka.check_resolvable(servers)
         self._partitions, self._replication, self._create_topic = partitions, replication, create_topic
         user = dict(config or {})
         for key, value in REQUIRED.items():
@@ -310,7 +184,7 @@ class KafkaPublisher:
                        "bootstrap.servers": bootstrap,
                        "queue.buffering.max.messages": queue_max_messages,
                        "statistics.interval.ms": 5000}
-        _remember_secrets(self.config)
+        kafka.remember_secrets(self.config)
         log.info("Kafka producer config: %s", mask(self.config))
         # The spool first: it is local and cheap to check, and holding its
         # lock keeps a second collector on the same directory from starting.
@@ -328,12 +202,10 @@ class KafkaPublisher:
             # Both clients before waiting on the network: a bad property is
             # bad input and must not wait for (or be hidden by) an outage.
             admin = self._new_admin()
-            try:
-                self._producer = Producer({**self.config, "logger": _ProducerLog(self), "error_cb": self._on_error,
-                                           "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
-            except KafkaException as exc:
-                raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
+            self._producer = self._new_producer()
             self._produce = self._producer.produce  # bound once: publish() calls it per event
+            self._cluster_id: str | None = None  # the cluster the producer delivers to (set by the topic check)
+            self._retired: list = []  # producers of a replaced cluster, purged again at close
             self._topic_ready = self._check_topic(admin, connect_timeout)
         except BaseException:
             self._producer = None
@@ -352,6 +224,13 @@ class KafkaPublisher:
         # Guards the spool. Re-entrant so that a delivery callback served
         # inside a producer call made under the lock cannot deadlock.
         self._lock = threading.RLock()
+        others = self._spool.topics - {topic}
+        if others:
+            log.warning("the spool in %s holds events of an earlier run for topic(s) %s: they are replayed "
+                        "there, not to %s", spool_dir, ", ".join(sorted(others)), topic)
+        if self._spool.untopical:
+            log.warning("the spool in %s holds %d events in spool format 1 (an fdpass that did not keep the "
+                        "topic): they are replayed to %s", spool_dir, self._spool.untopical, topic)
         # Events from an earlier run go first; with Kafka not answering yet, all events wait in the spool.
         self._spooling = self._spool.has_unread() or not self._topic_ready
         self._held = None  # a spool record the producer refused (queue full): retried first
@@ -363,7 +242,7 @@ class KafkaPublisher:
         self._closed = False
         self._drop_window = (0, 0)  # (second, drops logged in it)
         self._drops_unlogged = 0
-        self._purged: list[tuple[bytes, bytes]] = []
+        self._purged: list[tuple[bytes, bytes, str]] = []
         self._undelivered_at_close = 0
         self._poll_lock = threading.Lock()  # one thread serves librdkafka callbacks at a time
         self._next_poll = POLL_EVERY  # _produced at which publish() next polls inline
@@ -373,10 +252,21 @@ class KafkaPublisher:
         self._thread.start()
         self._topic_thread = None
         if not self._topic_ready:
-            started = time.monotonic() - connect_timeout
-            self._topic_thread = threading.Thread(target=self._await_topic, args=(admin, started),
-                                                  name="fdpass-kafka-topic", daemon=True)
-            self._topic_thread.start()
+            self._start_topic_thread(admin, time.monotonic() - connect_timeout)
+        self._cluster_thread = threading.Thread(target=self._watch_cluster, name="fdpass-kafka-cluster", daemon=True)
+        self._cluster_thread.start()
+
+    def _new_producer(self):
+        try:
+            return Producer({**self.config, "logger": _ProducerLog(self), "error_cb": self._on_error,
+                             "on_delivery": self._on_delivery, "stats_cb": self._on_stats})
+        except KafkaException as exc:
+            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
+
+    def _start_topic_thread(self, admin, since: float) -> None:
+        self._topic_thread = threading.Thread(target=self._await_topic, args=(admin, since),
+                                              name="fdpass-kafka-topic", daemon=True)
+        self._topic_thread.start()
 
     # --- construction from the command line ------------------------------------
     @classmethod
@@ -391,8 +281,8 @@ class KafkaPublisher:
             raise UserError("--kafka HOST:PORT is required to publish to Kafka")
         config = {}
         if args.kafka_config:
-            config.update(read_properties_file(args.kafka_config))
-        config.update(properties_from_env(environ))
+            config.update(kafka.read_properties_file(args.kafka_config))
+        config.update(kafka.properties_from_env(environ))
         if args.spool_max_bytes <= 0:
             raise UserError(f"--spool-max-bytes must be positive, got {args.spool_max_bytes}")
         return cls(args.kafka, args.topic, config=config, spool_dir=args.spool_dir,
@@ -401,21 +291,15 @@ class KafkaPublisher:
                    connect_timeout=connect_timeout)
 
     # --- the topic check: at start, and in the background while Kafka is down ----
-    def _new_admin(self) -> AdminClient:
-        admin_conf = {k: v for k, v in self.config.items() if not _producer_only(k)}
-        try:
-            return AdminClient({**admin_conf, "logger": _QUIET, "error_cb": self._on_admin_error})
-        except KafkaException as exc:
-            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc.args[0].str()}")) from None
-        except (ValueError, TypeError) as exc:
-            raise UserError(_SCRUBBER.scrub(f"bad Kafka configuration: {exc}")) from None
+    def _new_admin(self):
+        return kafka.admin_client(self.config, error_cb=self._on_admin_error)
 
     def _on_admin_error(self, err) -> None:
         # "Connect to ipv4#10.0.0.7:9092 failed: Connection refused" says more than "1/1 brokers are down".
         if err.code() != KafkaError._ALL_BROKERS_DOWN or not self._admin_error:
-            self._admin_error = _short_reason(_SCRUBBER.scrub(err.str()))
+            self._admin_error = kafka.short_reason(_SCRUBBER.scrub(err.str()))
 
-    def _metadata(self, admin: AdminClient, timeout: float):
+    def _metadata(self, admin, timeout: float):
         """Cluster metadata, or None when Kafka did not answer within `timeout` s."""
         try:
             return admin.list_topics(timeout=timeout)
@@ -426,7 +310,7 @@ class KafkaPublisher:
         finally:
             admin.poll(0)  # serves error_cb: the reason Kafka does not answer
 
-    def _check_topic(self, admin: AdminClient, timeout: float) -> bool:
+    def _check_topic(self, admin, timeout: float) -> bool:
         """At start: True once the topic is there (created if missing and allowed).
 
         UserError for bad input (a missing topic with --no-create-topic, a
@@ -437,6 +321,7 @@ class KafkaPublisher:
         if md is not None:
             try:
                 self._ensure_topic(admin, md, timeout)
+                self._cluster_id = md.cluster_id
                 return True
             except _TopicProblem as exc:
                 if not exc.transient:
@@ -447,31 +332,14 @@ class KafkaPublisher:
                     self._spool.dir)
         return False
 
-    def _ensure_topic(self, admin: AdminClient, md, timeout: float) -> None:
-        """The topic exists when this returns; _TopicProblem otherwise."""
-        topic = md.topics.get(self.topic)
-        if topic is not None and topic.error is None:
-            return
-        if not self._create_topic:
-            raise _TopicProblem(f"topic {self.topic!r} does not exist on {self.bootstrap} "
-                                "(and --no-create-topic was given): create it or drop the flag", transient=False)
-        future = admin.create_topics([NewTopic(self.topic, self._partitions, self._replication)],
-                                     operation_timeout=timeout)[self.topic]
-        try:
-            future.result(timeout=timeout + 5)
-            log.info("created topic %s (%d partitions, replication %d)", self.topic,
-                     self._partitions, self._replication)
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # lost a race with another collector
-                return
-            raise _TopicProblem(f"cannot create topic {self.topic!r} on {self.bootstrap}: {err.str()}",
-                                transient=err.code() in _TRANSIENT) from None
-        except TimeoutError:  # concurrent.futures.TimeoutError is TimeoutError since Python 3.11
-            raise _TopicProblem(f"Kafka at {self.bootstrap} did not confirm creating topic {self.topic!r} "
-                                f"within {timeout + 5:.0f} s", transient=True) from None
+    def _ensure_topic(self, admin, md, timeout: float) -> None:
+        """The topic exists when this returns, and so does every other topic
+        the spool holds events for (an earlier run's --topic); _TopicProblem otherwise."""
+        for topic in [self.topic, *sorted(self._spool.topics - {self.topic})]:
+            kafka.ensure_topic(admin, md, topic, self._partitions, self._replication, timeout,
+                               self.bootstrap, create=self._create_topic)
 
-    def _await_topic(self, admin: AdminClient, since: float) -> None:
+    def _await_topic(self, admin, since: float) -> None:
         """Background, while Kafka has not answered since start: retry the topic
         check until it passes, then let the spool drain (see _tick)."""
         next_warn = time.monotonic() + START_WARN_EVERY
@@ -487,6 +355,7 @@ class KafkaPublisher:
                 else:
                     with self._lock:
                         waiting = self._spool.pending
+                    self._cluster_id = md.cluster_id
                     self._topic_ready = True
                     log.warning("Kafka at %s answered after %.0f s: sending the %d events spooled to %s",
                                 self.bootstrap, time.monotonic() - since, waiting, self._spool.dir)
@@ -507,6 +376,74 @@ class KafkaPublisher:
                                 self.bootstrap, now - since, text or self._admin_error or "no reason given",
                                 waiting, self._spool.dir)
             self._stop.wait(0.5 if problem is None else 5.0)
+
+    # --- the cluster watch: a replaced cluster or a deleted topic -----------------
+    def _watch_cluster(self) -> None:
+        """Background: while deliveries are stalled, ask the cluster at the
+        bootstrap address (with a fresh admin client: the producer's own
+        connections refuse a cluster other than the one they first met) for
+        its id and the topic. A new cluster id (a rebuilt cluster, a failover
+        to a standby) or a missing topic means the producer will never
+        deliver again: rebuild it (see _rebuild)."""
+        while not self._stop.wait(CLUSTER_CHECK_EVERY):
+            if not self._topic_ready or time.monotonic() - self._last_progress <= self.stall_seconds:
+                continue
+            try:
+                admin = kafka.admin_client(self.config)
+            except UserError:
+                continue
+            md = self._metadata(admin, START_RETRY_TIMEOUT)
+            if md is None or self._stop.is_set():
+                continue
+            topic = md.topics.get(self.topic)
+            if self._cluster_id and md.cluster_id and md.cluster_id != self._cluster_id:
+                self._rebuild(admin, f"Kafka at {self.bootstrap} is another cluster now (cluster id "
+                                     f"{self._cluster_id} -> {md.cluster_id})")
+            elif topic is None or (topic.error is not None and topic.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+                # Only a missing topic: an election in progress also shows as a (transient) topic error.
+                self._rebuild(admin, f"topic {self.topic} is gone from Kafka at {self.bootstrap}")
+
+    def _rebuild(self, admin, why: str) -> None:
+        """Start over with a new producer: everything the old one had not had
+        acknowledged goes back to the front of the spool, in order (the events
+        it still queued, then any replayed segment it was sending); the topic
+        check creates the topic(s) on the cluster now there and the spool
+        drains into it. What the old cluster acknowledged is not sent again."""
+        with self._poll_lock:
+            with self._lock:
+                self._spooling = True  # from now on publish() spools
+                self._topic_ready = False
+            old = self._producer
+            self._producer = self._new_producer()
+            self._produce = self._producer.produce
+            self._retired.append(old)
+            purged = self._take_back(old)
+            with self._lock:
+                rewound = sum(self._spool.rewind(seg) for seg, _count in self._in_flight)
+                self._in_flight, self._held = [], None
+                self._store_taken_back()
+            self._last_progress = time.monotonic()
+        log.warning("%s: rebuilding the Kafka producer; the %d events it had not delivered and %d spooled "
+                    "events being replayed are sent again, in order, after the topic check", why, purged, rewound)
+        self._start_topic_thread(admin, time.monotonic())
+
+    def _take_back(self, producer) -> int:
+        """Purge a producer: every message it holds is reported purged
+        (_on_delivery keeps direct ones in _purged; replayed ones stay in their
+        spool segment). Returns how many direct ones came back."""
+        before = len(self._purged)
+        producer.purge(in_queue=True, in_flight=True, blocking=True)
+        producer.poll(0)
+        producer.flush(0)
+        return len(self._purged) - before
+
+    def _store_taken_back(self) -> None:
+        """Put the purged events in front of the spool (they are older than anything in it); what
+        does not fit is dropped and counted. Called with _lock held."""
+        kept = self._spool.prepend(self._purged)
+        for key, value, _topic in self._purged[kept:]:
+            self._drop(key, len(value))
+        self._purged = []
 
     # --- publishing -------------------------------------------------------------
     def publish(self, event: dict) -> None:
@@ -561,6 +498,31 @@ class KafkaPublisher:
             self._spooling = True
             self._to_spool(key, value)
 
+    def publish_encoded_many(self, key: bytes, values: list[bytes]) -> None:
+        """publish_encoded(key, value) for each value, in order: the capture
+        path hands its messages over a ring buffer batch at a time."""
+        if self._closed:
+            raise RuntimeError("publish after close()")
+        produce, topic = self._produce, self.topic
+        sent = 0
+        for value in values:
+            if self._spooling:
+                break
+            try:
+                produce(topic, value, key)
+            except BufferError:
+                break  # queue bound reached: this event and all after it go to the spool
+            sent += 1
+            self._produced += 1
+            if self._produced >= self._next_poll:
+                self._poll_inline()
+        if sent == len(values):
+            return
+        with self._lock:
+            self._spooling = True
+            for value in values[sent:]:
+                self._to_spool(key, value)
+
     def _poll_inline(self) -> None:
         # While events flow, the publishing thread serves delivery reports
         # itself, a thousand at a time: far cheaper than handing the GIL to
@@ -576,7 +538,7 @@ class KafkaPublisher:
                 self._poll_lock.release()
 
     def _to_spool(self, key: bytes, value: bytes) -> None:
-        if self._spool.append(key, value):
+        if self._spool.append(key, value, self.topic):
             self.spooled += 1
         else:
             self._drop(key, len(value))
@@ -587,13 +549,13 @@ class KafkaPublisher:
         window, logged = self._drop_window
         if second != window:
             if self._drops_unlogged:
-                log.warning("spool full: %d more events dropped in the previous second (total dropped %d)",
-                            self._drops_unlogged, self.dropped)
+                log.warning("%s: %d more events dropped in the previous second (total dropped %d)",
+                            self._spool.refused or "spool full", self._drops_unlogged, self.dropped)
                 self._drops_unlogged = 0
             window, logged = second, 0
         if logged < 10:
-            log.warning("spool full (%d of %d bytes): dropped the newest event (key %s, %d bytes); total dropped %d",
-                        self._spool.bytes_used, self._spool.max_bytes, key.decode(errors="replace"), size, self.dropped)
+            log.warning("%s: dropped the newest event (key %s, %d bytes); total dropped %d",
+                        self._spool.refused or "spool full", key.decode(errors="replace"), size, self.dropped)
             logged += 1
         else:
             self._drops_unlogged += 1
@@ -625,6 +587,10 @@ class KafkaPublisher:
             self.delivered = delivered
 
     def _tick(self) -> None:
+        if self._purged and not self._closed:  # refused for a missing topic (see _on_delivery)
+            with self._lock:
+                self._spooling = True
+                self._store_taken_back()
         now = time.monotonic()
         waiting = len(self._producer)
         self._count_delivered(waiting)
@@ -679,9 +645,10 @@ class KafkaPublisher:
                         if self.replayed:
                             log.info("spool drained: %d events replayed to Kafka so far", self.replayed)
                     return
-                seg, key, value = rec
+                seg, topic, key, value = rec
                 try:
-                    self._producer.produce(self.topic, value, key, on_delivery=self._on_replay_failure)
+                    # The topic it was meant for: a restart with another --topic does not move it.
+                    self._producer.produce(topic or self.topic, value, key, on_delivery=self._on_replay_failure)
                 except BufferError:
                     self._held = rec
                     return
@@ -700,9 +667,11 @@ class KafkaPublisher:
     def _on_delivery(self, err, msg) -> None:
         if err is None:
             return
-        if err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+        if err.code() in _TAKE_BACK:
+            # Purged by us, or refused because the cluster has no such topic
+            # (deleted, or a replaced cluster): not lost, back to the spool.
             self._purged_count += 1
-            self._purged.append((msg.key(), msg.value()))
+            self._purged.append((msg.key(), msg.value(), msg.topic()))
         else:
             self._failed(err, msg)
 
@@ -771,19 +740,17 @@ class KafkaPublisher:
         self._closed = True
         self._stop.set()
         self._thread.join()
+        self._cluster_thread.join()
         if self._topic_thread is not None:
             self._topic_thread.join()  # at most one metadata request or topic creation away
         # Take back what the producer still holds, in order, and put it in
         # front of the spool: it is older than anything spooled.
-        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-        self._producer.poll(0)
-        self._producer.flush(0)
+        for retired in self._retired:  # a publish racing a rebuild may have reached the old producer
+            self._take_back(retired)
+        self._take_back(self._producer)
         # Every message is now delivered, failed or purged (each failure and purge reported).
         self._count_delivered(len(self._producer))
-        kept = self._spool.prepend(self._purged)
-        for key, value in self._purged[kept:]:
-            self._drop(key, len(value))
-        self._purged = []
+        self._store_taken_back()
         undelivered = self._spool.pending
         self._spool.close()
         level = logging.WARNING if undelivered or self.dropped else logging.INFO
@@ -819,17 +786,6 @@ class KafkaPublisher:
         }
 
 
-# Producer-only properties the AdminClient would warn about or reject.
-_PRODUCER_ONLY_PREFIXES = ("linger.", "batch.", "compression.", "queue.buffering.", "enable.idempotence",
-                           "acks", "message.timeout.", "delivery.timeout.", "retries", "retry.",
-                           "max.in.flight", "request.required.acks", "queue.", "partitioner",
-                           "sticky.", "transaction", "compression")
-
-
-def _producer_only(prop: str) -> bool:
-    return prop.startswith(_PRODUCER_ONLY_PREFIXES)
-
-
 class _ProducerLog:
     """The producer's librdkafka log lines, to _LIBRDKAFKA_LOG. While Kafka has
     not answered since start, connection failures go to DEBUG: the start-up
@@ -847,35 +803,5 @@ class _ProducerLog:
         _LIBRDKAFKA_LOG.log(level, msg, *args)
 
 
-class _RepeatFilter(logging.Filter):
-    """Lets one line through once per `period` s: a broker that is down for an
-    hour must not write the same "connection refused" lines every second."""
-
-    def __init__(self, period: float = 60.0):
-        super().__init__()
-        self.period = period
-        self._seen: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        now = time.monotonic()
-        if now - self._seen.get(text, -self.period) < self.period:
-            return False
-        if len(self._seen) > 1000:
-            self._seen.clear()
-        self._seen[text] = now
-        return True
-
-
-# librdkafka's own log lines and error callbacks (librdkafka does not print
-# property values; secrets stay out).
-_LIBRDKAFKA_LOG = logging.getLogger("fdpass.publisher.librdkafka")
-_LIBRDKAFKA_LOG.addFilter(_RepeatFilter())
-_LIBRDKAFKA_LOG.addFilter(_SCRUBBER)
-log.addFilter(_SCRUBBER)
-
-# The topic check reports failures itself (a UserError line, or the
-# start-up warnings); librdkafka's own "connection refused" lines would only repeat it.
-_QUIET = logging.getLogger("fdpass.publisher.admin")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
+_LIBRDKAFKA_LOG = kafka.LIBRDKAFKA_LOG
+kafka.guard_logger(log)

@@ -183,14 +183,27 @@ def render_path(rec: Record, raw_path: bytes) -> str:
     return path
 
 
-def decode(data: int, size: int, _unpack=_HEADER.unpack_from, _make=Record._make,
-           _string_at=ctypes.string_at) -> tuple[Record, bytes]:
-    """Copy one record out of the ring buffer (data: a C pointer valid only
-    during the callback). Raises ValueError for a record shorter than its header.
-    comm and parent_comm come back as bytes up to their first NUL."""
+def decode_bytes(raw: bytes, _unpack=_HEADER.unpack_from, _make=Record._make) -> tuple[Record, bytes]:
+    """One record copied out of the ring buffer -> (header, path bytes).
+    Raises ValueError for a record shorter than its header.
+    comm and parent_comm come back as the kernel's 16 bytes (NUL-padded)."""
+    size = len(raw)
     if size < HEADER_SIZE:
         raise ValueError(f"kernel record of {size} bytes is shorter than its {HEADER_SIZE}-byte header")
-    raw = _string_at(data, size)
     rec = _make(_unpack(raw))
     plen = min(rec.path_len, size - HEADER_SIZE)
     return rec, raw[HEADER_SIZE:HEADER_SIZE + plen]
+
+
+def encode_bytes(rec: Record, path: bytes, _pack=_HEADER.pack) -> bytes:
+    """decode_bytes() reversed: the record bytes of a header (changed with
+    _replace) and its path, for the kernel backend's records completed in
+    Python (collector/kernel_calls.py) to take the same encoders as any."""
+    return _pack(*rec) + path
+
+
+def decode(data: int, size: int, _string_at=ctypes.string_at) -> tuple[Record, bytes]:
+    """decode_bytes() of a record at a C pointer (valid only during a callback)."""
+    if size < HEADER_SIZE:
+        raise ValueError(f"kernel record of {size} bytes is shorter than its {HEADER_SIZE}-byte header")
+    return decode_bytes(_string_at(data, size))

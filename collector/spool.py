@@ -1,11 +1,20 @@
 """On-disk spool: where events wait while Kafka cannot take them.
 
 Layout: a directory of segment files `<20-digit id>.seg`, replayed in id
-order. Each segment is append-only; a record is
+order. Each segment is append-only: a 12-byte header, then records.
 
-    u32 length | u32 CRC-32 of payload | payload = u16 key length | key | value
+    header   "FDPSPOOL" | u16 format (2) | u16 0
+    record   u32 length | u32 CRC-32 of payload |
+             payload = u16 topic length | topic | u16 key length | key | value
 
-(little-endian). A segment file is deleted only once every record in it has
+(little-endian). Each record keeps the topic it was meant for, so a collector
+restarted with another --topic still replays it there. Format 1 (fdpass
+before the topic was kept) has no header and no topic in its records
+(payload = u16 key length | key | value); such segments are still read, and
+their records have no topic (the publisher sends them to its own). No
+format-1 record can start with the header: its length would be 1.4 GB.
+
+A segment file is deleted only once every record in it has
 been delivered to Kafka (the publisher reports each delivery back), so a
 crash at any point loses nothing that reached the spool; it may replay
 records that were delivered just before the crash (at-least-once; the
@@ -23,8 +32,10 @@ there is unsynced data (on append, and from the publisher's background
 thread via sync_if_due), so a power loss or kernel crash loses at most about
 the last second of spooled events. The directory is fsync'ed when segments are created.
 
-Bound: `max_bytes` over all segment files. When an append would pass it the
-spool refuses the record (append returns False) and the caller drops it:
+Bound: `max_bytes` over all segment files. When an append would pass it, or
+the filesystem has no room (ENOSPC, EDQUOT: whatever was half-written is cut
+off again, so the segment stays readable), the spool refuses the record
+(append returns False, `refused` says why) and the caller drops it:
 drop-newest, because the oldest events are the ones a forensic log can least
 afford to lose, and dropping newest keeps what is spooled contiguous.
 
@@ -36,6 +47,7 @@ One process per spool directory: an flock on `lock` enforces it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -48,9 +60,13 @@ from pathlib import Path
 log = logging.getLogger("fdpass.spool")
 
 _HEAD = struct.Struct("<II")  # length, crc32
-_KEYLEN = struct.Struct("<H")
+_KEYLEN = struct.Struct("<H")  # also the topic's length
+_MAGIC = b"FDPSPOOL"
+FORMAT = 2
+_SEG_HEADER = _MAGIC + struct.pack("<HH", FORMAT, 0)
 _FIRST_ID = 10**15  # room below for prepend()
 _SUFFIX = ".seg"
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
 class SpoolLocked(RuntimeError):
@@ -68,6 +84,8 @@ class Segment:
     done: int = 0  # handed-out records whose delivery is settled
     sealed: bool = False  # no more appends
     corrupt_at: int | None = None  # offset of a bad record: replay ends there
+    format: int = FORMAT  # 1: no header, records without a topic
+    topics: frozenset = frozenset()  # topics of its records (format 2)
 
     @property
     def fully_read(self) -> bool:
@@ -80,9 +98,22 @@ class Segment:
         return self.records - self.done
 
 
-def _encode_record(key: bytes, value: bytes) -> bytes:
-    payload = _KEYLEN.pack(len(key)) + key + value
+def _encode_record(key: bytes, value: bytes, topic: str) -> bytes:
+    t = topic.encode()
+    payload = _KEYLEN.pack(len(t)) + t + _KEYLEN.pack(len(key)) + key + value
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _decode_payload(payload: bytes, fmt: int) -> tuple[str | None, bytes, bytes]:
+    """(topic or None for format 1, key, value) of a record's payload."""
+    topic, off = None, 0
+    if fmt >= 2:
+        (tlen,) = _KEYLEN.unpack_from(payload)
+        topic = payload[_KEYLEN.size:_KEYLEN.size + tlen].decode()
+        off = _KEYLEN.size + tlen
+    (klen,) = _KEYLEN.unpack_from(payload, off)
+    start = off + _KEYLEN.size
+    return topic, payload[start:start + klen], payload[start + klen:]
 
 
 class Spool:
@@ -110,6 +141,8 @@ class Spool:
         self._last_fsync = time.monotonic()
         self._dirty = False
         self._bytes = 0  # sum of the segments' sizes
+        self._foreign_ids: list[int] = []  # segments of a newer format, left on disk: ids not to reuse
+        self.refused = ""  # why the last refused append was refused: "full" or the filesystem's error
         self._recover()
 
     # --- recovery ------------------------------------------------------------
@@ -121,6 +154,9 @@ class Spool:
                 continue
             seg = Segment(seg_id, path, sealed=True)
             self._scan(seg)
+            if seg.format > FORMAT:
+                self._foreign_ids.append(seg_id)  # a newer fdpass's: left on disk, untouched
+                continue
             if seg.records == 0 and seg.corrupt_at in (None, 0):
                 path.unlink()
                 continue
@@ -134,6 +170,16 @@ class Spool:
         data = seg.path.read_bytes()
         seg.size = len(data)
         off = 0
+        if data.startswith(_MAGIC):
+            (seg.format,) = struct.unpack_from("<H", data, len(_MAGIC))
+            if seg.format > FORMAT:
+                log.error("spool %s: segment format %d is newer than this fdpass reads (%d): left on disk, "
+                          "unread", seg.path, seg.format, FORMAT)
+                return
+            off = seg.read_offset = len(_SEG_HEADER)
+        else:
+            seg.format = 1
+        topics = set()
         while off < len(data):
             rec_end = self._check(data, off)
             if rec_end is None:
@@ -143,7 +189,10 @@ class Spool:
                             "segment cannot be replayed", seg.path, off, len(data))
                 break
             seg.records += 1
+            if seg.format >= 2:
+                topics.add(_decode_payload(data[off + _HEAD.size:rec_end], seg.format)[0])
             off = rec_end
+        seg.topics = frozenset(topics)
 
     @staticmethod
     def _check(data: bytes, off: int) -> int | None:
@@ -175,11 +224,41 @@ class Spool:
     def has_unread(self) -> bool:
         return any(not s.fully_read for s in self._segments)
 
+    @property
+    def topics(self) -> set[str]:
+        """Topics the spooled records are meant for (format-2 segments)."""
+        return set().union(*(s.topics for s in self._segments))
+
+    @property
+    def untopical(self) -> int:
+        """Spooled records of format 1, which name no topic."""
+        return sum(s.unsettled for s in self._segments if s.format < 2)
+
     # --- writing ---------------------------------------------------------------
+    @staticmethod
+    def _write_all(fd: int, data: bytes, size: int) -> None:
+        """Write data at the end of a file of `size` bytes, all or nothing: on a
+        failure, what was half-written is cut off so no torn record is left in
+        front of later ones."""
+        try:
+            done = os.write(fd, data)
+            if done != len(data):  # a short write: the filesystem filled up mid-record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+
     def _new_segment(self, seg_id: int, front: bool = False) -> tuple[Segment, int]:
         path = self.dir / f"{seg_id:020d}{_SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        seg = Segment(seg_id, path)
+        try:
+            self._write_all(fd, _SEG_HEADER, 0)
+        except OSError:
+            os.close(fd)
+            path.unlink()
+            raise
+        seg = Segment(seg_id, path, size=len(_SEG_HEADER), read_offset=len(_SEG_HEADER))
+        self._bytes += seg.size
         if front:
             self._segments.insert(0, seg)
         else:
@@ -197,10 +276,10 @@ class Spool:
     def _tail_for_append(self, nbytes: int) -> Segment:
         tail = self._segments[-1] if self._segments else None
         if tail is not None and not tail.sealed and self._write_fd is not None:
-            if tail.size + nbytes <= self.segment_bytes or tail.size == 0:
+            if tail.size + nbytes <= self.segment_bytes or tail.records == 0:
                 return tail
             self._seal_tail()
-        next_id = (self._segments[-1].id + 1) if self._segments else _FIRST_ID
+        next_id = max([s.id + 1 for s in self._segments[-1:]] + [i + 1 for i in self._foreign_ids] + [_FIRST_ID])
         seg, self._write_fd = self._new_segment(next_id)
         return seg
 
@@ -213,13 +292,23 @@ class Spool:
         if self._segments:
             self._segments[-1].sealed = True
 
-    def append(self, key: bytes, value: bytes) -> bool:
-        """Add one record at the end. False (and nothing written) when the spool is full."""
-        rec = _encode_record(key, value)
-        if self.bytes_used + len(rec) > self.max_bytes:
+    def append(self, key: bytes, value: bytes, topic: str) -> bool:
+        """Add one record, for `topic`, at the end. False (and nothing written) when the spool is
+        full or its filesystem has no room (`refused` says which)."""
+        rec = _encode_record(key, value, topic)
+        if self.bytes_used + len(rec) + len(_SEG_HEADER) > self.max_bytes:
+            self.refused = f"spool full ({self.bytes_used} of {self.max_bytes} bytes)"
             return False
-        seg = self._tail_for_append(len(rec))
-        os.write(self._write_fd, rec)
+        try:
+            seg = self._tail_for_append(len(rec))
+            self._write_all(self._write_fd, rec, seg.size)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            self.refused = f"no room on the spool's filesystem ({exc.strerror})"
+            return False
+        if topic not in seg.topics:
+            seg.topics = seg.topics | {topic}
         seg.size += len(rec)
         self._bytes += len(rec)
         seg.records += 1
@@ -231,35 +320,50 @@ class Spool:
             self._dirty = False
         return True
 
-    def prepend(self, records: list[tuple[bytes, bytes]]) -> int:
-        """Write `records` as a new segment in front of all others; returns how many fit.
+    def prepend(self, records: list[tuple[bytes, bytes, str]]) -> int:
+        """Write `records` (key, value, topic) as a new segment in front of all others; returns how many fit.
 
         The bound applies here too: what does not fit is not written (the
         caller counts it as dropped).
         """
         if not records:
             return 0
-        front_id = (self._segments[0].id - 1) if self._segments else _FIRST_ID - 1
+        front_id = min([s.id - 1 for s in self._segments[:1]] + [i - 1 for i in self._foreign_ids] + [_FIRST_ID - 1])
         blobs = []
-        room = self.max_bytes - self.bytes_used
-        for key, value in records:
-            rec = _encode_record(key, value)
+        room = self.max_bytes - self.bytes_used - len(_SEG_HEADER)
+        for key, value, topic in records:
+            rec = _encode_record(key, value, topic)
             if len(rec) > room:
                 break
             room -= len(rec)
             blobs.append(rec)
         if not blobs:
             return 0
-        seg, fd = self._new_segment(front_id, front=True)
+        data = b"".join(blobs)
         try:
-            data = b"".join(blobs)
-            os.write(fd, data)
+            seg, fd = self._new_segment(front_id, front=True)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            self.refused = f"no room on the spool's filesystem ({exc.strerror})"
+            return 0
+        try:
+            self._write_all(fd, data, len(_SEG_HEADER))
             os.fsync(fd)
-        finally:
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            self.refused = f"no room on the spool's filesystem ({exc.strerror})"
             os.close(fd)
-        seg.size = len(data)
-        self._bytes += seg.size
+            seg.path.unlink()
+            self._segments.remove(seg)
+            self._bytes -= seg.size
+            return 0
+        os.close(fd)
+        seg.size += len(data)
+        self._bytes += len(data)
         seg.records = len(blobs)
+        seg.topics = frozenset(topic for _k, _v, topic in records[:len(blobs)])
         seg.sealed = True
         return len(blobs)
 
@@ -272,8 +376,9 @@ class Spool:
             self._dirty = False
 
     # --- reading ---------------------------------------------------------------
-    def read(self) -> tuple[Segment, bytes, bytes] | None:
-        """The next record not yet handed out, as (segment, key, value); None if none.
+    def read(self) -> tuple[Segment, str | None, bytes, bytes] | None:
+        """The next record not yet handed out, as (segment, topic, key, value); None if none.
+        topic is None for a format-1 record (it names none).
 
         Call `settle(segment)` once Kafka has its delivery (or has failed it
         for good); a segment's file goes away when all its records are settled.
@@ -301,15 +406,28 @@ class Spool:
                 continue
             seg.read_offset += _HEAD.size + length
             seg.handed += 1
-            (klen,) = _KEYLEN.unpack_from(payload)
-            key = payload[_KEYLEN.size:_KEYLEN.size + klen]
-            value = payload[_KEYLEN.size + klen:]
+            topic, key, value = _decode_payload(payload, seg.format)
             if seg.fully_read and not seg.sealed:
                 # The writer is caught up: seal so the next outage starts a new
                 # segment and this one can be deleted once delivered.
                 self._seal_tail()
-            return seg, key, value
+            return seg, topic, key, value
         return None
+
+    def rewind(self, seg: Segment) -> int:
+        """Hand a segment's unsettled records out again (their delivery is
+        unknown: the producer sending them was dropped). Records settle in
+        order, so they are the ones from index `done` on; the settled ones
+        before stay delivered. Returns how many are handed out again."""
+        again = seg.handed - seg.done
+        off = len(_SEG_HEADER) if seg.format >= 2 else 0
+        with open(seg.path, "rb") as f:
+            for _ in range(seg.done):
+                length, _crc = _HEAD.unpack(os.pread(f.fileno(), _HEAD.size, off))
+                off += _HEAD.size + length
+        seg.read_offset = off
+        seg.handed = seg.done
+        return again
 
     def settle(self, seg: Segment) -> None:
         seg.done += 1

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fdpass import run as run_cli
 
     run_cli.register(sub)
+    from fdpass import query
+
+    query.register(sub)
     try:
         from fdpass.sinks import cli as sinks_cli
     except ImportError:  # the sink is optional while it is being built

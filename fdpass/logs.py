@@ -44,3 +44,10 @@ def setup(component: str, verbose: bool = False, fmt: str = "human") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def quiet_client_libraries() -> None:
+    """clickhouse-connect and urllib3 log every failed HTTP attempt at WARNING;
+    fdpass says once per attempt what failed and what it does about it."""
+    for name in ("clickhouse_connect", "urllib3"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)

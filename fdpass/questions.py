@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from fdpass import defaults
 from fdpass.errors import UserError
 
-TABLE = "fdpass.events"
+TABLE = defaults.EVENTS_TABLE
 
 # Key of a transfer on each side (see the module docstring).
 _SEND_KEY = "host_id, boot_id, peer_sock_ino, file_dev, file_ino, fd_index"

@@ -2,17 +2,21 @@
 
 probes -> contract events -> Avro single-object encoding (the codec the
 collector publishes with) -> INSERT into embedded ClickHouse (chDB) through
-the Kafka sink's own insert path (sinks.writer.insert_messages: a Native
-block from the C transcoder, or an Avro container without it). So the data
-is byte-for-byte what a fleet deployment would store, and pointing
-`--store` at a ClickHouse server DSN later changes nothing about it.
+the Kafka sink's own writer (sinks.writer.Writer: a Native block from the C
+transcoder, or an Avro container without it; rows the store refuses are
+isolated). So the data is byte-for-byte what a fleet deployment would
+store, and pointing `--store` at a ClickHouse server DSN later changes
+nothing about it.
 
 The collector thread only encodes and queues; a writer thread inserts, so a
-slow insert never stalls the ring buffer drain. Each insert carries a
-deduplication token derived from its first event id and size, so a retry
-after an insert whose answer was lost stores nothing twice. A failing store
-is retried with backoff, never dropped; past a memory bound (stated in
---help) the newest events are dropped, counted and logged.
+slow insert never stalls the ring buffer drain. Batches go through the
+sink's protocol objects (sinks/exactly_once.py): InsertOnly (there is no
+Kafka log to replay from) and Retrying. Their insert tokens follow the
+sink's scheme under a topic name unique to this run, so a retry after an
+insert whose answer was lost stores nothing twice. A failing store is
+retried with backoff, never dropped; while MAX_QUEUED events wait for
+it, the collector stops reading and the kernel ring buffer (--ringbuf-pages)
+holds the rest; past that the kernel drops the newest, counted and logged.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import islice
 
-from fdpass import logs
+from fdpass import defaults, logs
 from fdpass.errors import UserError
 
 log = logging.getLogger("fdpass.run")
 
-DEFAULT_STORE = "/var/lib/fdpass/store"
+DEFAULT_STORE = defaults.STORE_DIR
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
-MAX_QUEUED = 2_000_000  # ~200 bytes each: ~400 MB before anything is dropped
+MAX_QUEUED = 100_000  # encoded events waiting for the store (~400 bytes each: ~40 MB)
 
 RUN_HELP = """\
 Record every file descriptor passed on this host into an embedded ClickHouse
@@ -55,7 +60,7 @@ examples:
 
 
 def register(sub) -> None:
-    from fdpass.collector.cli import add_backend_argument, add_filter_arguments, seconds_arg
+    from fdpass.collector.cli import add_backend_argument, add_filter_arguments, add_ringbuf_argument, seconds_arg
 
     p = sub.add_parser("run", help="record on this host into embedded ClickHouse (no servers)",
                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +70,7 @@ def register(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=BATCH_ROWS, help=f"insert at this many events (default {BATCH_ROWS})")
     p.add_argument("--batch-age", type=float, default=BATCH_AGE_S,
                    help=f"... or after this many seconds (default {BATCH_AGE_S})")
+    add_ringbuf_argument(p)
     p.add_argument("--no-status", action="store_true", help="no status line even on a terminal")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 0.0.0.0:9464)")
@@ -93,33 +99,61 @@ def _human(n: float) -> str:
     return str(n)
 
 
-class StoreWriter(threading.Thread):
-    """Inserts queued encoded events in batches; retries a failing store forever."""
+def run_topic() -> str:
+    """The name this run's batches carry in their insert tokens: unique per run, so that a later run's
+    batch 0 is not taken for a repeat of an earlier one's."""
+    from fdpass.collector.enrich import HostInfo
 
-    def __init__(self, client, table: str, version: int, batch_rows: int, batch_age: float):
+    host = HostInfo()
+    return f"run/{host.host}/{host.boot_id}/{time.time_ns()}"
+
+
+class StoreWriter(threading.Thread):
+    """Cuts queued encoded events into batches and stores each through the sink's writer.
+
+    `store` is a protocol object with store(batch) (sinks/exactly_once.py:
+    InsertOnly over sinks.writer.Writer.insert, the sink's insert and bad-row
+    isolation); the batches are numbered like one Kafka partition's offsets
+    under `topic`, which gives them the sink's token scheme."""
+
+    def __init__(self, store, topic: str, batch_rows: int, batch_age: float):
         super().__init__(name="fdpass-store-writer", daemon=True)
-        self.client, self.table, self.version = client, table, version
+        from fdpass.sinks.exactly_once import Retrying
+
+        # Never given up: `run` has nowhere else to keep what it captured.
+        self.retry = Retrying(store, threading.Event(), "never")
+        self.topic = topic
         self.batch_rows, self.batch_age = batch_rows, batch_age
-        self.queue: deque[tuple[str, bytes]] = deque()
+        self.queue: deque[bytes] = deque()
         self.cond = threading.Condition()
         self.closing = False
+        self.next_offset = 0
         self.stored = 0
-        self.dropped = 0
-        self.failures = 0
+        self.rejected = 0
         self.last_insert_seconds = 0.0
-        self.error: str | None = None
 
-    def put(self, event_id: str, value: bytes) -> None:
+    @property
+    def error(self) -> str | None:
+        return self.retry.error
+
+    @property
+    def failures(self) -> int:
+        return self.retry.failures
+
+    def put_many(self, values: list[bytes]) -> None:
+        """Queue a batch of encoded events (the collector stops reading while holding() says so)."""
         with self.cond:
-            if len(self.queue) >= MAX_QUEUED:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 10000 == 0:
-                    log.error("store is not keeping up: %d events dropped so far (queue bound %d)",
-                              self.dropped, MAX_QUEUED)
-                return
-            self.queue.append((event_id, value))
-            if len(self.queue) >= self.batch_rows:
+            first = not self.queue
+            self.queue.extend(values)
+            if first or len(self.queue) >= self.batch_rows:
                 self.cond.notify()
+
+    def holding(self) -> bool:
+        """True while MAX_QUEUED events wait: the collector then leaves records
+        in the kernel ring buffer (3x more compact than encoded messages, and
+        sized by --ringbuf-pages), and what does not fit there is counted as
+        ring buffer drops."""
+        return len(self.queue) >= MAX_QUEUED
 
     def close(self) -> None:
         with self.cond:
@@ -127,59 +161,63 @@ class StoreWriter(threading.Thread):
             self.cond.notify()
         self.join()
 
-    def run(self) -> None:
-        from fdpass.sinks.writer import backoff_delays, insert_messages
+    def _next_batch(self):
+        """The next batch once it is due (batch_rows, or batch_age after the writer saw its first
+        event: the bound on how long a row waits); None when closing with nothing left."""
+        from fdpass.sinks.exactly_once import Batch
 
-        while True:
-            with self.cond:
-                if not self.queue and not self.closing:
-                    self.cond.wait(self.batch_age)
-                if not self.queue:
-                    if self.closing:
-                        return
-                    continue
-                if len(self.queue) < self.batch_rows and not self.closing:
-                    self.cond.wait(self.batch_age)
-                n = min(len(self.queue), self.batch_rows)
-                batch = [self.queue[i] for i in range(n)]
-            values = [v for _, v in batch]
-            token = f"run/{batch[0][0]}/{n}"
-            delays = backoff_delays()
-            while True:
-                started = time.monotonic()
-                try:
-                    rejected = insert_messages(self.client, self.table, self.version, values, token, {})
-                    self.last_insert_seconds = time.monotonic() - started
+        with self.cond:
+            while not self.queue and not self.closing:
+                self.cond.wait()
+            if not self.queue:
+                return None
+            deadline = time.monotonic() + self.batch_age
+            while len(self.queue) < self.batch_rows and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-                except Exception as e:  # any store failure: keep the batch, wait, retry
-                    self.failures += 1
-                    self.error = " ".join(str(e).split())[:200]
-                    delay = next(delays)
-                    log.error("insert of %d events failed (%s); retrying in %.1f s, nothing is dropped",
-                              n, self.error, delay)
-                    time.sleep(delay)
-            self.error = None
-            if rejected:  # the codec of this process wrote them: a bug, said loudly
-                _, reason, detail = rejected[0]
-                log.error("%d events do not transcode and are not stored (first: %s, %s)", len(rejected), reason, detail)
+                self.cond.wait(left)
+            n = min(len(self.queue), self.batch_rows)
+            values = list(islice(self.queue, n))
+        first = self.next_offset
+        return Batch(topic=self.topic, partition=0, first=first, last=first + n - 1, values=values,
+                     keys=[None] * n, offsets=range(first, first + n))
+
+    def run(self) -> None:
+        while True:
+            b = self._next_batch()
+            if b is None:
+                return  # closing, and everything is stored
+            started = time.monotonic()
+            self.retry.store(b)  # returns once stored: never given up
+            self.last_insert_seconds = time.monotonic() - started
             with self.cond:
-                for _ in range(n):
+                for _ in range(len(b.values)):
                     self.queue.popleft()
-                self.stored += n - len(rejected)
-                self.dropped += len(rejected)
+                self.next_offset = b.last + 1
+                self.stored += b.rows
+                self.rejected += b.dead
+
+
+def _log_rejected(batch, dead: list) -> None:
+    """Messages this process encoded that the store cannot take: a bug, said loudly (no dead-letter topic here)."""
+    _, reason, detail = dead[0]
+    log.error("%d events do not transcode and are not stored (first: %s, %s)", len(dead), reason, detail)
 
 
 def run(args) -> int:
     logs.setup("run", args.verbose, args.log_format)
     if args.batch_rows <= 0 or args.batch_age <= 0:
         raise UserError("--batch-rows and --batch-age must be greater than 0")
-    from fdpass.collector.cli import filters_from_args
+    from fdpass.collector.cli import check_ringbuf_pages, filters_from_args
 
+    check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
     from fdpass.collector.collect import Collector
-    from fdpass.schemas import avro, codec
     from fdpass.schemas.clickhouse import DATABASE, TABLE, ensure_schema
+    from fdpass.sinks.exactly_once import InsertOnly
     from fdpass.sinks.store import open_store
+    from fdpass.sinks.writer import Writer
 
     store_dir = os.path.abspath(args.store)
     try:
@@ -190,14 +228,11 @@ def run(args) -> int:
     try:
         client = store.client()
         ensure_schema(client)
-        writer = StoreWriter(client, f"{DATABASE}.{TABLE}", avro.CURRENT_VERSION, args.batch_rows, args.batch_age)
+        protocol = InsertOnly(Writer(client, DATABASE, TABLE).insert, _log_rejected)
+        writer = StoreWriter(protocol, run_topic(), args.batch_rows, args.batch_age)
         writer.start()
-        encode = codec.encode
-
-        def output(event: dict) -> None:
-            writer.put(event["event_id"], encode(event))
-
-        collector = Collector(output, filters, backend=args.backend)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, encoded_output=writer.put_many,
+                              hold=writer.holding, backend=args.backend)
         attached = lambda: print(f"fdpass run: probes attached ({collector.probes.backend} backend: "  # noqa: E731
                                  f"{collector.probes.why}); recording into {store_dir}", file=sys.stderr, flush=True)
         if args.metrics:
@@ -205,7 +240,7 @@ def run(args) -> int:
 
             metrics.serve(args.metrics, {"run": lambda: {
                 **collector.stats(), "stored": writer.stored, "store_backlog": len(writer.queue),
-                "dropped_store_backlog": writer.dropped, "store_failures": writer.failures,
+                "rejected_by_store": writer.rejected, "store_failures": writer.failures,
                 "store_insert_seconds": writer.last_insert_seconds}})
         collector.stop_on_signals()
         attached()  # after the metrics endpoint is up
@@ -215,11 +250,11 @@ def run(args) -> int:
         finally:
             status.clear()
             writer.close()
-        stats.update(stored=writer.stored, dropped_store_backlog=writer.dropped)
+        stats.update(stored=writer.stored, rejected_by_store=writer.rejected)
         print("fdpass run: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
         print(f"fdpass run: query it with: fdpass query --clickhouse chdb://{store_dir} "
               f"\"SELECT count() FROM {DATABASE}.{TABLE}\"", file=sys.stderr)
-        return 1 if writer.dropped else 0
+        return 1 if writer.rejected else 0
     finally:
         store.close()
 

@@ -4,7 +4,7 @@ fields.py is the one source of truth; this module only maps its logical kinds
 to Avro types. The shipped schema files are what readers resolve fingerprints
 against, so they are frozen versions:
 
-  fdpass_event.v1.avsc  the DESIGN.md contract (every field up to `probe`)
+  fdpass_event.v1.avsc  the original contract (every field up to `probe`; README, "The event")
   fdpass_event.v2.avsc  + msg_index, seq, path_truncated, fds_truncated, msg_ctrunc
   fdpass_event.v3.avsc  + abi, file_verified, transfer_id; syscall gains the
                         IO_URING_* symbols (current: all of FIELDS)
@@ -33,7 +33,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 # version -> file name. Order matters only for readability.
 SCHEMA_FILES = {1: "fdpass_event.v1.avsc", 2: "fdpass_event.v2.avsc", 3: "fdpass_event.v3.avsc"}
 CURRENT_VERSION = 3
-# The original contract (DESIGN.md) ends at this field; every later field is
+# The original contract (README, "The event") ends at this field; every later field is
 # an addition and must carry a default so v1 messages stay readable.
 LAST_V1_FIELD = "probe"
 
@@ -97,7 +97,7 @@ def event_schema(fields: tuple[Field, ...] = FIELDS) -> dict:
 
 
 def v1_fields() -> tuple[Field, ...]:
-    """The DESIGN.md contract: FIELDS up to and including `probe`."""
+    """The original contract: FIELDS up to and including `probe`."""
     names = [f.name for f in FIELDS]
     return FIELDS[: names.index(LAST_V1_FIELD) + 1]
 

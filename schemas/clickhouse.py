@@ -15,7 +15,7 @@ Layout decisions (why):
 - time is MATERIALIZED from time_ns, so producers only send time_ns (the
   Avro contract) and the partition key and sort key get a real DateTime64.
 - Deduplication: the sink inserts each batch with an insert_deduplication_token
-  (see sinks/state.py); on a plain MergeTree ClickHouse only remembers tokens
+  (see sinks/exactly_once.py); on a plain MergeTree ClickHouse only remembers tokens
   when `non_replicated_deduplication_window` > 0. The window is counted in
   inserted blocks (parts); the sink only ever needs the last few batches of a
   partition remembered (it records finished batches itself), so 1000 is a
@@ -186,13 +186,13 @@ def create_statements(opts: Options = Options(), fields: tuple[Field, ...] = FIE
         f"CREATE TABLE IF NOT EXISTS {db}.{TABLE}\n{_columns_block(fields)}\n"
         f"ENGINE = MergeTree\nPARTITION BY {PARTITION_BY}\nORDER BY {ORDER_BY}{_ttl_clause(opts.ttl_days)}\n"
         f"SETTINGS non_replicated_deduplication_window = {int(opts.dedup_window)}, {_PART_SETTINGS}",
-        # The sink's record of batch offset ranges (sinks/state.py). Kept 30
+        # The sink's record of batch offset ranges (sinks/exactly_once.py). Kept 30
         # days: a range is only needed until its offsets are committed.
         f"CREATE TABLE IF NOT EXISTS {db}.{STATE_TABLE}\n{state_columns_block()}\n"
         # No fsync_after_insert, like the events table: a kill -9 loses nothing
         # that was written (the page cache survives the process); surviving a
         # power cut is ClickHouse's usual trade-off and would need fsync on
-        # both tables (see sinks/state.py).
+        # both tables (see sinks/exactly_once.py).
         "ENGINE = MergeTree\nORDER BY (topic, partition, last_offset)\nTTL toDateTime(at) + INTERVAL 30 DAY",
     ]
 

@@ -346,6 +346,21 @@ def _int_fields(schema: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
+def header_version(data: bytes | None) -> int | str:
+    """The one header check (C3 01, then a shipped schema's fingerprint): the
+    writer schema version of a message, or the reason it has none, as the DLQ
+    names it: "truncated", "bad_magic" or "unknown_fingerprint". The C
+    transcoder (sinks/avro_to_native.c) makes the same checks in the same order."""
+    if data is None or len(data) < len(MAGIC):
+        return "truncated"
+    if data[:2] != MAGIC:
+        return "bad_magic"
+    if len(data) < HEADER_LEN:
+        return "truncated"
+    v = _VERSION_BY_FP.get(bytes(data[2:HEADER_LEN]))
+    return "unknown_fingerprint" if v is None else v
+
+
 class Decoder:
     """Reads any shipped writer version into one reader version.
 
@@ -361,21 +376,19 @@ class Decoder:
 
     def writer_version(self, data: bytes) -> int:
         """The shipped schema version a message was written with (header checks only)."""
-        if len(data) < len(MAGIC):
-            raise TruncatedMessage(f"message of {len(data)} bytes is shorter than the 2-byte magic")
-        if data[:2] != MAGIC:
+        version = header_version(data)
+        if version == "truncated":
+            need = "the 2-byte magic" if len(data) < len(MAGIC) else f"the {HEADER_LEN}-byte header"
+            raise TruncatedMessage(f"message of {len(data)} bytes is shorter than {need}")
+        if version == "bad_magic":
             raise BadMagic(f"message starts with {bytes(data[:2]).hex()}, not c301 (Avro single-object encoding)")
-        if len(data) < HEADER_LEN:
-            raise TruncatedMessage(f"message of {len(data)} bytes is shorter than the {HEADER_LEN}-byte header")
-        fp = bytes(data[2:HEADER_LEN])
-        try:
-            return _VERSION_BY_FP[fp]
-        except KeyError:
+        if version == "unknown_fingerprint":
             raise UnknownFingerprint(
-                f"writer schema fingerprint {fp.hex()} is not among the shipped schemas "
+                f"writer schema fingerprint {bytes(data[2:HEADER_LEN]).hex()} is not among the shipped schemas "
                 f"({', '.join(f'v{v}={f.hex()}' for v, f in FINGERPRINTS.items())}): "
                 "a newer fdpass wrote it, or it is not an fdpass event"
-            ) from None
+            )
+        return version
 
     def decode(self, data: bytes) -> dict:
         version = self.writer_version(data)

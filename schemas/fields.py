@@ -2,9 +2,10 @@
 
 Every other representation of an fdpass event derives from FIELDS: the JSON
 keys written by `fdpass collect --jsonl`, the Avro schema in schemas/, the
-ClickHouse columns. Names and meanings are those of ../DESIGN.md ("The
-event"); fields after `probe` are additions of fdpass's own, each with a
-default so older readers and writers keep working.
+ClickHouse columns (docs/architecture.md, "The contract"). The fields up to
+`probe` are the original contract (the README's table, "The event"); fields
+after it are additions, each with a default so older readers and writers
+keep working.
 
 Each entry: (name, kind, nullable, doc[, default]). `kind` is one of the
 logical kinds below; the Avro and ClickHouse types are chosen from it in one

@@ -1,4 +1,4 @@
-"""`fdpass sink` and `fdpass query`: argument parsing only; the work lives in consumer.py and store.py.
+"""`fdpass sink`: argument parsing only; the work lives in consumer.py and store.py.
 
 No heavy imports at module level: fdpass/cli.py registers every sub-command
 on each start, also for `fdpass --help`.
@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 
-from fdpass.errors import UserError
-
-DEFAULT_DSN = "chdb:///var/lib/fdpass/store"
+from fdpass import defaults
+from fdpass.sinks.store import add_store_args
 
 
 def _positive_int(s: str) -> int:
@@ -44,29 +41,22 @@ def _bytes(s: str) -> int:
     return v
 
 
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clickhouse", metavar="DSN", default=DEFAULT_DSN,
-                   help="chdb:///path (embedded, default %(default)s) or http(s)://user@host:port/db; "
-                        "the server password comes from $FDPASS_CLICKHOUSE_PASSWORD or --clickhouse-password-file")
-    p.add_argument("--clickhouse-password-file", metavar="FILE", help="file holding the ClickHouse password")
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "sink", help="consume fdpass events from Kafka into ClickHouse, exactly once",
         description="Consume Avro fdpass events from Kafka and insert them into ClickHouse exactly once "
-                    "(offset ranges recorded in the store; see sinks/state.py). Undecodable messages and rows "
+                    "(offset ranges recorded in the store; see sinks/exactly_once.py). Undecodable messages and rows "
                     "ClickHouse rejects go to a dead-letter topic. SIGTERM/SIGINT flush and exit; a second "
                     "signal exits at once (nothing unstored is committed).",
     )
     p.add_argument("--kafka", metavar="HOST:PORT", required=True, help="bootstrap servers")
-    p.add_argument("--topic", default="fdpass.events")
+    p.add_argument("--topic", default=defaults.TOPIC, help="topic (default %(default)s)")
     p.add_argument("--group", default="fdpass-sink", help="consumer group (run N sinks with one group to share partitions)")
     p.add_argument("--dlq-topic", help="dead-letter topic (default: TOPIC.dlq)")
     p.add_argument("--kafka-config", metavar="FILE",
                    help="librdkafka properties, key=value lines (SASL, TLS...); also FDPASS_KAFKA_<PROP> "
                         "environment variables. Never put secrets on the command line")
-    _add_store_args(p)
+    add_store_args(p)
     p.add_argument("--batch-rows", type=_positive_int, default=100_000, help="close a batch at this many messages (%(default)s)")
     p.add_argument("--batch-bytes", type=_bytes, default=32 << 20, help="... or at this many bytes (32M)")
     p.add_argument("--batch-age", type=_positive_float, default=1.0, help="... or after this many seconds (%(default)s)")
@@ -79,42 +69,19 @@ def register(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run_sink)
 
-    from fdpass import questions
-
-    q = sub.add_parser(
-        "query", help="ask the event store a named forensic question, or run SQL",
-        description="Ask the fdpass store (table fdpass.events) a named question, or run SQL. An aligned "
-                    "table by default; --json (JSON lines) or --csv for programs.",
-        epilog=questions.QUERY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    q.add_argument("sql", metavar="QUESTION|SQL",
-                   help='a question below, or SQL, e.g. "SELECT host, count() FROM fdpass.events GROUP BY host"')
-    questions.add_arguments(q)
-    _add_store_args(q)
-    fmt = q.add_mutually_exclusive_group()
-    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON lines")
-    fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV with a header row")
-    q.set_defaults(func=run_query, format="table")
-
-
-def _quiet_libraries() -> None:
-    # clickhouse-connect and urllib3 log every failed HTTP attempt at WARNING;
-    # fdpass says once per attempt what failed and what it does about it.
-    for name in ("clickhouse_connect", "urllib3"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
 
 def run_sink(args) -> int:
     import signal
     import threading
 
-    from fdpass.sinks.consumer import Sink, SinkConfig, kafka_properties, tune_gc
+    from fdpass import kafka
+    from fdpass.sinks.consumer import Sink, SinkConfig, tune_gc
     from fdpass.sinks.store import open_store
 
     from fdpass import logs
 
     logs.setup("sink", args.verbose, args.log_format)
-    _quiet_libraries()
+    logs.quiet_client_libraries()
     log = logging.getLogger("fdpass.sink")
     stop, abandon = threading.Event(), threading.Event()
 
@@ -132,7 +99,7 @@ def run_sink(args) -> int:
     cfg = SinkConfig(
         bootstrap=args.kafka, topic=args.topic, group=args.group, dlq_topic=args.dlq_topic,
         batch_rows=args.batch_rows, batch_bytes=args.batch_bytes, batch_age=args.batch_age,
-        status_every=args.status_every, kafka_conf=kafka_properties(args.kafka_config), ttl_days=args.ttl_days,
+        status_every=args.status_every, kafka_conf=kafka.properties(args.kafka_config), ttl_days=args.ttl_days,
     )
     tune_gc()
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:
@@ -142,27 +109,3 @@ def run_sink(args) -> int:
 
             metrics.serve(args.metrics, {"sink": sink.metrics})
         return sink.run()
-
-
-def run_query(args) -> int:
-    from clickhouse_connect.driver.exceptions import ClickHouseError
-
-    from fdpass import questions
-    from fdpass.sinks import format as fmt
-    from fdpass.sinks.store import open_store, parse_dsn
-
-    _quiet_libraries()
-    questions.from_args(args.sql, args)  # bad question options: say so before opening anything
-    spec = parse_dsn(args.clickhouse)
-    if spec.kind == "chdb" and not os.path.isdir(spec.path):
-        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
-    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
-        client = store.client()
-        sql, params = questions.from_args(args.sql, args) or (args.sql, None)
-        try:
-            result = client.query(sql, parameters=params)
-        except ClickHouseError as e:
-            first = " ".join(str(e).split())
-            raise UserError(f"ClickHouse: {first[:500]}") from None
-        fmt.write(sys.stdout, args.format, result.column_names, result.result_rows)
-    return 0

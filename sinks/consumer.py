@@ -3,7 +3,7 @@
 Threads and who owns what:
 - the consumer thread (the caller of `Sink.run`) owns the Kafka consumer:
   it polls, keeps one buffer per assigned partition, cuts batches (by rows,
-  bytes, age -- or exactly at a recorded range, see state.py), hands them to
+  bytes, age -- or exactly at a recorded range, see exactly_once.py), hands them to
   a writer thread and commits each batch's offsets once the writer reports
   it stored. All consumer calls, commits and rebalance callbacks happen here.
 - writer threads (2 by default; partition p always goes to writer p % n, so
@@ -21,12 +21,11 @@ Rebalance: on revocation, batches of the revoked partitions not yet started
 are cancelled, a batch being written is finished (or, while retrying,
 abandoned), finished ones are committed while the partitions are still ours,
 and open buffers are dropped: the next owner re-reads them from the
-committed offset, re-forming any recorded range exactly (state.py).
+committed offset, re-forming any recorded range exactly (exactly_once.py).
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import queue
@@ -40,25 +39,13 @@ from itertools import groupby
 
 from confluent_kafka import Message
 
+from fdpass import defaults, kafka
 from fdpass.errors import UserError
-from fdpass.sinks.state import BatchLog, Range
-from fdpass.sinks.writer import Batch, StoreError, Writer, backoff_delays, short
+from fdpass.sinks.exactly_once import (Batch, BatchLog, ExactlyOnce, Phase, Range, ReplayPlan, Retrying,
+                                      backoff_delays, short)
+from fdpass.sinks.writer import Writer
 
 log = logging.getLogger("fdpass.sink")
-
-def kafka_properties(config_file: str | None = None) -> dict:
-    """librdkafka properties from --kafka-config FILE and FDPASS_KAFKA_* variables.
-
-    The same sources and rules as the collector's publisher (one place for
-    them: fdpass.collector.publisher), so SASL/TLS settings and secrets never
-    come from argv.
-    """
-    from fdpass.collector import publisher
-
-    props = publisher.read_properties_file(config_file) if config_file else {}
-    props.update(publisher.properties_from_env())
-    return props
-
 
 def tune_gc() -> None:
     """Process-wide: fewer cyclic-GC passes (for the sink's process, not a library caller's).
@@ -73,16 +60,10 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 50)
 
 
-def _client_conf(conf: dict) -> dict:
-    """The connection part of a consumer's properties (for the admin client and the DLQ producer)."""
-    return {k: v for k, v in conf.items()
-            if k in ("bootstrap.servers", "client.id") or k.startswith(("security.", "sasl.", "ssl."))}
-
-
 @dataclass
 class SinkConfig:
     bootstrap: str
-    topic: str = "fdpass.events"
+    topic: str = defaults.TOPIC
     group: str = "fdpass-sink"
     dlq_topic: str | None = None  # default: <topic>.dlq
     # Chosen with bench/bench_sink.py (2-CPU VM, 366-byte events, Native
@@ -101,7 +82,7 @@ class SinkConfig:
     writers: int = 2
     max_inflight: int = 4  # batches cut but not yet committed, over all writers
     status_every: float = 10.0
-    kafka_conf: dict = field(default_factory=dict)  # from kafka_properties(); overrides the defaults
+    kafka_conf: dict = field(default_factory=dict)  # fdpass.kafka.properties(); overrides the defaults
     table: str = "events"
     ttl_days: int | None = None  # applied when the table is created
     # Insert Native blocks made by the C transcoder (sinks/conversion.py);
@@ -129,7 +110,7 @@ _VALUE, _KEY, _OFFSET = Message.value, Message.key, Message.offset
 class PartitionBuffer:
     """Messages of one partition not yet cut into a batch, plus the ranges to re-form."""
 
-    __slots__ = ("topic", "partition", "values", "keys", "offsets", "chunks", "nbytes", "since", "replay")
+    __slots__ = ("topic", "partition", "values", "keys", "offsets", "chunks", "nbytes", "since", "plan")
 
     def __init__(self, topic: str, partition: int, replay: list[Range]):
         self.topic = topic
@@ -140,7 +121,7 @@ class PartitionBuffer:
         self.chunks: deque[list[int]] = deque()  # [messages, bytes] of each add_many, for exact byte counts
         self.nbytes = 0
         self.since = 0.0
-        self.replay = deque(replay)
+        self.plan = ReplayPlan(topic, partition, replay)
 
     def add_many(self, msgs: list, now: float) -> None:
         """Messages of this partition, in offset order."""
@@ -181,35 +162,19 @@ class PartitionBuffer:
         else:
             first, last = offsets[0], offsets[-1]
         return Batch(self.topic, self.partition, first, last, values, keys, offsets,
-                     done_before=bool(rng and rng.done), replay=rng is not None, nbytes=nbytes)
+                     phase=Phase.ALREADY_DONE if rng and rng.done else Phase.FORMED, reformed=rng is not None,
+                     nbytes=nbytes)
 
     def cut(self, now: float, limits: Limits, force: bool = False) -> Batch | None:
         offsets = self.offsets
         if not offsets:
             return None
-        while self.replay:
-            r = self.replay[0]
-            head = offsets[0]
-            if head > r.last:
-                # The recorded range's messages are gone (retention ran past them).
-                log.warning("%s[%d]: recorded batch %d-%d is no longer in Kafka (next offset %d); skipped",
-                            self.topic, self.partition, r.first, r.last, head)
-                self.replay.popleft()
-                continue
-            if head < r.first:
-                # Unrecorded messages before a recorded range: a batch of their
-                # own that must end before the range starts.
-                n = bisect.bisect_left(offsets, r.first)
-                if n < len(offsets) or force or self._full(n, now, limits):
-                    return self._take(min(n, limits.rows), now)
+        step = self.plan.cut(offsets, force, lambda n: self._full(n, now, limits))
+        if step is not None:
+            n, rng = step
+            if not n:
                 return None
-            if offsets[-1] >= r.last:
-                n = bisect.bisect_right(offsets, r.last)
-                self.replay.popleft()
-                return self._take(n, now, r)
-            # Wait for the rest of the recorded range. On shutdown the partial
-            # range is simply not written and re-formed by the next run.
-            return None
+            return self._take(n if rng else min(n, limits.rows), now, rng)
         if force or self._full(len(offsets), now, limits):
             return self._take(min(len(offsets), limits.rows), now)
         return None
@@ -219,56 +184,35 @@ class PartitionBuffer:
 
 
 class _WriterThread(threading.Thread):
-    """Writes the batches of the partitions mapped to it, one at a time, in order."""
+    """Stores the batches of the partitions mapped to it, one at a time, in order."""
 
-    def __init__(self, writer: Writer, abandon: threading.Event, outbox: queue.Queue, index: int):
+    def __init__(self, store: ExactlyOnce, abandon: threading.Event, outbox: queue.Queue, index: int):
         super().__init__(name=f"fdpass-sink-writer-{index}", daemon=True)
-        self.writer = writer
-        self.abandon = abandon
+        self.store = Retrying(store, abandon, "not committed; it is re-formed from the recorded range by the next run")
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = outbox
-        self.retrying = False
         self.fatal: BaseException | None = None
+
+    @property
+    def retrying(self) -> bool:
+        return self.store.retrying
 
     def run(self) -> None:
         while True:
             b = self.inbox.get()
             if b is None:
                 return
-            b.written = False
             if not b.cancelled and self.fatal is None:
                 try:
-                    self._write(b)
+                    started = time.monotonic()
+                    if self.store.store(b):
+                        b.write_seconds = time.monotonic() - started
                 except BaseException as e:  # a bug, not a store failure: stop the sink, commit nothing more
                     log.exception("writer failed on %s", b.describe())
                     self.fatal = e
+            if not b.stored:
+                b.phase = Phase.ABANDONED
             self.outbox.put(b)
-
-    def _write(self, b: Batch) -> None:
-        delays = backoff_delays()
-        attempt = 0
-        while True:
-            try:
-                started = time.monotonic()
-                self.writer.write(b)
-                b.write_seconds = time.monotonic() - started
-                b.written = True
-                if attempt:
-                    log.info("store is back: %s written after %d failed attempts", b.describe(), attempt)
-                self.retrying = False
-                return
-            except StoreError as e:
-                attempt += 1
-                self.retrying = True
-                if b.cancelled or self.abandon.is_set():
-                    log.warning("%s abandoned after %d failed attempts (not committed; it is re-formed from the "
-                                "recorded range by the next run)", b.describe(), attempt)
-                    self.retrying = False
-                    return
-                delay = next(delays)
-                log.warning("%s not stored: %s -- consumption paused, nothing committed, retry %d in %.1fs",
-                            b.describe(), e, attempt, delay)
-                self.abandon.wait(delay)
 
 
 class Sink:
@@ -314,19 +258,13 @@ class Sink:
         }
 
     def _ensure_dlq_topic(self, conf: dict, topic: str) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin = AdminClient(_client_conf(conf))
-        md = admin.list_topics(timeout=15)
-        if topic in md.topics:
-            return
-        fut = admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1)])[topic]
+        admin = kafka.admin_client(conf)
         try:
-            fut.result(15)
-            log.info("created dead-letter topic %s", topic)
-        except Exception as e:  # created concurrently by another sink: fine
-            if "TOPIC_ALREADY_EXISTS" not in str(e):
-                raise UserError(f"cannot create the dead-letter topic {topic}: {e}") from None
+            # one partition: dead letters are few; replication: the cluster's default
+            kafka.ensure_topic(admin, admin.list_topics(timeout=15), topic, 1, -1, 15.0,
+                               self.cfg.bootstrap)
+        except kafka.TopicProblem as e:
+            raise UserError(f"cannot create the dead-letter topic {topic}: {e}") from None
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> int:
@@ -356,14 +294,14 @@ class Sink:
             self._ensure_dlq_topic(conf, dlq_topic)
         except KafkaException as e:
             raise UserError(f"Kafka at {cfg.bootstrap} does not answer: {e}") from None
-        self.dlq = DeadLetters(_client_conf(conf), dlq_topic)
+        self.dlq = DeadLetters(kafka.for_client(conf, "producer"), dlq_topic)
         self.outbox: queue.Queue = queue.Queue()
         self.writers = []
         for i in range(max(1, cfg.writers)):
             wc = self.store.client()  # one client per thread
-            writer = Writer(wc, self.store.database, cfg.table, BatchLog(wc, self.store.database, cfg.topic), self.dlq,
-                            native=cfg.native)
-            self.writers.append(_WriterThread(writer, self.abandon, self.outbox, i))
+            writer = Writer(wc, self.store.database, cfg.table, native=cfg.native)
+            protocol = ExactlyOnce(BatchLog(wc, self.store.database, cfg.topic), self.dlq, writer.insert)
+            self.writers.append(_WriterThread(protocol, self.abandon, self.outbox, i))
         for w in self.writers:
             w.start()
         consumer = self._consumer = Consumer(conf)
@@ -518,7 +456,6 @@ class Sink:
                 buf.add_many(list(run), now)
 
     def _submit(self, b: Batch) -> None:
-        b.written = False
         self.pending.append(b)
         self.writers[b.partition % len(self.writers)].inbox.put(b)
 
@@ -559,20 +496,21 @@ class Sink:
                 return
             wait = 0.0
             self.pending.remove(b)
-            if not b.written:
+            if not b.stored:
                 continue
             if b.partition not in self.buffers:  # no longer ours: the new owner re-forms it if need be
                 continue
             self.stats["batches"] += 1
             self.stats["rows"] += b.rows
             self.stats["dead"] += b.dead
-            self.stats["replayed"] += b.replay
-            self.stats["skipped_done"] += b.done_before
+            self.stats["replayed"] += b.reformed
+            self.stats["skipped_done"] += b.phase is Phase.ALREADY_DONE
             self.last_batch = (len(b.values), getattr(b, "write_seconds", 0.0))
             try:
                 self._consumer.commit(offsets=[TopicPartition(b.topic, b.partition, b.last + 1)], asynchronous=False)
                 self.stats["commits"] += 1
                 self.committed_offsets[b.partition] = b.last + 1
+                b.phase = Phase.COMMITTED
             except KafkaException as e:
                 # Not fatal: the batch is stored and recorded done; a replay skips it.
                 log.warning("commit of %s failed: %s", b.describe(), e)

@@ -57,18 +57,7 @@ else:
 
 MAGIC = codec.MAGIC
 HEADER_LEN = codec.HEADER_LEN
-# fingerprint bytes -> schema version, for the header check
-VERSION_BY_FP: dict[bytes, int] = {fp: v for v, fp in codec.FINGERPRINTS.items()}
-
-
-def header_version(value: bytes | None) -> int | str:
-    """The writer schema version of a message, or the DLQ reason why it has none."""
-    if value is None or len(value) < HEADER_LEN:
-        return "truncated"
-    if value[:2] != MAGIC:
-        return "bad_magic"
-    v = VERSION_BY_FP.get(value[2:HEADER_LEN])
-    return "unknown_fingerprint" if v is None else v
+header_version = codec.header_version  # the one header check
 
 
 # --- Native ----------------------------------------------------------------------

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from fdpass import defaults
 from fdpass.errors import UserError
 
-DEFAULT_STORE = "/var/lib/fdpass/store"
+DEFAULT_STORE = defaults.STORE_DIR
 DEFAULT_DATABASE = "fdpass"
 PASSWORD_ENV = "FDPASS_CLICKHOUSE_PASSWORD"
 
@@ -145,6 +146,16 @@ def _release(path: str) -> None:
             os.close(entry[0])  # closing drops the flock
 
 
+def require_chdb() -> None:
+    """The embedded store needs chDB, an optional part of fdpass: say how to get it."""
+    try:
+        import chdb  # noqa: F401  (clickhouse-connect imports it for chdb:// anyway)
+    except ImportError:
+        raise UserError("the embedded store (chdb://) needs chDB, which this install of fdpass leaves out: "
+                        "pip install 'fdpass[embedded]' (scripts/setup installs it), or point --clickhouse at a "
+                        "ClickHouse server (http://user@host:8123/fdpass)") from None
+
+
 class Store:
     """An opened store; `client()` hands out clickhouse-connect clients (one per thread)."""
 
@@ -153,6 +164,7 @@ class Store:
         self._password = read_password(password_file) if spec.kind == "http" else ""
         self._clients: list = []
         if spec.kind == "chdb":
+            require_chdb()
             _acquire(spec.path)
             self._locked = True
         else:
@@ -214,3 +226,11 @@ class StoreUnavailable(UserError):
 
 def open_store(dsn: str | None, password_file: str | None = None) -> Store:
     return Store(parse_dsn(dsn), password_file)
+
+
+def add_store_args(p) -> None:
+    """--clickhouse DSN and its password file, for every command that opens the store."""
+    p.add_argument("--clickhouse", metavar="DSN", default=defaults.STORE_DSN,
+                   help="chdb:///path (embedded, default %(default)s) or http(s)://user@host:port/db; "
+                        "the server password comes from $FDPASS_CLICKHOUSE_PASSWORD or --clickhouse-password-file")
+    p.add_argument("--clickhouse-password-file", metavar="FILE", help="file holding the ClickHouse password")

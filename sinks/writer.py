@@ -1,6 +1,7 @@
-"""Writes one batch of one partition: record, insert (one per writer schema), dead letters, done.
+"""Inserts one batch of one partition (one INSERT per writer schema) and isolates the rows that cannot be stored.
 
-See state.py for why the steps are in this order. A batch holds the Kafka
+The protocol around it (record the range, dead letters, done, commit) is
+sinks/exactly_once.py; this module only inserts. A batch holds the Kafka
 messages of one offset range of one partition. Messages are grouped by
 their writer schema version (normally one group, two during a rolling
 upgrade of collectors); each group is one INSERT with the token
@@ -32,13 +33,9 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 from fdpass.schemas import codec
 from fdpass.sinks import conversion
-from fdpass.sinks.state import token
+from fdpass.sinks.exactly_once import Batch, StoreError, short, token
 
 log = logging.getLogger("fdpass.sink")
 
@@ -72,46 +69,6 @@ def is_data_error(exc: Exception) -> bool:
     return code in _DATA_ERROR_CODES
 
 
-def short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300]
-
-
-class StoreError(RuntimeError):
-    """The store refused or failed an insert for a reason that is not the data's."""
-
-
-@dataclass
-class Batch:
-    """One offset range of one partition: what the writer stores as a unit."""
-
-    topic: str
-    partition: int
-    first: int
-    last: int
-    # What is kept of each message, in offset order (offsets may have gaps:
-    # compaction, transaction markers).
-    values: list  # bytes, or None for a message without a value
-    keys: list
-    offsets: Sequence[int]
-    done_before: bool = False  # a replayed range already marked done: commit only
-    replay: bool = False
-    cancelled: bool = False  # partition revoked: do not write, do not commit
-    nbytes: int = 0
-    rows: int = 0  # inserted (set by the writer)
-    dead: int = 0
-
-    def describe(self) -> str:
-        return f"{self.topic}[{self.partition}] offsets {self.first}-{self.last} ({len(self.values)} msgs)"
-
-    def message(self, i: int):
-        """Message i as the dead-letter producer forwards it (key and value untouched)."""
-        from confluent_kafka import Message
-
-        return Message(topic=self.topic, partition=self.partition, offset=self.offsets[i], key=self.keys[i],
-                       value=self.values[i])
-
-
 _announced = False
 
 
@@ -134,12 +91,9 @@ def _announce_format(native: bool) -> None:
 
 
 class Writer:
-    def __init__(self, client, database: str, table: str, batch_log, dead_letters, insert_settings: dict | None = None,
-                 native: bool = True):
+    def __init__(self, client, database: str, table: str, insert_settings: dict | None = None, native: bool = True):
         self.client = client
         self.table = f"{database}.{table}"
-        self.batch_log = batch_log
-        self.dlq = dead_letters
         # insert_distributed_sync: on a cluster (events is Distributed) the
         # insert returns only when every shard has its rows, so "stored" means
         # stored and a retried batch is deduplicated by each shard's token.
@@ -156,15 +110,9 @@ class Writer:
     # -- one batch ---------------------------------------------------------------
     # Messages are named by their index in the batch; a group is a list of
     # indexes, or None for the whole batch (its values list as it is).
-    def write(self, batch: Batch) -> None:
-        """Store a batch completely or raise StoreError (then nothing may be committed)."""
-        if batch.done_before:
-            return
-        n = len(batch.values)
-        try:
-            self.batch_log.intent(batch.partition, batch.first, batch.last, n)
-        except Exception as e:
-            raise StoreError(f"recording the batch range failed: {short(e)}") from e
+    def insert(self, batch: Batch) -> tuple[int, list]:
+        """Insert a batch's rows under its tokens: (rows inserted, [(index, reason, detail)] of the
+        messages that cannot be stored). StoreError when the store fails (the caller retries)."""
         rows, dead = 0, []
         pending = self._groups(batch, None, dead)
         while pending:
@@ -175,18 +123,7 @@ class Writer:
             dead.extend(bad)
             if foreign:  # Native: messages of other writer versions, left out of this version's block
                 pending.extend(self._groups(batch, foreign, dead, by_header=True))
-        if dead:
-            for i, reason, detail in dead:
-                self.dlq.send(batch.message(i), reason, detail)
-            try:
-                self.dlq.flush()
-            except Exception as e:
-                raise StoreError(f"dead letters not delivered: {e}") from e
-        try:
-            self.batch_log.done(batch.partition, batch.first, batch.last, n)
-        except Exception as e:
-            raise StoreError(f"marking the batch done failed: {short(e)}") from e
-        batch.rows, batch.dead = rows, len(dead)
+        return rows, dead
 
     def _groups(self, batch: Batch, group: list | None, dead: list, by_header: bool = False) -> list:
         """(writer version, group) to insert, in version order; messages without a usable header
@@ -302,38 +239,3 @@ def insert_payload(client, table: str, p: conversion.Payload, token: str, settin
     """One INSERT of a payload (conversion.payload), deduplicated by `token`."""
     client.raw_insert(table, column_names=p.columns, insert_block=p.data, fmt=p.fmt,
                       settings={**settings, **p.settings, "insert_deduplication_token": token})
-
-
-def insert_messages(client, table: str, version: int, values: list[bytes], token: str, settings: dict,
-                    native: bool = True) -> list[tuple[int, str, str]]:
-    """INSERT single-object encoded messages of writer `version`, deduplicated by `token`.
-
-    `fdpass run`'s insert; the sink's Writer takes the same two steps
-    (conversion.payload, insert_payload) apart, to keep the rejects of an
-    insert that fails.
-
-    Returns the messages left out because they do not decode, as (index,
-    reason, detail) -- Native only; an Avro container holding one fails the
-    whole insert (a data error, see is_data_error). Raises what the client
-    raises.
-    """
-    p = conversion.payload(version, values, native)
-    if p.rows:
-        insert_payload(client, table, p, token, settings)
-    return p.rejected
-
-
-def backoff_delays(start: float = 0.5, cap: float = 30.0):
-    """0.5, 1, 2, 4 ... capped: how long to wait between attempts at a failing store."""
-    d = start
-    while True:
-        yield d
-        d = min(cap, d * 2)
-
-
-def sleep_unless(stop, seconds: float) -> bool:
-    """Sleep, waking early when `stop` (a threading.Event) is set; True if it was."""
-    if stop is None:
-        time.sleep(seconds)
-        return False
-    return stop.wait(seconds)

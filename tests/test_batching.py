@@ -6,10 +6,12 @@ exercised in test_sink.py).
 
 from __future__ import annotations
 
+import pytest
+
 from confluent_kafka import Message
 
 from fdpass.sinks.consumer import Limits, PartitionBuffer
-from fdpass.sinks.state import Range
+from fdpass.sinks.exactly_once import Phase, Range
 
 
 def Msg(offset: int, size: int = 10) -> Message:
@@ -26,7 +28,7 @@ LIM = Limits(rows=64, nbytes=1 << 20, age=1.0)
 def cut_all(buf: PartitionBuffer, now: float, force: bool = False) -> list[tuple[int, int, bool]]:
     out = []
     while (b := buf.cut(now, LIM, force)) is not None:
-        out.append((b.first, b.last, b.done_before))
+        out.append((b.first, b.last, b.phase is Phase.ALREADY_DONE))
     return out
 
 
@@ -104,3 +106,151 @@ def test_a_batch_rebuilds_its_messages_for_the_dead_letter_topic():
     m = b.message(2)
     assert (m.topic(), m.partition(), m.offset(), m.key(), m.value()) == ("t", 3, 2, b"k", None)
     assert b.nbytes == 3 and b.message(1).key() is None
+
+
+class _Recorder:
+    """Stands in for BatchLog, the insert and the dead-letter producer: records the protocol's calls."""
+
+    def __init__(self, dead=(), fail: str | None = None):
+        self.calls: list[str] = []
+        self.dead, self.fail = list(dead), fail
+
+    def _step(self, name: str):
+        self.calls.append(name)
+        if name == self.fail:
+            raise RuntimeError(f"{name} failed")
+
+    def intent(self, *_):
+        self._step("intent")
+
+    def done(self, *_):
+        self._step("done")
+
+    def insert(self, batch):
+        self._step("insert")
+        return len(batch.values) - len(self.dead), self.dead
+
+    def send(self, msg, reason, detail):
+        self.calls.append(f"dead:{msg.offset()}:{reason}")
+
+    def flush(self):
+        self._step("flush")
+
+
+def _batch(**kw):
+    from fdpass.sinks.exactly_once import Batch
+
+    return Batch("t", 0, 10, 12, [b"a", b"b", b"c"], [None] * 3, [10, 11, 12], **kw)
+
+
+def test_protocol_steps_in_order_and_phases():
+    """intent -> insert -> dead letters flushed -> done; a failed step leaves the
+    batch in the phase before it, never DONE, so it is not committed."""
+    from fdpass.sinks.exactly_once import ExactlyOnce, Phase, StoreError
+
+    r = _Recorder(dead=[(1, "corrupt_body", "x")])
+    b = _batch()
+    ExactlyOnce(r, r, r.insert).store(b)
+    assert r.calls == ["intent", "insert", "dead:11:corrupt_body", "flush", "done"]
+    assert (b.phase, b.stored, b.rows, b.dead) == (Phase.DONE, True, 2, 1)
+
+    r = _Recorder()
+    b = _batch(phase=Phase.ALREADY_DONE)
+    ExactlyOnce(r, r, r.insert).store(b)
+    assert r.calls == [] and b.stored
+
+    for fail, phase in (("intent", Phase.FORMED), ("flush", Phase.INSERTED), ("done", Phase.DEAD_LETTERED)):
+        r = _Recorder(dead=[(0, "truncated", "y")], fail=fail)
+        b = _batch()
+        with pytest.raises(StoreError):
+            ExactlyOnce(r, r, r.insert).store(b)
+        assert (b.phase, b.stored) == (phase, False), fail
+        assert "done" not in r.calls[:-1]
+
+
+def test_insert_only_stores_without_a_range_log_and_reports_rejects():
+    """`fdpass run`'s protocol: the insert, rejects handed on, DONE; nothing recorded in sink_batches."""
+    from fdpass.sinks.exactly_once import InsertOnly
+
+    r = _Recorder(dead=[(2, "corrupt_body", "x")])
+    told = []
+    b = _batch()
+    InsertOnly(r.insert, lambda batch, dead: told.append((batch.first, dead))).store(b)
+    assert r.calls == ["insert"]
+    assert told == [(10, [(2, "corrupt_body", "x")])]
+    assert (b.phase, b.stored, b.rows, b.dead) == (Phase.DONE, True, 2, 1)
+
+
+class _FlakyStore:
+    """A protocol whose store() fails `failures` times with StoreError, then stores."""
+
+    def __init__(self, failures: int):
+        self.left, self.calls = failures, 0
+
+    def store(self, b):
+        from fdpass.sinks.exactly_once import StoreError
+
+        self.calls += 1
+        if self.left:
+            self.left -= 1
+            raise StoreError("Code: 243. NOT_ENOUGH_SPACE")
+        b.phase = Phase.DONE
+
+
+class _Clock:
+    """time.monotonic and Event.wait stand-ins: waiting advances the clock instead of sleeping."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.set = False
+
+    def monotonic(self):
+        return self.now
+
+    def wait(self, seconds):
+        self.now += seconds
+        return self.set
+
+    def is_set(self):
+        return self.set
+
+
+def test_retrying_keeps_the_batch_says_why_once_and_every_30s_then_that_it_is_back(monkeypatch, caplog):
+    from fdpass.sinks import exactly_once
+    from fdpass.sinks.exactly_once import Retrying
+
+    clock = _Clock()
+    monkeypatch.setattr(exactly_once.time, "monotonic", clock.monotonic)
+    store = _FlakyStore(failures=12)  # backoff 0.5, 1, 2 ... 30 capped: about 4.5 minutes of failures
+    retry = Retrying(store, clock, "never")
+    b = _batch()
+    with caplog.at_level("INFO", logger="fdpass.sink"):
+        assert retry.store(b) is True
+    assert store.calls == 13 and b.stored and not retry.retrying and retry.error is None
+    assert retry.failures == 12
+    said = [r.getMessage() for r in caplog.records]
+    assert "not stored: Code: 243" in said[0] and "nothing is committed or dropped" in said[0]
+    repeats = [m for m in said if "still not stored" in m]
+    # one line per 30 s of outage, not one per attempt
+    assert len(repeats) == pytest.approx(clock.now / 30, abs=1.5) and len(repeats) < 12
+    assert "store is back" in said[-1] and "after 12 failed attempts" in said[-1]
+
+
+def test_retrying_gives_up_only_when_told_and_leaves_the_batch_unstored(monkeypatch):
+    from fdpass.sinks import exactly_once
+    from fdpass.sinks.exactly_once import Retrying
+
+    clock = _Clock()
+    monkeypatch.setattr(exactly_once.time, "monotonic", clock.monotonic)
+    store = _FlakyStore(failures=10**9)
+    retry = Retrying(store, clock, "not committed")
+
+    def wait_then_give_up(seconds):
+        clock.now += seconds
+        clock.set = store.calls >= 5
+        return clock.set
+
+    clock.wait = wait_then_give_up
+    b = _batch()
+    assert retry.store(b) is False
+    assert store.calls == 6 and not b.stored and not retry.retrying

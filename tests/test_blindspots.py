@@ -106,21 +106,27 @@ def test_io_uring_sendmsg_recvmsg(live, cprogs, mode, paths):
 
 
 def test_io_uring_sendmsg_zc(live, cprogs):
-    """The zero-copy sendmsg opcode, where the kernel offers it on unix sockets."""
+    """The zero-copy sendmsg opcode: exact events where the kernel offers it on
+    unix sockets; where it refuses the request (6.18: EOPNOTSUPP), nothing
+    moved, so no event may claim a transfer."""
     truth = cprogs.run("uring", "zc", SHADOW)
     if truth.get("unsupported"):
-        pytest.skip(f"this kernel refuses IORING_OP_SENDMSG_ZC on unix sockets ({truth['error']})")
+        print(f"IORING_OP_SENDMSG_ZC refused on unix sockets here: {truth['error']}")
+        assert live.wait(lambda e: e["sock_ino"] == truth["send_sock_ino"], 1, timeout=1.0) == []
+        return
     events = events_of(live, truth)
     check_exact(events, truth, "IO_URING_SENDMSG_ZC", "IO_URING_RECVMSG")
     assert all(e["file_verified"] is True for e in events), events
 
 
 # Verified share each race must reach, per side. flip and dup2 race the sender
-# (the issue's racing-thread workload): >= 90%. In close and recvdup the
-# receiver often takes the skb before the sender's exit probe and before any
-# wakeup (it was not asleep), so neither side can snapshot the list for it:
-# those RECVs stay honestly unverified (docs/kernel.md), measured 75-99%.
-MIN_VERIFIED = {"flip": 0.9, "dup2": 0.9, "close": 0.6, "recvdup": 0.6}
+# (the issue's racing-thread workload): >= 90%. In close the receiver often
+# takes the skb before the sender's exit probe and before any wakeup (it was
+# not asleep), so neither side can snapshot the list for it: those RECVs stay
+# honestly unverified (docs/kernel.md). In recvdup the racer really replaces
+# received fds (truth["raced"], 0-1000 per run): those RECVs must not verify,
+# so the RECV bound counts only the messages it left alone (see the test).
+MIN_VERIFIED = {"flip": 0.9, "dup2": 0.9, "close": 0.6, "recvdup": 0.9}
 
 
 @pytest.mark.parametrize("mode", ["flip", "dup2", "close", "recvdup"])
@@ -137,7 +143,8 @@ def test_raced_fd_numbers_are_never_verified_wrong(live, cprogs, mode):
     events = live.wait(lambda e: e["sock_ino"] in (s, r), 2 * RACE_COUNT, timeout=60)
     send, recv = sides(events)
     assert {e["sock_ino"] for e in send} <= {s} and {e["sock_ino"] for e in recv} <= {r}
-    assert (len(send), len(recv)) == (RACE_COUNT, RACE_COUNT), "events lost or extra"
+    assert (len(send), len(recv)) == (RACE_COUNT, RACE_COUNT), \
+        f"events lost or extra (the collector's loss counters, host-wide: {live.collector.stats()})"
 
     wrong = []
     for side, evs in (("SEND", send), ("RECV", recv)):
@@ -154,7 +161,12 @@ def test_raced_fd_numbers_are_never_verified_wrong(live, cprogs, mode):
     assert [e["fd"] for e in recv] == [m["received"][0]["fd"] for m in msgs], said
     if mode != "flip":  # the sender's buffer is never changed
         assert {e["fd"] for e in send} == {msgs[0]["sent"][0]["fd"]}, said
-    assert min(share.values()) >= MIN_VERIFIED[mode], said
+    if mode == "recvdup":
+        assert share["SEND"] >= MIN_VERIFIED[mode], said
+        untouched = RACE_COUNT - truth["raced"]
+        assert sum(e["file_verified"] for e in recv) >= MIN_VERIFIED[mode] * untouched, said
+    else:
+        assert min(share.values()) >= MIN_VERIFIED[mode], said
     # a stream socket, one sender and one receiver thread: message i is the i-th SEND and the i-th RECV
     crossed = [(i, a["transfer_id"], b["transfer_id"], b["file_verified"]) for i, (a, b) in enumerate(zip(send, recv))
                if None not in (a["transfer_id"], b["transfer_id"]) and a["transfer_id"] != b["transfer_id"]]

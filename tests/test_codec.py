@@ -455,3 +455,28 @@ def test_c_writer_long_strings_and_error_paths_do_not_leak():
         tracemalloc.stop()
     # A leak of even one byte per call would show as 40k+ more bytes here.
     assert after_25k - after_5k < 16 * 1024, f"{after_25k - after_5k} bytes more after 40k more encodes"
+
+
+def test_one_header_check_for_decoder_and_sink():
+    """codec.header_version is the one Python header check: the decoder's
+    errors and the sink's dead-letter reasons come from it (same order of
+    checks as the C transcoder: magic, length, fingerprint)."""
+    from fdpass.sinks import conversion
+
+    good = codec.encode(make_event(1))
+    cases = [b"", b"\xc3", b"xx", b"xx" + good[2:], good[:5], b"\xc3\x01" + b"\0" * 8 + good[10:], good,
+             None]
+    dec = codec.Decoder()
+    for m in cases:
+        v = codec.header_version(m)
+        assert conversion.header_version(m) == v
+        if m is None:
+            continue
+        if isinstance(v, int):
+            assert dec.writer_version(m) == v == avro.CURRENT_VERSION
+        else:
+            with pytest.raises(codec.CodecError) as err:
+                dec.writer_version(m)
+            assert err.value.reason == v, m
+    assert [codec.header_version(m) for m in cases[:6]] == ["truncated", "truncated", "bad_magic", "bad_magic",
+                                                            "truncated", "unknown_fingerprint"]

@@ -58,3 +58,20 @@ def test_start_never_wipes_a_directory_it_did_not_make(tmp_path):
     out = run("--port", str(free_port()), "--data", str(precious), "start")
     assert out.returncode == 1 and "refusing to wipe it" in out.stderr
     assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_cluster_arguments_and_status_of_a_stopped_cluster(tmp_path):
+    out = run("--brokers", "2", "start")
+    assert out.returncode == 1 and "--brokers must be 1 or 3..9" in out.stderr
+    out = run("--node", "2", "start")
+    assert out.returncode == 1 and "--node needs a cluster" in out.stderr
+    out = run("--brokers", "3", "--node", "4", "status")
+    assert out.returncode == 1 and "--node must be a broker of the cluster, 1..3" in out.stderr
+    port = free_port()
+    out = run("--brokers", "3", "--port", str(port), "--data", str(tmp_path / "c"), "status")
+    assert out.returncode == 3
+    assert out.stdout.splitlines() == [f"node {k} stopped 127.0.0.1:{port + k - 1} data {tmp_path}/c/node-{k}"
+                                       for k in (1, 2, 3)]
+    # one broker alone cannot form the quorum: said at once, not after a 60 s wait
+    out = run("--brokers", "3", "--port", str(port), "--data", str(tmp_path / "c"), "--node", "2", "start")
+    assert out.returncode == 1 and "node 2 alone has no quorum" in out.stderr

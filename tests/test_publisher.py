@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from fdpass import kafka
 from fdpass.collector import publisher as pub
 from fdpass.collector.publisher import KafkaPublisher
 from fdpass.errors import UserError
@@ -208,7 +209,7 @@ def test_replay_settles_and_deletes_segment_by_segment(kafka_broker, tmp_path):
     events = events_for(6000)
     spool = Spool(spool_dir, segment_bytes=64 << 10)  # ~170 events per segment
     for e in events:
-        assert spool.append(e["host_id"].encode(), codec.encode(e))
+        assert spool.append(e["host_id"].encode(), codec.encode(e), topic)
     spool.close()
     total = len(list(spool_dir.glob("*.seg")))
     assert total >= 30
@@ -239,6 +240,35 @@ def test_replay_settles_and_deletes_segment_by_segment(kafka_broker, tmp_path):
     early = [(files, replayed) for files, replayed in samples if files < total - 2 and replayed < 3000]
     assert early, f"no segment deleted before half the spool was replayed: {samples[::50]}"
     assert_exactly(consume_all(kafka_broker.bootstrap, topic, 6000), events)
+
+
+def test_spooled_events_go_to_the_topic_they_were_meant_for(kafka_broker, tmp_path, caplog):
+    """A collector restarted with another --topic replays what an earlier run
+    spooled into that run's topic (created if missing), and sends its own
+    events to its own: nothing lands in the wrong topic, nothing is lost."""
+    from fdpass.collector.spool import Spool
+
+    old, new = new_topic(), new_topic()
+    spool_dir = tmp_path / "spool"
+    earlier, later = events_for(300), events_for(200, 300)
+    spool = Spool(spool_dir)
+    for e in earlier:
+        assert spool.append(e["host_id"].encode(), codec.encode(e), old)
+    spool.close()
+    with caplog.at_level(logging.WARNING, logger="fdpass.publisher"):
+        p = make_publisher(kafka_broker, new, spool_dir)
+    try:
+        assert any(f"for topic(s) {old}: they are replayed there, not to {new}" in r.getMessage()
+                   for r in caplog.records)
+        for e in later:
+            p.publish(e)
+        assert p.flush(60) == 0, p.stats()
+        stats = p.stats()  # the later events queue behind the spooled ones: all 500 go through it
+        assert stats["replayed"] == 500 and stats["failed"] == 0 and stats["dropped"] == 0
+    finally:
+        p.close(5)
+    assert_exactly(consume_all(kafka_broker.bootstrap, old, 300), earlier)
+    assert_exactly(consume_all(kafka_broker.bootstrap, new, 200), later)
 
 
 def test_full_spool_drops_newest_and_counts(kafka_broker, tmp_path, caplog):
@@ -272,7 +302,7 @@ def args_for(bootstrap, tmp_path, *extra) -> argparse.Namespace:
 def warning_lines(caplog, level=logging.WARNING) -> list[str]:
     """What the collector's log shows at `level` and above. (pytest also
     captures non-propagating loggers, such as the publisher's silenced admin client: not shown.)"""
-    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name != "fdpass.publisher.admin"]
+    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name != kafka.QUIET.name]
 
 
 def test_unreachable_bootstrap_warns_spools_and_loses_nothing(tmp_path, caplog, monkeypatch):
@@ -313,7 +343,7 @@ def test_unreachable_bootstrap_warns_spools_and_loses_nothing(tmp_path, caplog, 
     try:
         got = []
         while (rec := s.read()) is not None:
-            got.append((rec[1], rec[2]))
+            got.append((rec[2], rec[3]))
     finally:
         s.close()
     assert got == [(e["host_id"].encode(), codec.encode(e)) for e in events]
@@ -380,7 +410,7 @@ def test_bootstrap_that_is_not_host_port_is_a_user_error(tmp_path):
         with pytest.raises(UserError, match="is not HOST:PORT"):
             KafkaPublisher.from_args(args_for(bad, tmp_path), environ={}, connect_timeout=2)
     assert not (tmp_path / "spool").exists()
-    assert pub.parse_bootstrap("a:1, [::1]:9092,SASL_SSL://kafka.example:9093") == \
+    assert kafka.parse_bootstrap("a:1, [::1]:9092,SASL_SSL://kafka.example:9093") == \
         [("a", 1), ("::1", 9092), ("kafka.example", 9093)]
 
 
@@ -411,7 +441,7 @@ def test_properties_from_file_and_env_and_secrets_never_logged(kafka_broker, tmp
     conf.write_text("client.id=fdpass-test\nssl.key.password=file-secret-42\n")
     env = {"FDPASS_KAFKA_SASL_PASSWORD": "env-secret-17", "FDPASS_KAFKA_SASL_USERNAME": "collector",
            "FDPASS_KAFKA_PORT": "9092", "PATH": "/usr/bin"}
-    assert pub.properties_from_env(env) == {"sasl.password": "env-secret-17", "sasl.username": "collector"}
+    assert kafka.properties_from_env(env) == {"sasl.password": "env-secret-17", "sasl.username": "collector"}
     with caplog.at_level(logging.DEBUG):
         p = KafkaPublisher.from_args(args_for(kafka_broker.bootstrap, tmp_path, "--topic", new_topic(),
                                               "--kafka-config", str(conf)), environ=env)
@@ -420,7 +450,7 @@ def test_properties_from_file_and_env_and_secrets_never_logged(kafka_broker, tmp
             p.publish(events_for(1)[0])
             assert p.flush(10) == 0
             # Should librdkafka ever echo a secret, the scrubber blanks it.
-            logging.getLogger("fdpass.publisher.librdkafka").warning("auth failed for env-secret-17")
+            kafka.LIBRDKAFKA_LOG.warning("auth failed for env-secret-17")
         finally:
             p.close(5)
     text = caplog.text
@@ -472,3 +502,47 @@ def test_event_that_does_not_fit_the_schema_is_refused_before_publishing(kafka_b
         assert p.stats()["queued"] == 0 and p.stats()["spooled"] == 0
     finally:
         p.close(5)
+
+
+def test_replaced_cluster_gets_everything_not_acknowledged_exactly_once(tmp_path, caplog):
+    """The cluster at the collector's address is replaced by a new, empty one
+    during an outage: the collector notices the new cluster id, rebuilds its
+    producer, creates the topic there and delivers what the old cluster had
+    not acknowledged and everything after, in order, exactly once; what the
+    old cluster had acknowledged is not sent again."""
+    import shutil
+
+    from tests.fixtures_kafka import LocalKafka, free_port, fresh_data_dir
+
+    port = free_port()
+    dirs = [fresh_data_dir("replaced") for _ in range(2)]
+    old, new = LocalKafka(dirs[0], port), LocalKafka(dirs[1], port)
+    topic = new_topic()
+    acked, during, later = events_for(300), events_for(200, 300), events_for(200, 500)
+    old.start()
+    try:
+        p = make_publisher(old, topic, tmp_path / "spool", stall_seconds=2.0)
+        try:
+            for e in acked:
+                p.publish(e)
+            assert p.flush(30) == 0
+            old.stop()
+            for e in during:
+                p.publish(e)
+            new.start()  # a fresh cluster (new id, no topics) at the same address
+            with caplog.at_level(logging.WARNING, logger="fdpass.publisher"):
+                for e in later:
+                    p.publish(e)
+                left = p.flush(120)
+            stats = p.stats()
+        finally:
+            p.close(5)
+        assert left == 0 and stats["failed"] == 0 and stats["dropped"] == 0, stats
+        assert any("is another cluster now" in r.getMessage() for r in caplog.records)
+        assert_exactly(consume_all(new.bootstrap, topic, 400), during + later)
+    finally:
+        for broker in (old, new):
+            if broker.is_running():
+                broker.stop()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

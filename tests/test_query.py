@@ -6,11 +6,12 @@ import csv
 import io
 import json
 import subprocess
+import sys
 
 import pytest
 
 from fdpass.schemas import clickhouse as ddl
-from fdpass.sinks import format as fmt
+from fdpass import query as fmt
 from tests.fixtures_clickhouse import FDPASS, ROOT
 
 
@@ -99,3 +100,14 @@ def test_formatters_directly():
     out = io.StringIO()
     fmt.write_table(out, ["n", "s"], [(1, "x"), (22, None)])
     assert out.getvalue().splitlines() == [" n  s", "--  ----", " 1  x", "22  NULL", "(2 rows)"]
+
+
+def test_embedded_store_without_chdb_says_how_to_get_it(tmp_path):
+    """chDB is the optional extra `embedded`: an install without it gets one
+    line naming the extra and the server alternative, not a traceback."""
+    code = ("import sys; sys.modules['chdb'] = None\n"
+            "from fdpass.cli import main\n"
+            f"sys.exit(main(['query', '--clickhouse', 'chdb://{tmp_path}', 'SELECT 1']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0
+    assert "pip install 'fdpass[embedded]'" in p.stderr and "Traceback" not in p.stderr, p.stderr

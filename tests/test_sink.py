@@ -123,8 +123,8 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
     """
     from confluent_kafka import Consumer
 
-    from fdpass.sinks.state import BatchLog
-    from fdpass.sinks.writer import Batch, Writer
+    from fdpass.sinks.exactly_once import Batch, BatchLog
+    from fdpass.sinks.writer import Writer
 
     topic, group = unique("t-trap"), unique("g-trap")
     create_topic(kafka_broker.bootstrap, topic, 1)
@@ -139,7 +139,7 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
     wait_until(lambda: msgs.extend(m for m in c.consume(500, 0.5) if m.error() is None) or len(msgs) >= 400, 30, "400 msgs")
     c.close()  # no commit: the 'crash'
     log = BatchLog(client, "fdpass", topic)
-    w = Writer(client, "fdpass", "events", log, dead_letters=None)
+    w = Writer(client, "fdpass", "events")
 
     def batch(a, b):
         part = msgs[a:b + 1]
@@ -164,7 +164,7 @@ def test_replay_re_forms_the_recorded_ranges(kafka_broker, open_store):
 
 
 def test_recorded_ranges_of_an_assignment_are_read_in_one_query(open_store):
-    from fdpass.sinks.state import BatchLog, Range
+    from fdpass.sinks.exactly_once import BatchLog, Range
 
     c = open_store().client()
     ddl.ensure_schema(c)

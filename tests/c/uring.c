@@ -78,7 +78,11 @@ int main(int argc, char **argv)
         sqe->flags |= IOSQE_ASYNC;
     int res = run_one(&ring);
     if (zc && (res == -EINVAL || res == -EOPNOTSUPP)) {
-        printf("{\"unsupported\": true, \"mode\": \"zc\", \"error\": \"%s\"}\n", strerror(-res));
+        struct stat st;
+        if (fstat(sv[0], &st))
+            die("fstat: %s", strerror(errno));
+        printf("{\"unsupported\": true, \"mode\": \"zc\", \"error\": \"%s\", \"pid\": %d, "
+               "\"send_sock_ino\": %llu}\n", strerror(-res), (int)getpid(), (unsigned long long)st.st_ino);
         return 0;
     }
     if (res != 1)

@@ -1,11 +1,15 @@
-"""Query results as text: an aligned table for people, JSON lines or CSV for programs.
+"""`fdpass query`: ask the event store a named forensic question (fdpass/questions.py) or run SQL,
+and print the answer: an aligned table for people, JSON lines or CSV for programs.
 
-Kept apart from the query command so named forensic queries (issue 5) print
-the same way. Input: column names and rows (tuples), as clickhouse-connect's
-`QueryResult.column_names` / `.result_rows` give them.
+No heavy imports at module level: fdpass/cli.py registers every sub-command on
+each start, also for `fdpass --help`.
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
 
 import csv
 import datetime as _dt
@@ -14,6 +18,9 @@ import ipaddress
 import json
 import uuid
 from typing import IO, Iterable, Sequence
+
+from fdpass import defaults
+from fdpass.errors import UserError
 
 FORMATS = ("table", "json", "csv")
 
@@ -98,3 +105,48 @@ def write_csv(out: IO[str], columns: Sequence[str], rows: Iterable[Sequence]) ->
 
 def write(out: IO[str], fmt: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
     {"table": write_table, "json": write_json, "csv": write_csv}[fmt](out, columns, rows)
+
+
+def register(sub) -> None:
+    from fdpass import questions
+
+    q = sub.add_parser(
+        "query", help="ask the event store a named forensic question, or run SQL",
+        description=f"Ask the fdpass store (table {defaults.EVENTS_TABLE}) a named question, or run SQL. An "
+                    "aligned table by default; --json (JSON lines) or --csv for programs.",
+        epilog=questions.QUERY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("sql", metavar="QUESTION|SQL",
+                   help=f'a question below, or SQL, e.g. "SELECT host, count() FROM {defaults.EVENTS_TABLE} '
+                        'GROUP BY host"')
+    questions.add_arguments(q)
+    from fdpass.sinks.store import add_store_args
+
+    add_store_args(q)
+    out = q.add_mutually_exclusive_group()
+    out.add_argument("--json", dest="format", action="store_const", const="json", help="JSON lines")
+    out.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV with a header row")
+    q.set_defaults(func=run_query, format="table")
+
+
+def run_query(args) -> int:
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from fdpass import logs, questions
+    from fdpass.sinks.store import open_store, parse_dsn
+
+    logs.quiet_client_libraries()
+    questions.from_args(args.sql, args)  # bad question options: say so before opening anything
+    spec = parse_dsn(args.clickhouse)
+    if spec.kind == "chdb" and not os.path.isdir(spec.path):
+        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
+    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
+        client = store.client()
+        sql, params = questions.from_args(args.sql, args) or (args.sql, None)
+        try:
+            result = client.query(sql, parameters=params)
+        except ClickHouseError as e:
+            first = " ".join(str(e).split())
+            raise UserError(f"ClickHouse: {first[:500]}") from None
+        write(sys.stdout, args.format, result.column_names, result.result_rows)
+    return 0
