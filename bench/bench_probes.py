@@ -25,7 +25,10 @@ nanoseconds meaningless and only the ratios printed at the end count.
 BPF work comes from the kernel's own accounting (sysctl
 kernel.bpf_stats_enabled=1; run_time_ns / run_cnt of every program, read
 with BPF_OBJ_GET_INFO_BY_FD, the numbers `bpftool prog show` prints); it
-includes tail-called programs, which run inside their caller. Wall-clock
+includes tail-called programs, which run inside their caller. For (e) and
+(f) it is also printed per program (how often each ran per operation and
+what it cost), so the way the kernel backend's cost splits is in the same
+run. Wall-clock
 numbers come from bench/sendmsg_workload.c and swing by tens of percent
 between runs on these VMs; the BPF numbers are the steady ones.
 
@@ -111,15 +114,21 @@ def prog_stats(fd: int) -> tuple[int, int]:
     return rt, rc
 
 
+ENTRY_PREFIXES = (b"tracepoint__", b"raw_tracepoint__", b"kprobe__", b"kretprobe__", b"kfunc__", b"kretfunc__")
+
+
 def entry_fds(bpf) -> list[int]:
     """fds of the attached (entry) programs: tail-called ones are counted inside them."""
-    return [f.fd for name, f in bpf.funcs.items()
-            if name.startswith((b"tracepoint__", b"raw_tracepoint__", b"kprobe__", b"kretprobe__", b"kfunc__",
-                                b"kretfunc__"))]
+    return [f.fd for name, f in bpf.funcs.items() if name.startswith(ENTRY_PREFIXES)]
 
 
-def total_bpf_ns(fds: list[int]) -> int:
-    return sum(prog_stats(fd)[0] for fd in fds)
+def entry_names(bpf) -> dict[int, str]:
+    """fd -> program name (kretfunc__fget_raw), for the per-program breakdown."""
+    return {f.fd: name.decode() for name, f in bpf.funcs.items() if name.startswith(ENTRY_PREFIXES)}
+
+
+def per_program(fds: list[int]) -> dict[int, tuple[int, int]]:
+    return {fd: prog_stats(fd) for fd in fds}
 
 
 CONFIGS = ("a_none", "b_empty", "c_reference", "d_fdpass", "e_seed", "f_kernel")
@@ -141,6 +150,7 @@ class Config:
     def __init__(self, name: str):
         self.name = name
         self.fds: list[int] = []
+        self.names: dict[int, str] = {}
         self._close = lambda: None
 
     def load(self):
@@ -151,7 +161,7 @@ class Config:
         if self.name in ("b_empty", "c_reference", "e_seed"):
             text = {"b_empty": EMPTY + "\n" + EMPTY_RAW, "c_reference": REFERENCE, "e_seed": SEED}[self.name]
             b = BPF(text=text)
-            self.fds = entry_fds(b)
+            self.fds, self.names = entry_fds(b), entry_names(b)
             if self.name == "e_seed":  # a reader, as the gadget has: the ring never fills
                 b[b"seed_events"].open_ring_buffer(lambda *_: 0)
                 stop = threading.Event()
@@ -171,7 +181,7 @@ class Config:
         from fdpass.collector.collect import Collector
 
         col = Collector(lambda e: None, backend="kernel" if self.name == "f_kernel" else "tracepoint")
-        self.fds = entry_fds(col.probes.bpf)
+        self.fds, self.names = entry_fds(col.probes.bpf), entry_names(col.probes.bpf)
         t = threading.Thread(target=col.run, daemon=True)
         t.start()
 
@@ -209,6 +219,8 @@ def main() -> int:
     with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
         f.write("1")
     results: dict[tuple[str, str], tuple[float, float | None]] = {}
+    # (config, workload) -> [(program, runs per op, ns per op)]: which program costs what
+    parts: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
     skipped = {c: r for c in CONFIGS if (r := unavailable(c))}
     configs = [c for c in CONFIGS if c not in skipped]
     try:
@@ -217,10 +229,15 @@ def main() -> int:
             cfg.load()
             try:
                 for wname, mode, n, k in workloads:
-                    before = total_bpf_ns(cfg.fds)
+                    before = per_program(cfg.fds)
                     wall = run_workload(binary, mode, n, k, reps=3)
-                    spent = total_bpf_ns(cfg.fds) - before
+                    after = per_program(cfg.fds)
+                    spent = sum(after[fd][0] - before[fd][0] for fd in cfg.fds)
                     results[(cname, wname)] = (wall, spent / (3 * n) if cfg.fds else None)
+                    parts[(cname, wname)] = sorted(
+                        ((cfg.names[fd], (after[fd][1] - before[fd][1]) / (3 * n),
+                          (after[fd][0] - before[fd][0]) / (3 * n)) for fd in cfg.fds
+                         if after[fd][1] > before[fd][1]), key=lambda p: -p[2])
             finally:
                 cfg.close()
     finally:
@@ -253,6 +270,14 @@ def main() -> int:
     wall_empty = results[("b_empty", "1-fd transfer")][0] - results[("a_none", "1-fd transfer")][0]
     print(f"wall added per 1-fd transfer: fdpass {wall_one:+.0f} ns, empty programs {wall_empty:+.0f} ns "
           "(wall clock swings by tens of percent here)")
+    for cname in ("e_seed", "f_kernel"):
+        if cname not in configs:
+            continue
+        print()
+        print(f"{cname}: BPF work per program (runs and ns per operation of the workload; bpf_stats)")
+        for wname, *_ in workloads[:3]:
+            for prog, runs, ns in parts[(cname, wname)]:
+                print(f"  {wname:<15} {prog:<40} {runs:>6.2f} runs {ns:>9.0f} ns")
     if "e_seed" in configs:
         seed_plain = results[("e_seed", "plain sendmsg")][1]
         print()
