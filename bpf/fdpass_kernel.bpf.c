@@ -47,6 +47,7 @@ struct kcall {
     u64 scm;        /* the scm_cookie __scm_send is filling / scm_detach_fds is emptying; 0 between */
     u64 fpl;        /* its SCM_RIGHTS list */
     u64 xid;        /* that list's transfer id (0: not known) */
+    u64 started;    /* bpf_ktime_get_ns() when the entry was made: names this call (task_cached) */
     u32 msg_index;  /* messages of the call finished so far */
     u32 nfds;       /* FD records of the current message */
     u32 records;    /* FD records of the call */
@@ -57,8 +58,36 @@ struct kcall {
 BPF_TABLE("lru_hash", u32, struct kcall, kcalls, 16384);
 BPF_TABLE("lru_hash", u64, u64, xids, 16384); /* struct scm_fp_list address -> transfer id */
 BPF_PERCPU_ARRAY(kwork, struct fdp_event, 1);
+/* Whose task fields (fill_task) this CPU's kwork holds: thread and call. The
+ * FD records of one call carry the same ones, so only its first record on a
+ * CPU fills them; any other record written there (another thread's, or a
+ * MSG_END/CALL_END, which rewrite part of them) clears or changes this. */
+struct kwork_owner {
+    u64 started;
+    u32 tid;
+};
+BPF_PERCPU_ARRAY(kwork_owners, struct kwork_owner, 1);
+/* kcalls entries in existence, all threads together. The hooks every call
+ * passes (the socket's sendmsg/recvmsg, the call's end, every fget_raw) read
+ * this one slot first and leave when it is 0, without hashing the thread id:
+ * on a machine that is not passing fds at that moment a plain sendmsg costs
+ * no map look-up (docs/kernel.md, "Cost"). It can only be too high (an entry
+ * the LRU evicted, or whose call end was never seen, is not subtracted),
+ * which costs the look-up again, never an event. */
+BPF_ARRAY(kcalls_live, u64, 1);
+
+static __always_inline void kcalls_live_add(u64 n) {
+    u32 zero = 0;
+    u64 *live = kcalls_live.lookup(&zero);
+    if (live)
+        __sync_fetch_and_add(live, n);
+}
 
 static __always_inline struct kcall *kcall_of(void) {
+    u32 zero = 0;
+    u64 *live = kcalls_live.lookup(&zero);
+    if (live && *live == 0)
+        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     return kcalls.lookup(&tid);
 }
@@ -68,11 +97,14 @@ static __always_inline struct kcall *kcall_begin(u8 direction, int fresh_call) {
     struct kcall *c = kcalls.lookup(&tid);
     if (c && c->direction == direction && !fresh_call)
         return c;
-    struct kcall fresh = {.direction = direction, .uring_fd = -1};
+    int existed = c != 0;
+    struct kcall fresh = {.direction = direction, .uring_fd = -1, .started = bpf_ktime_get_ns()};
     kcalls.update(&tid, &fresh);
     c = kcalls.lookup(&tid);
     if (!c)
         stat_inc(FDP_STAT_PENDING_FULL);
+    else if (!existed)
+        kcalls_live_add(1);
     return c;
 }
 
@@ -81,13 +113,32 @@ static __always_inline struct fdp_event *scratch(void) {
     return kwork.lookup(&zero);
 }
 
+/* ev's task fields for the current thread's call c: filled by the call's
+ * first record on this CPU, kept by the next ones (see kwork_owners). */
+static __always_inline int task_fields(struct fdp_event *ev, struct kcall *c, u64 task) {
+    u32 zero = 0, tid = (u32)bpf_get_current_pid_tgid();
+    struct kwork_owner *o = kwork_owners.lookup(&zero);
+    if (!o)
+        return -1;
+    if (o->tid == tid && o->started == c->started) {
+        ev->ktime_ns = bpf_ktime_get_ns();
+        return 0;
+    }
+    o->tid = 0;
+    if (fill_task(ev, task, KREAD(u32, task, OFF_TASK_FLAGS) & PF_IO_WORKER_) != 0)
+        return -1;
+    o->tid = tid;
+    o->started = c->started;
+    return 0;
+}
+
 /* One passed fd, while the kernel holds a reference to its file. */
 static __always_inline void emit_fd(void *ctx, struct kcall *c, s32 fd, u64 file) {
     struct fdp_event *ev = scratch();
     if (!ev)
         return;
     u64 task = bpf_get_current_task();
-    if (fill_task(ev, task, KREAD(u32, task, OFF_TASK_FLAGS) & PF_IO_WORKER_) != 0)
+    if (task_fields(ev, c, task) != 0)
         return;
     ev->kind = FDP_KIND_FD;
     ev->direction = c->direction;
@@ -116,8 +167,11 @@ static __always_inline void emit_fd(void *ctx, struct kcall *c, s32 fd, u64 file
 /* A header-only record (MSG_END, CALL_END) of the current thread. */
 static __always_inline struct fdp_event *marker(u8 kind, struct kcall *c) {
     struct fdp_event *ev = scratch();
-    if (!ev)
+    u32 zero = 0;
+    struct kwork_owner *o = kwork_owners.lookup(&zero);
+    if (!ev || !o)
         return 0;
+    o->tid = 0; /* the task fields below are this record's, not a call's FD records' */
     u64 pid_tgid = bpf_get_current_pid_tgid();
     ev->ktime_ns = bpf_ktime_get_ns();
     ev->pid = pid_tgid >> 32;
@@ -296,7 +350,8 @@ static __always_inline int call_end(void *ctx, u8 syscall, u8 abi, s32 sock_fd, 
         }
     }
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    kcalls.delete(&tid);
+    if (kcalls.delete(&tid) == 0)
+        kcalls_live_add((u64)-1);
     return 0;
 }
 
