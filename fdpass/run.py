@@ -132,7 +132,11 @@ class StoreWriter(threading.Thread):
 
     def run(self) -> None:
         from fdpass.schemas import codec
+        from fdpass.sinks.outage import StoreOutage
         from fdpass.sinks.writer import backoff_delays, insert_messages
+
+        outage = StoreOutage(log, "the events wait in memory, then in the kernel's ring buffer; nothing is dropped "
+                                  "until that is full")
 
         while True:
             with self.cond:
@@ -161,10 +165,8 @@ class StoreWriter(threading.Thread):
                 except Exception as e:  # any store failure: keep the batch, wait, retry
                     self.failures += 1
                     self.error = " ".join(str(e).split())[:200]
-                    delay = next(delays)
-                    log.error("insert of %d events failed (%s); retrying in %.1f s, nothing is dropped",
-                              n, self.error, delay)
-                    time.sleep(delay)
+                    time.sleep(outage.failed(f"insert of {n} events: {self.error}", next(delays)))
+            outage.recovered()
             self.error = None
             if rejected:  # the codec of this process wrote them: a bug, said loudly
                 _, reason, detail = rejected[0]
