@@ -1,0 +1,127 @@
+"""A full disk under the chDB store, filled during a run: the sink and `fdpass run` stop inserting (and the
+sink committing), say why once (then every 30 s), and resume when space returns; nothing is lost, nothing is
+stored twice. Real tmpfs with size= (root), real Kafka, chDB, real probes for `run`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from fdpass.sinks.consumer import SinkConfig
+from tests.fixtures_clickhouse import ThreadSink, all_committed, committed_offsets, create_topic, produce, unique, wait_until
+from tests.fixtures_disk import fill, small_tmpfs
+from tests.test_sink_incarnation import encoded, expected_ids, stored_ids
+
+LEAVE = 256 << 10  # bytes left free: less than any insert reserves (ClickHouse reserves >= 1 MiB)
+
+
+@pytest.mark.kafka
+def test_sink_stops_on_a_full_disk_and_resumes_when_space_returns(kafka_broker, open_store, tmp_path, caplog):
+    bs = kafka_broker.bootstrap
+    topic, group = unique("t-full"), unique("g-full")
+    create_topic(bs, topic, 2)
+    with small_tmpfs(tmp_path / "disk", "64m") as mnt:
+        store = open_store(mnt / "store")
+        client = store.client()
+        sink = ThreadSink(store, SinkConfig(bootstrap=bs, topic=topic, group=group, batch_rows=500,
+                                            batch_age=0.2)).start()
+        try:
+            produce(bs, topic, *encoded(0, 1000))
+            wait_until(lambda: all_committed(bs, group, topic, 2), 60, "the first events stored")
+            filler = fill(mnt, LEAVE)
+            with caplog.at_level(logging.WARNING, logger="fdpass.sink"):
+                produce(bs, topic, *encoded(1000, 2000))
+                before = committed_offsets(bs, group, topic, 2)
+                time.sleep(6)
+                # nothing inserted, nothing committed while the disk is full
+                assert stored_ids(client)[0] == 1000
+                assert committed_offsets(bs, group, topic, 2) == before
+                said = [r.getMessage() for r in caplog.records if "not storing" in r.getMessage()]
+                assert len(said) == 1 and "disk is full" in said[0], said
+                filler.unlink()
+                t_free = time.monotonic()
+                wait_until(lambda: all_committed(bs, group, topic, 2), 60, "everything stored once space returned")
+                resumed = time.monotonic() - t_free
+            assert any("storing again" in r.getMessage() for r in caplog.records)
+        finally:
+            assert sink.stop() == 0
+        n, ids = stored_ids(client)
+        assert (n, len(ids)) == (3000, 3000) and ids == expected_ids(0, 3000)
+        print(f"\nsink: stored again {resumed:.1f} s after space returned; {sink.sink.stats}")
+
+
+@pytest.mark.bpf
+def test_run_stops_on_a_full_disk_and_resumes_when_space_returns(tmp_path):
+    from tests.fixtures_bpf import require_bpf, spawn_attached
+    from tests.test_run import query
+
+    require_bpf()
+    n = 200
+    with small_tmpfs(tmp_path / "disk", "64m") as mnt:
+        store = mnt / "store"
+        p = spawn_attached("run", "--store", str(store), "--batch-age", "0.2")
+        a, b = socket.socketpair()
+        sock = os.fstat(a.fileno()).st_ino
+
+        def transfers():
+            with open("/etc/passwd") as f:
+                for _ in range(n):
+                    socket.send_fds(a, [b"x"], [f.fileno()])
+                    for fd in socket.recv_fds(b, 4, 2)[1]:
+                        os.close(fd)
+
+        try:
+            transfers()
+            time.sleep(2)  # stored
+            filler = fill(mnt, LEAVE)
+            transfers()
+            time.sleep(4)  # refused meanwhile
+            filler.unlink()
+            transfers()
+            time.sleep(3)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            a.close()
+            b.close()
+        assert p.returncode == 0, err
+        r = query(store, f"SELECT direction, count(), uniqExact(event_id) FROM fdpass.events "
+                         f"WHERE sock_ino = {sock} OR peer_sock_ino = {sock} GROUP BY direction ORDER BY direction",
+                  "--csv")
+        assert r.returncode == 0, r.stderr
+    rows = [line.split(",") for line in r.stdout.strip().splitlines()[1:]]
+    assert [(d.strip('"'), int(c), int(u)) for d, c, u in rows] == [("SEND", 3 * n, 3 * n), ("RECV", 3 * n, 3 * n)]
+    said = [line for line in err.splitlines() if "not storing" in line]
+    assert len(said) == 1 and "disk is full" in said[0], err[-3000:]
+    assert "storing again" in err
+    assert "Traceback" not in err
+
+
+def test_a_long_outage_is_said_once_then_every_30_s(monkeypatch, caplog):
+    from fdpass.sinks import outage as mod
+
+    clock = [100.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: clock[0])
+    o = mod.StoreOutage(logging.getLogger("fdpass.test-outage"), "nothing committed")
+    full = "Code: 243. DB::Exception: Cannot reserve 5.81 MiB, not enough space. (NOT_ENOUGH_SPACE)"
+    with caplog.at_level(logging.WARNING, logger="fdpass.test-outage"):
+        delays = []
+        for _ in range(91):  # 90 s of attempts, one a second
+            delays.append(o.failed(full, backoff=30.0))
+            clock[0] += 1
+        o.recovered()
+        assert o.failed("Code: 210. Connection refused", backoff=4.0) == 4.0  # another outage: the usual backoff
+    lines = [r.getMessage() for r in caplog.records]
+    assert set(delays) == {mod.DISK_FULL_RETRY}
+    assert [line.split(":")[0] for line in lines] == ["not storing", "still not storing after 30 s (31 attempts)",
+                                                      "still not storing after 60 s (61 attempts)",
+                                                      "still not storing after 90 s (91 attempts)",
+                                                      "storing again after 91 s (91 failed attempts)", "not storing"]
+    assert "disk is full" in lines[0] and "disk is full" not in lines[-1]
