@@ -41,11 +41,10 @@ from confluent_kafka import Message
 
 from fdpass import defaults, kafka
 from fdpass.errors import UserError
-from fdpass.sinks.exactly_once import (Batch, BatchLog, ExactlyOnce, Phase, Range, ReplayPlan, StoreError,
-                                      short)
-from fdpass.sinks.outage import StoreOutage
+from fdpass.sinks.exactly_once import (Batch, BatchLog, ExactlyOnce, Phase, Range, ReplayPlan, Retrying,
+                                      StoreError, backoff_delays, short)
 from fdpass.sinks.incarnation import Incarnations, TopicReplaced, TopicUnconfirmed, cluster_id
-from fdpass.sinks.writer import Writer, backoff_delays
+from fdpass.sinks.writer import Writer
 
 log = logging.getLogger("fdpass.sink")
 
@@ -193,16 +192,16 @@ class PartitionBuffer:
 class _WriterThread(threading.Thread):
     """Stores the batches of the partitions mapped to it, one at a time, in order."""
 
-    def __init__(self, store: ExactlyOnce, abandon: threading.Event, outbox: queue.Queue, index: int,
-                 outage: StoreOutage):
+    def __init__(self, store: ExactlyOnce, abandon: threading.Event, outbox: queue.Queue, index: int):
         super().__init__(name=f"fdpass-sink-writer-{index}", daemon=True)
-        self.store = store
-        self.outage = outage  # shared by the writers: says why nothing is stored, once and every 30 s
-        self.abandon = abandon
+        self.store = Retrying(store, abandon, "not committed; it is re-formed from the recorded range by the next run")
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = outbox
-        self.retrying = False
         self.fatal: BaseException | None = None
+
+    @property
+    def retrying(self) -> bool:
+        return self.store.retrying
 
     def run(self) -> None:
         while True:
@@ -211,41 +210,19 @@ class _WriterThread(threading.Thread):
                 return
             if not b.cancelled and self.fatal is None:
                 try:
-                    self._write(b)
+                    started = time.monotonic()
+                    if self.store.store(b):
+                        b.write_seconds = time.monotonic() - started
+                except TopicReplaced as e:
+                    # Its messages may be the new topic's under the old one's offsets: neither stored nor
+                    # committed; the sink starts over on the new topic (Sink._start_over).
+                    log.warning("%s dropped, neither stored nor committed: %s", b.describe(), e)
                 except BaseException as e:  # a bug, not a store failure: stop the sink, commit nothing more
                     log.exception("writer failed on %s", b.describe())
                     self.fatal = e
             if not b.stored:
                 b.phase = Phase.ABANDONED
             self.outbox.put(b)
-
-    def _write(self, b: Batch) -> None:
-        delays = backoff_delays()
-        attempt = 0
-        while True:
-            try:
-                started = time.monotonic()
-                self.store.store(b)
-                b.write_seconds = time.monotonic() - started
-                if attempt:
-                    self.outage.recovered()
-                self.retrying = False
-                return
-            except TopicReplaced as e:
-                # Its messages may be the new topic's under the old one's offsets: neither stored nor
-                # committed; the sink starts over on the new topic (Sink._start_over).
-                log.warning("%s dropped, neither stored nor committed: %s", b.describe(), e)
-                self.retrying = False
-                return
-            except StoreError as e:
-                attempt += 1
-                self.retrying = True
-                if b.cancelled or self.abandon.is_set():
-                    log.warning("%s abandoned after %d failed attempts (not committed; it is re-formed from the "
-                                "recorded range by the next run)", b.describe(), attempt)
-                    self.retrying = False
-                    return
-                self.abandon.wait(self.outage.failed(f"{b.describe()}: {e}", next(delays)))
 
 
 class Sink:
@@ -335,13 +312,12 @@ class Sink:
         self.dlq = DeadLetters(kafka.for_client(conf, "producer"), dlq_topic)
         self.outbox: queue.Queue = queue.Queue()
         self.writers = []
-        outage = StoreOutage(log, "consumption paused, nothing inserted or committed, nothing dropped")
         for i in range(max(1, cfg.writers)):
             wc = self.store.client()  # one client per thread
             writer = Writer(wc, self.store.database, cfg.table, native=cfg.native)
             protocol = ExactlyOnce(BatchLog(wc, self.store.database, cfg.topic), self.dlq, writer.insert,
                                    self._confirm)
-            self.writers.append(_WriterThread(protocol, self.abandon, self.outbox, i, outage))
+            self.writers.append(_WriterThread(protocol, self.abandon, self.outbox, i))
         for w in self.writers:
             w.start()
         self._subscribe(conf)
