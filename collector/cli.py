@@ -150,12 +150,16 @@ def run_collect(args) -> int:
 
     from fdpass.collector.collect import Collector
 
-    publisher = None
+    publisher = handover = None
     if args.kafka:
         from fdpass.collector.enrich import HostInfo
+        from fdpass.collector.handover import Handover
         from fdpass.collector.publisher import KafkaPublisher
 
-        publisher = KafkaPublisher.from_args(args)
+        # Another collector on this spool: take over from it at a cutover, no gap (collector/handover.py).
+        handover = Handover(args.spool_dir)
+        if handover.claim():
+            publisher = KafkaPublisher.from_args(args)
         key = HostInfo().host_id.encode()  # what publish(event) keys by: per-host order
         outputs = {"encoded_output": lambda values: publisher.publish_encoded_many(key, values)}
         flush = lambda: None  # noqa: E731
@@ -167,7 +171,10 @@ def run_collect(args) -> int:
         print("fdpass collect: probes attached (" + ", ".join(TRACEPOINTS) + ")", file=sys.stderr, flush=True)
 
     try:
-        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, **outputs)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, handover=handover, **outputs)
+        if publisher is None and handover is not None:  # the predecessor holds the spool until it is done
+            handover.take_over()
+            publisher = KafkaPublisher.from_args(args)
     except BaseException:
         if publisher is not None:
             publisher.close()  # releases the spool; nothing was published yet
@@ -193,6 +200,10 @@ def run_collect(args) -> int:
     if publisher is not None:
         undelivered = publisher.close()
         stats.update({f"kafka_{k}": v for k, v in publisher.stats().items()})
+    if handover is not None:
+        handover.finish()  # after the spool is closed: a successor may take it
+        if handover.dropped:
+            stats["handover_left_to_the_other"] = handover.dropped
     print("fdpass collect: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
     if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or stats["output_errors"]:
         print("fdpass collect: WARNING: some transfers were not reported (see counts above); "

@@ -20,6 +20,7 @@ from typing import Callable
 from fdpass.collector import records as R
 from fdpass.collector.batch import BatchEncoder
 from fdpass.collector.enrich import Enricher
+from fdpass.collector.handover import HANDOVER_RUN_BIT
 from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, READ_BATCH, Filters, Probes
 from fdpass.schemas import codec
 from fdpass.errors import UserError
@@ -72,7 +73,8 @@ class Collector:
                  ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
                  tuning: dict[str, int] | None = None, *,
                  encoded_output: Callable[[list], None] | None = None,
-                 hold: Callable[[], bool] | None = None, jsonl: bool = False, prefer_c: bool = True):
+                 hold: Callable[[], bool] | None = None, jsonl: bool = False, prefer_c: bool = True,
+                 handover=None):
         if (output is None) == (encoded_output is None):
             raise ValueError("Collector needs exactly one of output and encoded_output")
         self.output = output
@@ -82,7 +84,10 @@ class Collector:
         self.enricher = Enricher()
         self.batch = BatchEncoder(self.enricher, prefer_c, jsonl) if encoded_output else None
         self._encode_one = (lambda e: (json.dumps(e, separators=(",", ":")) + "\n").encode()) if jsonl else codec.encode
-        self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning)
+        # A zero-gap restart (collector/handover.py): it filters records by the cutover and stops the loop.
+        self.handover = handover
+        self.probes = Probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning,
+                             run_flags=HANDOVER_RUN_BIT if handover is not None and handover.successor else 0)
         self.probes.open(prefer_c)
         self._stop = threading.Event()
         self.output_closed = False
@@ -127,6 +132,8 @@ class Collector:
             self._output_failed(e)
 
     def _handle(self, records: list[bytes]) -> None:
+        if self.handover is not None:
+            records = self.handover.keep(records)
         if self.batch is None:
             for raw in records:
                 self._record(raw)
@@ -197,6 +204,8 @@ class Collector:
                     self.output_closed = True
                     break
             if deadline and time.monotonic() >= deadline:
+                break
+            if self.handover is not None and self.handover.should_stop():
                 break
         self.drain(0, final=True)
         stats = self.stats()

@@ -196,6 +196,7 @@ class Filters:
 
 
 RUN_ID_MASK = 0x7FFF
+RUN_COUNT_MASK = 0x3FFF  # the count; the run id's top bit marks a run that took over (collector/handover.py)
 RUN_COUNTER = "/run/fdpass/probe-loads"  # /run is per boot: numbering restarts with the kernel
 
 
@@ -213,7 +214,7 @@ def next_run_id(path: str = RUN_COUNTER) -> int:
 
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = os.read(fd, 32).strip()
-            n = (int(raw) + 1 if raw.isdigit() else 1) & RUN_ID_MASK
+            n = (int(raw) + 1 if raw.isdigit() else 1) & RUN_COUNT_MASK
             os.lseek(fd, 0, os.SEEK_SET)
             os.ftruncate(fd, 0)
             os.write(fd, str(n).encode())
@@ -221,7 +222,7 @@ def next_run_id(path: str = RUN_COUNTER) -> int:
         finally:
             os.close(fd)
     except OSError:
-        return int.from_bytes(os.urandom(2), "little") & RUN_ID_MASK
+        return int.from_bytes(os.urandom(2), "little") & RUN_COUNT_MASK
 
 
 def bpf_source_dir() -> str:
@@ -245,16 +246,17 @@ class Probes:
     """The compiled, attached probes and their ring buffer."""
 
     def __init__(self, filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                 tuning: dict[str, int] | None = None):
+                 tuning: dict[str, int] | None = None, run_flags: int = 0):
         """tuning: -D values overriding the BPF C's defaults (PENDING_SLOTS,
-        WALK_STEPS, PATH_DEPTH, WAKE_EVERY), for tests and benchmarks."""
+        WALK_STEPS, PATH_DEPTH, WAKE_EVERY), for tests and benchmarks.
+        run_flags: or-ed into the run id (collector/handover.py's HANDOVER_RUN_BIT)."""
         _check_privileges()
         bcc = _import_bcc()
         self.filters = filters or Filters()
         btf = BTF.load()
         defines, self.coverage = kernel_defines(btf)
         defines["RINGBUF_PAGES"] = ringbuf_pages
-        self.run_id = next_run_id()
+        self.run_id = next_run_id() | run_flags
         defines["RUN_ID"] = self.run_id
         defines.update(tuning or {})
         if self.filters.pid is not None:

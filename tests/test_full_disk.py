@@ -34,7 +34,7 @@ def test_sink_stops_on_a_full_disk_and_resumes_when_space_returns(kafka_broker, 
             produce(bs, topic, *encoded(0, 1000))
             wait_until(lambda: all_committed(bs, group, topic, 2), 60, "the first events stored")
             filler = fill(mnt, LEAVE)
-            with caplog.at_level(logging.WARNING, logger="fdpass.sink"):
+            with caplog.at_level(logging.INFO, logger="fdpass.sink"):
                 produce(bs, topic, *encoded(1000, 2000))
                 before = committed_offsets(bs, group, topic, 2)
                 time.sleep(6)
