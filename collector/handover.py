@@ -155,6 +155,11 @@ class Handover:
         return kept
 
     # -- the old collector -------------------------------------------------------------
+    @property
+    def handed_over(self) -> bool:
+        """A successor's cutover was honoured: this collector stopped for it."""
+        return self._keep_below is not None
+
     def should_stop(self) -> bool:
         """Called once per collect loop: True once a successor's cutover has been drained past."""
         if self._fd is None or self.successor:
@@ -216,6 +221,37 @@ class Handover:
                       "transfer seen since attaching (some may be stored twice, none is missed)", pid)
         self._holding()
         self.successor = False  # from now on the holder, and a predecessor to the next one
+
+
+def add_arguments(p) -> None:
+    """`collect`'s options for a restart with no gap (a successor on the same --spool-dir takes over)."""
+    g = p.add_argument_group("restart without a gap (with --kafka: a second collector on the same --spool-dir "
+                             "takes over at a cutover in kernel time; collector/handover.py)")
+    g.add_argument("--after-handover", choices=("exit", "wait"), default="exit",
+                   help="once a successor has taken over: exit (default), or wait idle for SIGTERM -- under a "
+                        "supervisor that restarts a collector that exits (a DaemonSet), so the old one is not "
+                        "started again to take over back")
+    g.add_argument("--ready-file", metavar="PATH",
+                   help="create PATH once the probes are attached and any predecessor has handed over "
+                        "(a readiness probe: the old pod is stopped only then)")
+
+
+def ready(args) -> None:
+    """After attaching (and taking over): the ready file."""
+    if getattr(args, "ready_file", None):
+        Path(args.ready_file).write_text(f"{os.getpid()}\n")
+
+
+def handed_over(args, handover: "Handover | None", stopped) -> None:
+    """After the collect loop and the output are closed: let a successor go on; with --after-handover wait,
+    stay (idle) until a signal, so a supervisor does not start this collector again."""
+    if handover is None:
+        return
+    handover.finish()
+    if handover.handed_over and getattr(args, "after_handover", "exit") == "wait":
+        log.warning("handed over to the new collector; idle until stopped (--after-handover wait)")
+        while not stopped(1.0):
+            pass
 
 
 class HandoverFailed(UserError):

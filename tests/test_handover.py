@@ -41,9 +41,9 @@ print(n, flush=True)
 """
 
 
-def collect(bootstrap: str, topic: str, spool, pid: int) -> subprocess.Popen:
+def collect(bootstrap: str, topic: str, spool, pid: int, *extra: str) -> subprocess.Popen:
     return spawn_attached("collect", "--kafka", bootstrap, "--topic", topic, "--spool-dir", str(spool),
-                          "--pid", str(pid))
+                          "--pid", str(pid), *extra)
 
 
 def test_a_new_collector_takes_over_with_no_gap_and_nothing_twice(kafka_broker, tmp_path, open_store):
@@ -60,15 +60,23 @@ def test_a_new_collector_takes_over_with_no_gap_and_nothing_twice(kafka_broker, 
     old = new = None
     try:
         sock = int(work.stdout.readline())
-        old = collect(bs, topic, spool, work.pid)
+        # as deploy/kubernetes/daemonset.yaml runs them: the old one idles after handing over, the new one
+        # says it is ready once it has taken over
+        old = collect(bs, topic, spool, work.pid, "--after-handover", "wait")
         work.stdin.write("go\n")
         work.stdin.flush()
         time.sleep(2)
         t0 = time.monotonic()
-        new = collect(bs, topic, spool, work.pid)  # returns once it has taken over: the old one is done
-        took = time.monotonic() - t0
+        ready = tmp_path / "ready"
+        new = collect(bs, topic, spool, work.pid, "--after-handover", "wait", "--ready-file", str(ready))
+        took = time.monotonic() - t0  # returns once it has taken over: the old one is done
+        assert ready.exists()
+        time.sleep(1)
+        assert old.poll() is None, "the old collector exited instead of idling (--after-handover wait)"
+        old.send_signal(signal.SIGTERM)
         _, old_err = old.communicate(timeout=60)
         assert old.returncode == 0, old_err
+        assert "idle until stopped" in old_err
         time.sleep(2)
         work.stdin.close()
         transfers = int(work.stdout.readline())
