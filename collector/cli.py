@@ -88,9 +88,9 @@ def register(sub) -> None:
         publisher.add_arguments(out)  # --kafka HOST:PORT, --topic, --kafka-config, spool options
     else:
         out.add_argument("--kafka", metavar="HOST:PORT", help="publish Avro events to Kafka (not built yet)")
-    from fdpass.collector import handover
+    from fdpass.collector import handover as handovers
 
-    handover.add_arguments(p)  # --after-handover, --ready-file
+    handovers.add_arguments(p)  # --after-handover, --ready-file
     p.set_defaults(func=run_collect)
 
     d = sub.add_parser("doctor", help="check this kernel and machine for what fdpass needs",
@@ -151,16 +151,16 @@ def run_collect(args) -> int:
     check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
 
+    from fdpass.collector import handover as handovers
     from fdpass.collector.collect import Collector
 
     publisher = handover = None
     if args.kafka:
         from fdpass.collector.enrich import HostInfo
-        from fdpass.collector.handover import Handover
         from fdpass.collector.publisher import KafkaPublisher
 
         # Another collector on this spool: take over from it at a cutover, no gap (collector/handover.py).
-        handover = Handover(args.spool_dir)
+        handover = handovers.Handover(args.spool_dir)
         if handover.claim():
             publisher = KafkaPublisher.from_args(args)
         key = HostInfo().host_id.encode()  # what publish(event) keys by: per-host order
@@ -191,9 +191,7 @@ def run_collect(args) -> int:
         metrics.serve(args.metrics, sources)
     collector.stop_on_signals()
     attached()  # after the metrics endpoint is up: "attached" means ready in every way
-    from fdpass.collector import handover as _handover
-
-    _handover.ready(args)
+    handovers.ready(args)
     try:
         stats = collector.run(duration=args.duration, tick=flush)
     finally:
@@ -208,7 +206,7 @@ def run_collect(args) -> int:
         stats.update({f"kafka_{k}": v for k, v in publisher.stats().items()})
     if handover is not None and handover.dropped:
         stats["handover_left_to_the_other"] = handover.dropped
-    _handover.handed_over(args, handover, collector._stop.wait)  # after the spool is closed: a successor may take it
+    handovers.handed_over(args, handover, collector._stop.wait)  # after the spool is closed: a successor may take it
     print("fdpass collect: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
     if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or stats["output_errors"]:
         print("fdpass collect: WARNING: some transfers were not reported (see counts above); "

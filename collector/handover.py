@@ -101,8 +101,11 @@ class Handover:
     def claim(self) -> bool:
         """Take the handover lock if nobody holds it: True. False: a collector runs on this output
         (this one becomes its successor: take_over() after attaching)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise UserError(f"cannot use spool directory {self.dir}: {e.strerror}") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
