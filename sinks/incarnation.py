@@ -72,6 +72,7 @@ class Incarnations:
         self._checking = False
         self.last_id: str | None = None  # the id of the last answer
         self._answered_at = float("-inf")  # when the check that gave last_id started (monotonic)
+        self._tried_at = float("-inf")  # when the last check started, answered or not
         self.last_error = ""
 
     # -- asking Kafka ------------------------------------------------------------
@@ -106,7 +107,7 @@ class Incarnations:
                     self._cond.wait(DESCRIBE_TIMEOUT + 2)
                     continue
                 self._checking = True
-            started = time.monotonic()
+            started = self._tried_at = time.monotonic()
             found = None
             try:
                 found = self._describe()
@@ -149,7 +150,7 @@ class Incarnations:
 
     def stale(self) -> bool:
         """No answer for CHECK_EVERY s: time for a look (consumer.py's loop asks in a thread)."""
-        return time.monotonic() - self._answered_at >= CHECK_EVERY and not self._checking
+        return time.monotonic() - max(self._answered_at, self._tried_at) >= CHECK_EVERY and not self._checking
 
 
 def cluster_id(conf: dict) -> str | None:
