@@ -561,7 +561,7 @@ class Sink:
         while self.pending and self._fatal() is None:
             self._commit_finished(wait=0.2)
         self.committed_offsets.clear()
-        old = self._consumer
+        old, self._consumer = self._consumer, None  # its rebalance callbacks while closing are not ours
         # Leave the group, so the new member's join does not wait for the old one; against a
         # cluster that is gone, close() may wait for a coordinator that never answers: bounded.
         closer = threading.Thread(target=old.close, name="fdpass-sink-close-old", daemon=True)
