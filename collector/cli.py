@@ -190,8 +190,8 @@ def run_collect(args) -> int:
             sources["kafka"] = publisher.stats
         metrics.serve(args.metrics, sources)
     collector.stop_on_signals()
-    attached()  # after the metrics endpoint is up: "attached" means ready in every way
-    handovers.ready(args)
+    handovers.ready(args)  # before the line: "attached" means ready in every way
+    attached()  # after the metrics endpoint is up
     try:
         stats = collector.run(duration=args.duration, tick=flush)
     finally:

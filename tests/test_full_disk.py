@@ -94,7 +94,7 @@ def test_run_stops_on_a_full_disk_and_resumes_when_space_returns(tmp_path):
             for closing in (p.kill if p.poll() is None else None, a.close, b.close):
                 if closing is not None:
                     closing()
-    assert counts == [("SEND", 3 * n, 3 * n), ("RECV", 3 * n, 3 * n)]
+    assert counts == [("SEND", 3 * n, 3 * n), ("RECV", 3 * n, 3 * n)], err[-3000:]
     said = [line for line in err.splitlines() if "not stored:" in line]
     assert len(said) == 1 and "disk is full" in said[0], err[-3000:]
     assert "store is back" in err
