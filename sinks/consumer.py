@@ -242,6 +242,9 @@ class Sink:
         self.committed_offsets: dict[int, int] = {}  # partition -> next offset to store (committed or start)
         self._consumer = None
         self.incarnation: str | None = None  # the topic id of the current assignment (sinks/incarnation.py)
+        # The topic id this consumer was made for: an assignment (or a check) naming another starts over.
+        self._built_for: str | None = None
+        self._start_over_asked = False
         self.incarnations: Incarnations | None = None
         self._watch: threading.Thread | None = None
         self.last_batch = (0, 0.0)  # rows and seconds of the last stored batch (for metrics)
@@ -528,7 +531,7 @@ class Sink:
     def _watch_incarnation(self, conf: dict) -> None:
         """Start over when a check found another topic id; look in a thread when nothing asked for a
         while (an idle sink, or a consumer stuck on a cluster that is gone)."""
-        if self.incarnations.changed(self.incarnation):
+        if self._start_over_asked or self.incarnations.changed(self._built_for):
             self._start_over(conf)
         elif self.incarnations.stale() and (self._watch is None or not self._watch.is_alive()):
             self._watch = threading.Thread(target=self.incarnations.check, args=(time.monotonic(),),
@@ -547,14 +550,15 @@ class Sink:
         """The topic is a new incarnation: drop what was read of the old one and not stored, leave the
         group with the old consumer and join with a new one, whose assignment starts the new topic at
         its first offset (or at a commit made with its id)."""
-        old_id, new_id = self.incarnation, self.incarnations.last_id
+        old_id, new_id = self._built_for, self.incarnations.last_id
         cid = cluster_id(conf)
         log.warning("topic %s is a new incarnation (topic id %s -> %s%s): its offsets start again, so batches "
                     "read but not stored are dropped, and the new topic is read from its first offset "
                     "(docs/reliability.md)", self.cfg.topic, old_id, new_id,
                     f"; cluster {cid} at {self.cfg.bootstrap}" if cid else "")
         self.stats["started_over"] += 1
-        self.incarnation = None
+        self.incarnation = self._built_for = None
+        self._start_over_asked = False
         self.buffers.clear()  # nothing of the old topic is committed any more
         for b in self.pending:
             b.cancelled = True
@@ -610,6 +614,13 @@ class Sink:
             return
         self.assigned_history.append({tp.partition for tp in tps})
         incarnation = self.incarnations.current(self.stop, "assignment")
+        if self._built_for is None:
+            self._built_for = incarnation
+        elif incarnation is not None and incarnation != self._built_for:
+            # This consumer was made for another incarnation (it may even be talking to a replaced
+            # cluster it otherwise refuses): no buffers for these partitions; the loop starts over.
+            self._start_over_asked = True
+            return
         self.incarnation = incarnation
         committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=30)
         starts = {}
