@@ -107,6 +107,9 @@ def register(sub) -> None:
         publisher.add_arguments(out)  # --kafka HOST:PORT, --topic, --kafka-config, spool options
     else:
         out.add_argument("--kafka", metavar="HOST:PORT", help="publish Avro events to Kafka (not built yet)")
+    from fdpass.collector import handover as handovers
+
+    handovers.add_arguments(p)  # --after-handover, --ready-file
     p.set_defaults(func=run_collect)
 
     d = sub.add_parser("doctor", help="check this kernel and machine for what fdpass needs",
@@ -168,14 +171,18 @@ def run_collect(args) -> int:
     check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
 
+    from fdpass.collector import handover as handovers
     from fdpass.collector.collect import Collector
 
-    publisher = None
+    publisher = handover = None
     if args.kafka:
         from fdpass.collector.enrich import HostInfo
         from fdpass.collector.publisher import KafkaPublisher
 
-        publisher = KafkaPublisher.from_args(args)
+        # Another collector on this spool: take over from it at a cutover, no gap (collector/handover.py).
+        handover = handovers.Handover(args.spool_dir)
+        if handover.claim():
+            publisher = KafkaPublisher.from_args(args)
         key = HostInfo().host_id.encode()  # what publish(event) keys by: per-host order
         outputs = {"encoded_output": lambda values: publisher.publish_encoded_many(key, values)}
         flush = lambda: None  # noqa: E731
@@ -189,7 +196,11 @@ def run_collect(args) -> int:
               file=sys.stderr, flush=True)
 
     try:
-        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, backend=args.backend, **outputs)
+        collector = Collector(filters=filters, ringbuf_pages=args.ringbuf_pages, backend=args.backend,
+                              handover=handover, **outputs)
+        if publisher is None and handover is not None:  # the predecessor holds the spool until it is done
+            handover.take_over()
+            publisher = KafkaPublisher.from_args(args)
     except BaseException:
         if publisher is not None:
             publisher.close()  # releases the spool; nothing was published yet
@@ -202,7 +213,8 @@ def run_collect(args) -> int:
             sources["kafka"] = publisher.stats
         metrics.serve(args.metrics, sources)
     collector.stop_on_signals()
-    attached()  # after the metrics endpoint is up: "attached" means ready in every way
+    handovers.ready(args)  # before the line: "attached" means ready in every way
+    attached()  # after the metrics endpoint is up
     try:
         stats = collector.run(duration=args.duration, tick=flush)
     finally:
@@ -215,6 +227,9 @@ def run_collect(args) -> int:
     if publisher is not None:
         undelivered = publisher.close()
         stats.update({f"kafka_{k}": v for k, v in publisher.stats().items()})
+    if handover is not None and handover.dropped:
+        stats["handover_left_to_the_other"] = handover.dropped
+    handovers.handed_over(args, handover, collector._stop.wait)  # after the spool is closed: a successor may take it
     print("fdpass collect: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
     if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or stats["output_errors"]:
         print("fdpass collect: WARNING: some transfers were not reported (see counts above); "

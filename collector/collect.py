@@ -20,6 +20,7 @@ from typing import Callable
 from fdpass.collector import records as R
 from fdpass.collector.batch import BatchEncoder
 from fdpass.collector.enrich import Enricher
+from fdpass.collector.handover import HANDOVER_RUN_BIT
 from fdpass.collector.kernel_calls import KernelCalls
 from fdpass.collector.probes import DEFAULT_RINGBUF_PAGES, READ_BATCH, Filters, open_probes
 from fdpass.schemas import codec
@@ -74,7 +75,7 @@ class Collector:
                  tuning: dict[str, int] | None = None, *,
                  encoded_output: Callable[[list], None] | None = None,
                  hold: Callable[[], bool] | None = None, jsonl: bool = False, prefer_c: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", handover=None):
         """backend: auto, kernel or tracepoint (collector/probes.py: open_probes)."""
         if (output is None) == (encoded_output is None):
             raise ValueError("Collector needs exactly one of output and encoded_output")
@@ -85,7 +86,10 @@ class Collector:
         self.enricher = Enricher()
         self.batch = BatchEncoder(self.enricher, prefer_c, jsonl) if encoded_output else None
         self._encode_one = (lambda e: (json.dumps(e, separators=(",", ":")) + "\n").encode()) if jsonl else codec.encode
-        self.probes = open_probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning, backend=backend)
+        # A zero-gap restart (collector/handover.py): it filters records by the cutover and stops the loop.
+        self.handover = handover
+        self.probes = open_probes(filters, ringbuf_pages=ringbuf_pages, tuning=tuning, backend=backend,
+                                  run_flags=HANDOVER_RUN_BIT if handover is not None and handover.successor else 0)
         log.info("capture backend: %s (%s)", self.probes.backend, self.probes.why)
         # The kernel backend's FD records are completed by later records of
         # their call before they are events (collector/kernel_calls.py).
@@ -156,6 +160,8 @@ class Collector:
     def _handle(self, records: list[bytes]) -> None:
         if self.kernel_calls is not None:
             records = self._complete_kernel_records(records)
+        if self.handover is not None:
+            records = self.handover.keep(records)
         if self.batch is None:
             for raw in records:
                 self._record(raw)
@@ -227,6 +233,8 @@ class Collector:
                     self.output_closed = True
                     break
             if deadline and time.monotonic() >= deadline:
+                break
+            if self.handover is not None and self.handover.should_stop():
                 break
         self.drain(0, final=True)
         stats = self.stats()

@@ -275,6 +275,7 @@ class Filters:
 
 
 RUN_ID_MASK = 0x7FFF
+RUN_COUNT_MASK = 0x3FFF  # the count; the run id's top bit marks a run that took over (collector/handover.py)
 RUN_COUNTER = "/run/fdpass/probe-loads"  # /run is per boot: numbering restarts with the kernel
 
 
@@ -292,7 +293,7 @@ def next_run_id(path: str = RUN_COUNTER) -> int:
 
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = os.read(fd, 32).strip()
-            n = (int(raw) + 1 if raw.isdigit() else 1) & RUN_ID_MASK
+            n = (int(raw) + 1 if raw.isdigit() else 1) & RUN_COUNT_MASK
             os.lseek(fd, 0, os.SEEK_SET)
             os.ftruncate(fd, 0)
             os.write(fd, str(n).encode())
@@ -300,7 +301,7 @@ def next_run_id(path: str = RUN_COUNTER) -> int:
         finally:
             os.close(fd)
     except OSError:
-        return int.from_bytes(os.urandom(2), "little") & RUN_ID_MASK
+        return int.from_bytes(os.urandom(2), "little") & RUN_COUNT_MASK
 
 
 def bpf_source_dir() -> str:
@@ -347,9 +348,10 @@ class Probes:
     is attached, for the "probes attached" line."""
 
     def __init__(self, filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                 tuning: dict[str, int] | None = None, backend: str = "tracepoint"):
+                 tuning: dict[str, int] | None = None, backend: str = "tracepoint", run_flags: int = 0):
         """tuning: -D values overriding the BPF C's defaults (PENDING_SLOTS,
-        WALK_STEPS, PATH_DEPTH, WAKE_EVERY), for tests and benchmarks."""
+        WALK_STEPS, PATH_DEPTH, WAKE_EVERY), for tests and benchmarks.
+        run_flags: or-ed into the run id (collector/handover.py's HANDOVER_RUN_BIT)."""
         _check_privileges()
         bcc = _import_bcc()
         self.filters = filters or Filters()
@@ -364,7 +366,7 @@ class Probes:
             self.hooks = list(TRACEPOINTS)
             source = "fdpass.bpf.c"
         defines["RINGBUF_PAGES"] = ringbuf_pages
-        self.run_id = next_run_id()
+        self.run_id = next_run_id() | run_flags
         defines["RUN_ID"] = self.run_id
         defines.update(tuning or {})
         if self.filters.pid is not None:
@@ -457,28 +459,28 @@ class Probes:
 
 
 def open_probes(filters: Filters | None = None, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
-                tuning: dict[str, int] | None = None, backend: str = "auto") -> Probes:
+                tuning: dict[str, int] | None = None, backend: str = "auto", run_flags: int = 0) -> Probes:
     """The probes of the backend asked for. "auto": the kernel backend when
     this kernel has its functions and lets it attach, else the tracepoint one;
     Probes.why says why that one."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "tracepoint":
-        p = Probes(filters, ringbuf_pages, tuning, "tracepoint")
+        p = Probes(filters, ringbuf_pages, tuning, "tracepoint", run_flags)
         p.why = "chosen with --backend tracepoint"
         return p
     _check_privileges()
     reason = kernel_unavailable_reason()
     if reason is None:
         try:
-            p = Probes(filters, ringbuf_pages, tuning, "kernel")
+            p = Probes(filters, ringbuf_pages, tuning, "kernel", run_flags)
             p.why = "in-kernel hooks (fentry/fexit) load here" + (" (auto)" if backend == "auto" else "")
             return p
         except UserError as e:
             reason = str(e)
     if backend == "kernel":
         raise UserError(f"--backend kernel: {reason}")
-    p = Probes(filters, ringbuf_pages, tuning, "tracepoint")
+    p = Probes(filters, ringbuf_pages, tuning, "tracepoint", run_flags)
     p.why = f"in-kernel backend unavailable: {reason}"
     return p
 

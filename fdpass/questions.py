@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from fdpass import defaults
+from fdpass.collector.handover import HANDOVER_RUN_BIT
 from fdpass.errors import UserError
 
 TABLE = defaults.EVENTS_TABLE
@@ -92,7 +93,10 @@ ORDER BY time, seq
 LIMIT {{{{limit:UInt32}}}}
 """
 
-# seq = run << 48 | n (bpf/fdpass.h): n has no holes unless records were lost.
+# seq = run << 48 | n (bpf/fdpass.h): n has no holes unless records were lost. A run whose id has
+# HANDOVER_RUN_BIT took over from a running collector at a cutover (collector/handover.py): its
+# predecessor covered everything before its first record, so it is no restart, and the numbers it
+# dropped before the cutover (the predecessor stored those transfers) are no loss.
 _GAPS = f"""
 WITH
   ev AS (SELECT host, boot_id, bitShiftRight(seq, 48) AS run, bitAnd(seq, 0xFFFFFFFFFFFF) AS n, time
@@ -110,16 +114,16 @@ WHERE n > prev_n + 1 AND prev_n != toUInt64(0) - 1 AND {{after}}
 UNION ALL
 SELECT host, boot_id, run, min(time) AS from_time, min(time) AS to_time,
        'records lost at the start of a collector run' AS what, min(n) AS missing
-FROM ev GROUP BY host, boot_id, run HAVING min(n) > 0
+FROM ev GROUP BY host, boot_id, run HAVING min(n) > 0 AND bitAnd(run, {HANDOVER_RUN_BIT}) = 0
 UNION ALL
 SELECT host, boot_id, run, prev_end AS from_time, start AS to_time,
        'collector restarted: transfers between these times were not watched' AS what, NULL AS missing
 FROM (SELECT host, boot_id, run, min(time) AS start,
-             lagInFrame(max(time), 1, min(time)) OVER (PARTITION BY host, boot_id ORDER BY run
+             lagInFrame(max(time), 1, min(time)) OVER (PARTITION BY host, boot_id ORDER BY min(time)
                                                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS prev_end,
-             row_number() OVER (PARTITION BY host, boot_id ORDER BY run) AS i
+             row_number() OVER (PARTITION BY host, boot_id ORDER BY min(time)) AS i
       FROM ev GROUP BY host, boot_id, run)
-WHERE i > 1
+WHERE i > 1 AND bitAnd(run, {HANDOVER_RUN_BIT}) = 0
 ORDER BY host, from_time
 LIMIT {{{{limit:UInt32}}}}
 """

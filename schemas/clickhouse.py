@@ -158,6 +158,7 @@ def _columns_block(fields: tuple[Field, ...] = FIELDS) -> str:
 def state_columns_block() -> str:
     return """(
     topic LowCardinality(String),
+    topic_id String DEFAULT '',
     partition Int32,
     first_offset Int64,
     last_offset Int64,
@@ -253,6 +254,25 @@ def migrate_statements(existing: dict[str, str], opts: Options = Options(), fiel
     return out
 
 
+STATE_TOPIC_ID = "topic_id String DEFAULT '' AFTER topic"  # added for sinks/incarnation.py
+
+
+def state_migrate_statements(existing: set[str], opts: Options = Options(), table: str = STATE_TABLE,
+                             cluster: str | None = None) -> list[str]:
+    """ALTERs that bring an existing sink_batches table (its column names) up to date."""
+    on = f" ON CLUSTER '{cluster}'" if cluster else ""
+    if "topic_id" in existing:
+        return []
+    return [f"ALTER TABLE {opts.database}.{table}{on} ADD COLUMN IF NOT EXISTS {STATE_TOPIC_ID}"]
+
+
+def _columns(client, db: str, table: str) -> dict[str, str]:
+    return dict(client.query(
+        "SELECT name, type FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+        parameters={"db": db, "t": table},
+    ).result_rows)
+
+
 def _normalise(typ: str) -> str:
     return typ.replace(" ", "")
 
@@ -277,9 +297,12 @@ def ensure_schema(client, opts: Options = Options()) -> list[str]:
             parameters={"db": opts.database, "t": TABLE},
         ).result_rows
         existing = dict(rows)
-        if migrate_statements(existing, opts):
+        state = set(_columns(client, opts.database, STATE_TABLE))
+        if migrate_statements(existing, opts) or state_migrate_statements(state, opts):
             raise ClusterSchemaOutdated(migrate_statements(existing, opts, table=f"{TABLE}_local", cluster="{cluster}")
-                                        + migrate_statements(existing, opts, cluster="{cluster}"))
+                                        + migrate_statements(existing, opts, cluster="{cluster}")
+                                        + state_migrate_statements(state, opts, f"{STATE_TABLE}_local", "{cluster}")
+                                        + state_migrate_statements(state, opts, cluster="{cluster}"))
         return []
     for stmt in create_statements(opts):
         client.command(stmt)
@@ -294,6 +317,7 @@ def ensure_schema(client, opts: Options = Options()) -> list[str]:
     ).result_rows[0][0]
     if _PART_SETTINGS not in create:  # a table made before the setting was chosen
         alters.append(f"ALTER TABLE {opts.database}.{TABLE} MODIFY SETTING {_PART_SETTINGS}")
+    alters += state_migrate_statements(set(_columns(client, opts.database, STATE_TABLE)), opts)
     for stmt in alters:
         client.command(stmt)
     return alters

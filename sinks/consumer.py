@@ -42,7 +42,8 @@ from confluent_kafka import Message
 from fdpass import defaults, kafka
 from fdpass.errors import UserError
 from fdpass.sinks.exactly_once import (Batch, BatchLog, ExactlyOnce, Phase, Range, ReplayPlan, Retrying,
-                                      backoff_delays, short)
+                                      StoreError, backoff_delays, short)
+from fdpass.sinks.incarnation import Incarnations, TopicReplaced, TopicUnconfirmed, cluster_id
 from fdpass.sinks.writer import Writer
 
 log = logging.getLogger("fdpass.sink")
@@ -110,11 +111,14 @@ _VALUE, _KEY, _OFFSET = Message.value, Message.key, Message.offset
 class PartitionBuffer:
     """Messages of one partition not yet cut into a batch, plus the ranges to re-form."""
 
-    __slots__ = ("topic", "partition", "values", "keys", "offsets", "chunks", "nbytes", "since", "plan")
+    __slots__ = ("topic", "partition", "values", "keys", "offsets", "chunks", "nbytes", "since", "plan",
+                 "incarnation", "next_offset")
 
-    def __init__(self, topic: str, partition: int, replay: list[Range]):
+    def __init__(self, topic: str, partition: int, replay: list[Range], incarnation: str = "", start: int = 0):
         self.topic = topic
         self.partition = partition
+        self.incarnation = incarnation  # the topic id (sinks/incarnation.py)
+        self.next_offset = start  # messages below it were read already: offsets going backwards
         self.values: list = []
         self.keys: list = []
         self.offsets = array("q")
@@ -131,6 +135,7 @@ class PartitionBuffer:
         self.values.extend(map(_VALUE, msgs))
         self.keys.extend(map(_KEY, msgs))
         self.offsets.extend(map(_OFFSET, msgs))
+        self.next_offset = self.offsets[-1] + 1
         self.chunks.append([len(msgs), nbytes])
         self.nbytes += nbytes
 
@@ -163,7 +168,8 @@ class PartitionBuffer:
             first, last = offsets[0], offsets[-1]
         return Batch(self.topic, self.partition, first, last, values, keys, offsets,
                      phase=Phase.ALREADY_DONE if rng and rng.done else Phase.FORMED, reformed=rng is not None,
-                     nbytes=nbytes)
+                     nbytes=nbytes, incarnation=self.incarnation, legacy=rng is not None and not rng.incarnation,
+                     cut_at=now)
 
     def cut(self, now: float, limits: Limits, force: bool = False) -> Batch | None:
         offsets = self.offsets
@@ -207,6 +213,10 @@ class _WriterThread(threading.Thread):
                     started = time.monotonic()
                     if self.store.store(b):
                         b.write_seconds = time.monotonic() - started
+                except TopicReplaced as e:
+                    # Its messages may be the new topic's under the old one's offsets: neither stored nor
+                    # committed; the sink starts over on the new topic (Sink._start_over).
+                    log.warning("%s dropped, neither stored nor committed: %s", b.describe(), e)
                 except BaseException as e:  # a bug, not a store failure: stop the sink, commit nothing more
                     log.exception("writer failed on %s", b.describe())
                     self.fatal = e
@@ -226,10 +236,17 @@ class Sink:
         self.buffers: dict[int, PartitionBuffer] = {}
         self.pending: deque[Batch] = deque()
         self.paused = False
-        self.stats = {"rows": 0, "dead": 0, "batches": 0, "replayed": 0, "skipped_done": 0, "commits": 0}
+        self.stats = {"rows": 0, "dead": 0, "batches": 0, "replayed": 0, "skipped_done": 0, "commits": 0,
+                      "started_over": 0}
         self.assigned_history: list[set[int]] = []  # for tests and logs: every assignment received
         self.committed_offsets: dict[int, int] = {}  # partition -> next offset to store (committed or start)
         self._consumer = None
+        self.incarnation: str | None = None  # the topic id of the current assignment (sinks/incarnation.py)
+        # The topic id this consumer was made for: an assignment (or a check) naming another starts over.
+        self._built_for: str | None = None
+        self._start_over_asked = False
+        self.incarnations: Incarnations | None = None
+        self._watch: threading.Thread | None = None
         self.last_batch = (0, 0.0)  # rows and seconds of the last stored batch (for metrics)
         self._lag: int | None = None
 
@@ -290,6 +307,7 @@ class Sink:
         for stmt in alters:
             log.info("migrated: %s", stmt)
         self.batch_log = BatchLog(main_client, self.store.database, cfg.topic)
+        self.incarnations = Incarnations(conf, cfg.topic)
         try:
             self._ensure_dlq_topic(conf, dlq_topic)
         except KafkaException as e:
@@ -300,12 +318,12 @@ class Sink:
         for i in range(max(1, cfg.writers)):
             wc = self.store.client()  # one client per thread
             writer = Writer(wc, self.store.database, cfg.table, native=cfg.native)
-            protocol = ExactlyOnce(BatchLog(wc, self.store.database, cfg.topic), self.dlq, writer.insert)
+            protocol = ExactlyOnce(BatchLog(wc, self.store.database, cfg.topic), self.dlq, writer.insert,
+                                   self._confirm)
             self.writers.append(_WriterThread(protocol, self.abandon, self.outbox, i))
         for w in self.writers:
             w.start()
-        consumer = self._consumer = Consumer(conf)
-        consumer.subscribe([cfg.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._subscribe(conf)
         log.info("%s -> %s (group %s, dead letters to %s; batches of %d rows / %d MiB / %.1fs)",
                  cfg.topic, self.store.spec.describe(), cfg.group, dlq_topic, cfg.batch_rows, cfg.batch_bytes >> 20,
                  cfg.batch_age)
@@ -316,6 +334,7 @@ class Sink:
             while not self.stop.is_set():
                 self._check_fatal()
                 self._commit_finished()
+                self._watch_incarnation(conf)
                 now = time.monotonic()
                 if now - last_lag >= 1.0:
                     self._refresh_lag()
@@ -326,7 +345,7 @@ class Sink:
                     self._status(rate)
                 if self._backpressure():
                     continue
-                msgs = consumer.consume(num_messages=min(10000, cfg.batch_rows), timeout=0.1)
+                msgs = self._consumer.consume(num_messages=min(10000, cfg.batch_rows), timeout=0.1)
                 now = time.monotonic()
                 if msgs:
                     self._dispatch(msgs, now)
@@ -341,7 +360,7 @@ class Sink:
             for w in self.writers:
                 w.inbox.put(None)
             try:
-                consumer.close()
+                self._consumer.close()
             except Exception as e:  # noqa: BLE001 - closing after a broker loss must not mask the result
                 log.warning("closing the consumer: %s", e)
             self.dlq.close()
@@ -386,6 +405,7 @@ class Sink:
             "retrying_batches_in_flight": sum(w.retrying for w in getattr(self, "writers", [])),
             "last_batch_size": self.last_batch[0], "insert_latency_seconds": self.last_batch[1],
             "partitions_assigned_size": len(self.buffers),
+            "topic_incarnations_started_over": s["started_over"],
         }
         lag = self.lag()
         if lag is not None:
@@ -453,7 +473,21 @@ class Sink:
         for p, run in groupby(msgs, key=_PARTITION):
             buf = self.buffers.get(p)
             if buf is not None:  # messages of a partition revoked meanwhile are not ours to store
-                buf.add_many(list(run), now)
+                run = list(run)
+                if _OFFSET(run[0]) < buf.next_offset:
+                    run = self._backwards(buf, run)
+                if run:
+                    buf.add_many(run, now)
+
+    def _backwards(self, buf: PartitionBuffer, run: list) -> list:
+        """Offsets went backwards (librdkafka reset its position on a recreated, shorter topic): the
+        messages below the next expected offset are not added, and Kafka is asked for the topic id
+        at once -- another id makes the loop start over on the new topic (_watch_incarnation)."""
+        keep = [m for m in run if _OFFSET(m) >= buf.next_offset]
+        log.warning("%s[%d]: offsets went backwards (offset %d after %d): the topic may have been recreated; "
+                    "checking its id", buf.topic, buf.partition, _OFFSET(run[0]), buf.next_offset - 1)
+        self.incarnations.check(time.monotonic())
+        return keep
 
     def _submit(self, b: Batch) -> None:
         self.pending.append(b)
@@ -486,6 +520,61 @@ class Sink:
             return True
         return False
 
+    # -- the topic's incarnation (sinks/incarnation.py) --------------------------------
+    def _confirm(self, b: Batch) -> None:
+        """ExactlyOnce's check before an insert (writer threads)."""
+        try:
+            self.incarnations.confirm(b.incarnation, b.cut_at)
+        except TopicUnconfirmed as e:
+            raise StoreError(str(e)) from None
+
+    def _watch_incarnation(self, conf: dict) -> None:
+        """Start over when a check found another topic id; look in a thread when nothing asked for a
+        while (an idle sink, or a consumer stuck on a cluster that is gone)."""
+        if self._start_over_asked or self.incarnations.changed(self._built_for):
+            self._start_over(conf)
+        elif self.incarnations.stale() and (self._watch is None or not self._watch.is_alive()):
+            self._watch = threading.Thread(target=self.incarnations.check, args=(time.monotonic(),),
+                                           name="fdpass-sink-topic-id", daemon=True)
+            self._watch.start()
+
+    def _subscribe(self, conf: dict) -> None:
+        from confluent_kafka import Consumer
+
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe([self.cfg.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        self.paused = False
+
+    def _start_over(self, conf: dict) -> None:
+        """The topic is a new incarnation: drop what was read of the old one and not stored, leave the
+        group with the old consumer and join with a new one, whose assignment starts the new topic at
+        its first offset (or at a commit made with its id)."""
+        old_id, new_id = self._built_for, self.incarnations.last_id
+        cid = cluster_id(conf)
+        log.warning("topic %s is a new incarnation (topic id %s -> %s%s): its offsets start again, so batches "
+                    "read but not stored are dropped, and the new topic is read from its first offset "
+                    "(docs/reliability.md)", self.cfg.topic, old_id, new_id,
+                    f"; cluster {cid} at {self.cfg.bootstrap}" if cid else "")
+        self.stats["started_over"] += 1
+        self.incarnation = self._built_for = None
+        self._start_over_asked = False
+        self.buffers.clear()  # nothing of the old topic is committed any more
+        for b in self.pending:
+            b.cancelled = True
+        while self.pending and self._fatal() is None:
+            self._commit_finished(wait=0.2)
+        self.committed_offsets.clear()
+        old, self._consumer = self._consumer, None  # its rebalance callbacks while closing are not ours
+        # Leave the group, so the new member's join does not wait for the old one; against a
+        # cluster that is gone, close() may wait for a coordinator that never answers: bounded.
+        closer = threading.Thread(target=old.close, name="fdpass-sink-close-old", daemon=True)
+        closer.start()
+        closer.join(15)
+        if closer.is_alive():
+            log.warning("the old consumer did not leave the group within 15 s (its cluster is gone?); going on")
+        self._subscribe(conf)
+
     def _commit_finished(self, wait: float = 0.0) -> None:
         from confluent_kafka import KafkaException, TopicPartition
 
@@ -507,7 +596,9 @@ class Sink:
             self.stats["skipped_done"] += b.phase is Phase.ALREADY_DONE
             self.last_batch = (len(b.values), getattr(b, "write_seconds", 0.0))
             try:
-                self._consumer.commit(offsets=[TopicPartition(b.topic, b.partition, b.last + 1)], asynchronous=False)
+                # the commit names the topic id it belongs to (_on_assign ignores another incarnation's)
+                self._consumer.commit(offsets=[TopicPartition(b.topic, b.partition, b.last + 1,
+                                                              metadata=b.incarnation)], asynchronous=False)
                 self.stats["commits"] += 1
                 self.committed_offsets[b.partition] = b.last + 1
                 b.phase = Phase.COMMITTED
@@ -519,22 +610,43 @@ class Sink:
     def _on_assign(self, consumer, tps) -> None:
         from confluent_kafka import TopicPartition
 
+        if consumer is not self._consumer:  # the consumer of an incarnation left behind (_start_over)
+            return
         self.assigned_history.append({tp.partition for tp in tps})
+        incarnation = self.incarnations.current(self.stop, "assignment")
+        if self._built_for is None:
+            self._built_for = incarnation
+        elif incarnation is not None and incarnation != self._built_for:
+            # This consumer was made for another incarnation (it may even be talking to a replaced
+            # cluster it otherwise refuses): no buffers for these partitions; the loop starts over.
+            self._start_over_asked = True
+            return
+        self.incarnation = incarnation
         committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=30)
         starts = {}
         for tp, c in zip(tps, committed):
             start = c.offset
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+            if start >= 0 and ((c.metadata and c.metadata != incarnation) or start > high):
+                # Another incarnation's commit: one with another topic id, or (made before commits
+                # named one) past the end of the partition -- offsets going backwards.
+                log.warning("%s[%d]: the committed offset %d belongs to another incarnation of the topic "
+                            "(%s; the partition ends at %d): starting at its first offset %d", tp.topic,
+                            tp.partition, start, f"topic id {c.metadata}" if c.metadata else "past its end",
+                            high, low)
+                start = -1
             if start < 0:  # no commit yet: the beginning of what Kafka still has
-                start, _ = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+                start = low
             starts[tp.partition] = start
-        plans = self._retrying(lambda: self.batch_log.pending_many(starts), "reading recorded batches")
+        plans = None if incarnation is None else self._retrying(
+            lambda: self.batch_log.pending_many(starts, incarnation), "reading recorded batches")
         for tp in tps:
             if plans is None:  # stopping before the plans were read: store nothing of these partitions
                 break
             start, plan = starts[tp.partition], plans[tp.partition]
             if plan and plan[0].first < start:
                 start = plan[0].first
-            self.buffers[tp.partition] = PartitionBuffer(tp.topic, tp.partition, plan)
+            self.buffers[tp.partition] = PartitionBuffer(tp.topic, tp.partition, plan, incarnation, start)
             self.committed_offsets[tp.partition] = start
             tp.offset = start
             log.info("assigned %s[%d] from offset %d%s", tp.topic, tp.partition, start,
@@ -543,6 +655,8 @@ class Sink:
         self.paused = False
 
     def _on_revoke(self, consumer, tps) -> None:
+        if consumer is not self._consumer:  # the old consumer leaving (_start_over): nothing of ours left
+            return
         revoked = {tp.partition for tp in tps}
         for b in self.pending:
             if b.partition in revoked:
@@ -559,6 +673,8 @@ class Sink:
         self.paused = False
 
     def _on_lost(self, consumer, tps) -> None:
+        if consumer is not self._consumer:
+            return
         # Lost (session expired): committing is no longer possible; drop, and
         # the new owner re-forms the recorded ranges.
         lost = {tp.partition for tp in tps}

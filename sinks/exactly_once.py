@@ -14,9 +14,10 @@ goes through these phases (`Phase`), each step by `ExactlyOnce.store()`
 except the last:
 
     FORMED        cut from the partition's messages (consumer.PartitionBuffer)
-    INTENT        (topic, partition, first, last) recorded in sink_batches
+    INTENT        (topic, topic id, partition, first, last) recorded in sink_batches,
+                  once Kafka has confirmed the topic id (sinks/incarnation.py)
     INSERTED      rows inserted, one INSERT per writer schema version, token
-                  "<topic>/<partition>/<first>-<last>/v<version>" (sinks/writer.py)
+                  "<topic>@<topic id>/<partition>/<first>-<last>/v<version>" (sinks/writer.py)
     DEAD_LETTERED the messages that cannot be stored produced to the dead-letter
                   topic and flushed (acknowledged); skipped when there are none
     DONE          the same range recorded again, phase 'done'
@@ -77,6 +78,7 @@ import bisect
 import enum
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -94,13 +96,18 @@ class Range:
     first: int
     last: int
     done: bool
+    incarnation: str = ""  # the topic id it was recorded under ('' before ids were recorded)
 
 
 def _quote(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def token(topic: str, partition: int, first: int, last: int, suffix: str = "") -> str:
+def token(topic: str, partition: int, first: int, last: int, suffix: str = "", incarnation: str = "") -> str:
+    """The insert deduplication token of a range; with the topic's incarnation (its topic id,
+    sinks/incarnation.py) when the range was recorded with one, so a recreated topic's offsets
+    never match the old topic's tokens."""
+    topic = f"{topic}@{incarnation}" if incarnation else topic
     return f"{topic}/{partition}/{first}-{last}{suffix}"
 
 
@@ -113,7 +120,7 @@ class BatchLog:
         self.topic = topic
         self.sink_id = f"{socket.gethostname()}:{os.getpid()}"
 
-    def _record(self, partition: int, first: int, last: int, messages: int, phase: str) -> None:
+    def _record(self, partition: int, first: int, last: int, messages: int, phase: str, incarnation: str) -> None:
         # A literal one-row INSERT: client.insert() would first DESCRIBE the
         # table on every call, and bound parameters cost ~2x on chDB; every
         # value is an int or a quoted string we produce. The setting is in the
@@ -121,40 +128,51 @@ class BatchLog:
         # reads, sets and restores it around the query (three more queries,
         # measured 24 instead of 10 ms per record).
         self.client.command(
-            f"INSERT INTO {self.table} (topic, partition, first_offset, last_offset, messages, phase, sink) "
+            f"INSERT INTO {self.table} (topic, topic_id, partition, first_offset, last_offset, messages, phase, sink) "
             "SETTINGS insert_distributed_sync = 1 "  # a cluster: visible to every sink on return
-            f"VALUES ({_quote(self.topic)}, {int(partition)}, {int(first)}, {int(last)}, {int(messages)}, "
-            f"{_quote(phase)}, {_quote(self.sink_id)})",
+            f"VALUES ({_quote(self.topic)}, {_quote(incarnation)}, {int(partition)}, {int(first)}, {int(last)}, "
+            f"{int(messages)}, {_quote(phase)}, {_quote(self.sink_id)})",
         )
 
-    def intent(self, partition: int, first: int, last: int, messages: int) -> None:
-        self._record(partition, first, last, messages, "intent")
+    def intent(self, partition: int, first: int, last: int, messages: int, incarnation: str = "") -> None:
+        self._record(partition, first, last, messages, "intent", incarnation)
 
-    def done(self, partition: int, first: int, last: int, messages: int) -> None:
-        self._record(partition, first, last, messages, "done")
+    def done(self, partition: int, first: int, last: int, messages: int, incarnation: str = "") -> None:
+        self._record(partition, first, last, messages, "done", incarnation)
 
-    def pending(self, partition: int, from_offset: int) -> list[Range]:
+    def pending(self, partition: int, from_offset: int, incarnation: str = "") -> list[Range]:
         """Ranges recorded at or after from_offset, in offset order, overlaps removed."""
-        return self.pending_many({partition: from_offset})[partition]
+        return self.pending_many({partition: from_offset}, incarnation)[partition]
 
-    def pending_many(self, starts: dict[int, int]) -> dict[int, list[Range]]:
+    def pending_many(self, starts: dict[int, int], incarnation: str = "") -> dict[int, list[Range]]:
         """pending() of every partition of an assignment ({partition: from_offset}) in one query
-        (each query costs chDB 5-50 ms; an assignment waits for them)."""
+        (each query costs chDB 5-50 ms; an assignment waits for them).
+
+        Only the ranges of this incarnation of the topic (its topic id,
+        sinks/incarnation.py) count: another incarnation's offsets are other
+        messages. Ranges recorded before ids were (topic_id '') count as this
+        incarnation's while the partition's window holds no range with an id:
+        after an upgrade they are the last run's unfinished batches and are
+        re-formed first (keeping their id-less tokens); once a range with an
+        id follows them they are history, perhaps of a topic since recreated."""
         where = " OR ".join(f"(partition = {int(p)} AND last_offset >= {int(o)})" for p, o in starts.items())
         rows = self.client.query(
-            f"SELECT partition, first_offset, last_offset, max(phase = 'done') FROM {self.table} "
+            f"SELECT partition, first_offset, last_offset, max(phase = 'done'), topic_id FROM {self.table} "
             f"WHERE topic = {_quote(self.topic)} AND ({where}) "
-            "GROUP BY partition, first_offset, last_offset ORDER BY partition, first_offset, last_offset",
+            "GROUP BY partition, topic_id, first_offset, last_offset ORDER BY partition, first_offset, last_offset",
         ).result_rows if starts else []
+        with_ids = {int(r[0]) for r in rows if r[4]}
         out: dict[int, list[Range]] = {p: [] for p in starts}
-        for partition, first, last, done in rows:
+        for partition, first, last, done, topic_id in rows:
+            if topic_id != incarnation and (topic_id or int(partition) in with_ids):
+                continue  # another incarnation's (see above)
             ranges = out[int(partition)]
             if ranges and first <= ranges[-1].last:
                 # Two sinks recorded overlapping ranges (see "Limits" above).
                 log.warning("partition %d: recorded batch %d-%d overlaps %d-%d; replaying the first only",
                             partition, first, last, ranges[-1].first, ranges[-1].last)
                 continue
-            ranges.append(Range(int(first), int(last), bool(done)))
+            ranges.append(Range(int(first), int(last), bool(done), topic_id))
         return out
 
 
@@ -195,6 +213,17 @@ class Batch:
     offsets: Sequence[int]
     phase: Phase = Phase.FORMED
     reformed: bool = False  # the range was recorded by an earlier run (ReplayPlan)
+    # The topic's incarnation (topic id) the messages were read from; its
+    # tokens and batch-log rows carry it (sinks/incarnation.py).
+    incarnation: str = ""
+    legacy: bool = False  # re-formed from a range recorded without an id: its tokens and rows keep none
+    cut_at: float = 0.0  # time.monotonic() when cut: every message was fetched before
+
+    @property
+    def recorded_id(self) -> str:
+        """The topic id its tokens and batch-log rows carry."""
+        return "" if self.legacy else self.incarnation
+
     # Set from the consumer thread when the partition is revoked or lost:
     # a request, not a phase (the writer thread owns `phase`).
     cancelled: bool = False
@@ -263,18 +292,24 @@ class ExactlyOnce:
     lists the messages that cannot be stored as (index, reason, detail)
     (sinks/writer.py: Writer.insert); it raises StoreError when the store fails."""
 
-    def __init__(self, batch_log: BatchLog, dead_letters, insert):
+    def __init__(self, batch_log: BatchLog, dead_letters, insert, confirm=None):
         self.batch_log = batch_log
         self.dlq = dead_letters
         self.insert = insert
+        # confirm(batch): returns if the topic is still the incarnation the batch was read from,
+        # raises StoreError if Kafka cannot say now, TopicReplaced if not (sinks/incarnation.py).
+        self.confirm = confirm
 
     def store(self, batch: Batch) -> None:
-        """Take a batch to DONE (or leave it ALREADY_DONE), or raise StoreError: then nothing may be committed."""
+        """Take a batch to DONE (or leave it ALREADY_DONE), or raise StoreError: then nothing may be committed.
+        TopicReplaced (sinks/incarnation.py): the batch must be dropped, neither stored nor committed."""
         if batch.phase is Phase.ALREADY_DONE:
             return
+        if self.confirm is not None:
+            self.confirm(batch)
         n = len(batch.values)
         try:
-            self.batch_log.intent(batch.partition, batch.first, batch.last, n)
+            self.batch_log.intent(batch.partition, batch.first, batch.last, n, batch.recorded_id)
         except Exception as e:
             raise StoreError(f"recording the batch range failed: {short(e)}") from e
         batch.phase = Phase.INTENT
@@ -289,7 +324,7 @@ class ExactlyOnce:
                 raise StoreError(f"dead letters not delivered: {e}") from e
             batch.phase = Phase.DEAD_LETTERED
         try:
-            self.batch_log.done(batch.partition, batch.first, batch.last, n)
+            self.batch_log.done(batch.partition, batch.first, batch.last, n, batch.recorded_id)
         except Exception as e:
             raise StoreError(f"marking the batch done failed: {short(e)}") from e
         batch.rows, batch.dead = rows, len(dead)
@@ -323,6 +358,15 @@ def backoff_delays(start: float = 0.5, cap: float = 30.0):
         d = min(cap, d * 2)
 
 
+# A full disk under the store: ClickHouse's NOT_ENOUGH_SPACE (Code 243: it could not reserve room for a
+# part), or the OS's ENOSPC / EDQUOT passed through.
+_DISK_FULL = re.compile(r"Code: 243\b|NOT_ENOUGH_SPACE|No space left on device|Disk quota exceeded")
+
+
+def is_disk_full(text: str) -> bool:
+    return bool(_DISK_FULL.search(text))
+
+
 class Retrying:
     """Takes one batch at a time through a protocol's store(), retrying while the store fails.
 
@@ -330,9 +374,15 @@ class Retrying:
     dropped) and is retried with backoff until it succeeds or `give_up` is
     set. The cause is logged at the first failure and then every
     REPEAT_S seconds (a store that is out of disk for an hour says so 120
-    times, not 3600), and once more when the store is back."""
+    times, not 3600), and once more when the store is back.
+
+    A full disk (is_disk_full) is named as such and retried every
+    DISK_FULL_RETRY_S instead of with the backoff (up to 30 s): space that
+    comes back (a file deleted, a volume grown) is used at once, and a
+    refused reservation costs the store nothing (docs/reliability.md)."""
 
     REPEAT_S = 30.0
+    DISK_FULL_RETRY_S = 1.0
 
     def __init__(self, protocol, give_up: threading.Event, given_up_means: str):
         self.protocol = protocol
@@ -350,7 +400,10 @@ class Retrying:
         while True:
             try:
                 self.protocol.store(b)
-            except StoreError as e:
+            except BaseException as e:
+                if not isinstance(e, StoreError):  # not the store's failure (consumer.py sorts it out)
+                    self.retrying, self.error = False, None
+                    raise
                 attempt += 1
                 self.failures += 1
                 self.retrying, self.error = True, str(e)
@@ -360,11 +413,14 @@ class Retrying:
                                 b.describe(), attempt, self.given_up_means, e)
                     self.retrying = False
                     return False
-                delay = next(delays)
+                full = is_disk_full(str(e))
+                delay = self.DISK_FULL_RETRY_S if full else next(delays)
                 if attempt == 1:
                     first_failure = said = now
-                    log.warning("%s not stored: %s -- nothing is committed or dropped; retrying with backoff "
-                                "(said again every %.0f s while it lasts)", b.describe(), e, self.REPEAT_S)
+                    log.warning("%s not stored: %s%s -- nothing is committed or dropped; retrying %s "
+                                "(said again every %.0f s while it lasts)", b.describe(), e,
+                                " (the store's disk is full: free space or grow the volume)" if full else "",
+                                f"every {delay:.0f} s" if full else "with backoff", self.REPEAT_S)
                 elif now - said >= self.REPEAT_S:
                     said = now
                     log.warning("%s still not stored after %d attempts over %.0f s: %s",

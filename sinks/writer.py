@@ -5,7 +5,7 @@ sinks/exactly_once.py; this module only inserts. A batch holds the Kafka
 messages of one offset range of one partition. Messages are grouped by
 their writer schema version (normally one group, two during a rolling
 upgrade of collectors); each group is one INSERT with the token
-"<topic>/<partition>/<first>-<last>/v<version>" -- deterministic, so a
+"<topic>@<topic id>/<partition>/<first>-<last>/v<version>" (exactly_once.token) -- deterministic, so a
 replay of the same range repeats the same tokens, whichever insert format
 the replaying sink uses.
 
@@ -117,7 +117,7 @@ class Writer:
         pending = self._groups(batch, None, dead)
         while pending:
             version, group = pending.pop(0)
-            tok = token(batch.topic, batch.partition, batch.first, batch.last, f"/v{version}")
+            tok = token(batch.topic, batch.partition, batch.first, batch.last, f"/v{version}", batch.recorded_id)
             ok, bad, foreign = self._insert_group(batch, version, group, tok)
             rows += ok
             dead.extend(bad)

@@ -255,6 +255,11 @@ def test_k8s_collector_daemonset(k8s):
     # The spool is on the node, so it outlives the pod.
     spool = mounts["/var/lib/fdpass/spool"]
     assert volumes[spool["name"]]["hostPath"]["path"] == "/var/lib/fdpass/spool"
+    # updates with no gap: the new pod takes over from the old (collector/handover.py), ready only then
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert c["args"][c["args"].index("--after-handover") + 1] == "wait"
+    ready = c["args"][c["args"].index("--ready-file") + 1]
+    assert c["readinessProbe"]["exec"]["command"] == ["test", "-e", ready]
     assert not spool.get("readOnly")
 
 

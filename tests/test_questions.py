@@ -52,6 +52,20 @@ def story() -> list[dict]:
     return out
 
 
+def handover_story() -> list[dict]:
+    """node-3: run 3, then run 4 took over from it (collector/handover.py: HANDOVER_RUN_BIT; its numbers 0-2
+    went to transfers before the cutover, which run 3 stored), then run 5 restarted without a handover."""
+    from fdpass.collector.handover import HANDOVER_RUN_BIT
+
+    def one(i, t, run, seq):
+        return ev(80 + i, "SEND", pid=3, comm="h", sock=1, peer=2, fd=1, file_ino=1, path="/h", t=t, host="node-3",
+                  run=run, seq=seq)
+
+    return ([one(i, 100 + i, 3, i) for i in range(3)] + [one(3 + i, 103 + i, 4 | HANDOVER_RUN_BIT, 3 + i)
+                                                          for i in range(3)]
+            + [one(6, 120, 5, 0)])
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     from fdpass.schemas import avro, codec
@@ -67,6 +81,7 @@ def store(tmp_path_factory):
     events.append(ev(50 - 2, "SEND", pid=1, comm="x", sock=1, peer=2, fd=1, file_ino=1, path="/x", t=40, seq=8))
     events.append(ev(60, "SEND", pid=1, comm="x", sock=1, peer=2, fd=1, file_ino=1, path="/x", t=41, seq=11))
     events.append(ev(61, "SEND", pid=1, comm="x", sock=1, peer=2, fd=1, file_ino=1, path="/x", t=50, seq=0, run=2))
+    events.extend(handover_story())
     client.raw_insert("fdpass.events", insert_block=conversion.avro_container(
         avro.CURRENT_VERSION, [codec.encode(e) for e in events]), fmt="Avro")
     # an event stored by a v2-era collector, on another host: no file_verified, so unverified
@@ -155,12 +170,20 @@ def test_gaps_find_sequence_holes_and_restarts(store):
     assert any(r["what"].startswith("collector restarted") for r in rows)
 
 
+def test_gaps_show_no_hole_at_a_handover_but_a_restart_after_it(store):
+    from fdpass.collector.handover import HANDOVER_RUN_BIT
+
+    rows = ask(store, "gaps", host="node-3")
+    assert [(r["what"].split(":")[0], r["run"]) for r in rows] == [("collector restarted", 5)], rows
+    assert HANDOVER_RUN_BIT | 4 not in {r["run"] for r in rows}
+
+
 @pytest.mark.parametrize("value", ["x' OR 1=1 --", "'; DROP TABLE fdpass.events; --", "%' OR '1'='1", "\\' \" `"])
 def test_values_are_bound_not_injected(store, value):
     assert ask(store, "transfers", comm=value) == []
     assert ask(store, "file", path=value) == []
     assert ask(store, "host", host=value) == []
-    assert store.query("SELECT count() FROM fdpass.events").result_rows[0][0] == 11  # still all there
+    assert store.query("SELECT count() FROM fdpass.events").result_rows[0][0] == 18  # still all there
 
 
 def test_bad_question_options():

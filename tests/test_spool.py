@@ -195,16 +195,10 @@ def test_rewind_hands_out_the_unsettled_records_again(tmp_path):
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A real 256 KiB tmpfs: the spool's filesystem fills up for real (root only)."""
-    import os
-    import subprocess
+    from tests.fixtures_disk import small_tmpfs
 
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with small_tmpfs(tmp_path / "tiny", "256k") as mnt:
+        yield mnt
 
 
 def test_full_filesystem_refuses_records_keeps_the_spool_readable_and_recovers(tiny_fs):

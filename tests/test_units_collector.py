@@ -143,8 +143,9 @@ def test_run_ids_count_up_per_load_and_wrap(tmp_path):
     path = str(tmp_path / "run" / "loads")
     assert [next_run_id(path) for _ in range(3)] == [1, 2, 3]
     with open(path, "w") as f:
-        f.write("32767")
-    assert next_run_id(path) == 0  # 15 bits: seq = run << 48 | n stays a valid Avro long
+        f.write("16383")
+    # 14 bits counted, the 15th marks a handover (collector/handover.py): seq = run << 48 | n stays a valid Avro long
+    assert next_run_id(path) == 0
 
 
 def test_largest_seq_still_encodes():
