@@ -35,7 +35,7 @@ INSERT INTO fdpass.events (event_id, time_ns, host, host_id, boot_id, kernel, di
 SELECT
   concat(host_id, ':', toString(n)) AS event_id,
   toInt64(toUnixTimestamp(toDateTime({d0:String}, 'UTC'))) * 1000000000
-    + intDiv(c * {span_ns:Int64}, {chains:Int64}) + j * 1000000 + d * 100000 AS time_ns,
+    + c * intDiv({span_ns:Int64}, {chains:Int64}) + j * 1000000 + d * 100000 AS time_ns,
   concat('host-', toString(h)) AS host, hex(MD5(host)) AS host_id,
   concat('boot-', toString(h)) AS boot_id, '6.12.0' AS kernel,
   if(d = 0, 'SEND', 'RECV') AS direction, if(d = 0, 'SENDMSG', 'RECVMSG') AS syscall,

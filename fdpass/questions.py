@@ -310,7 +310,7 @@ def build_question(q: Question, options: dict, limit: int = 1000) -> tuple[str, 
                                if "since" in given else "1")
         # Every SEND gives at least one row, in SEND order: without a filter on the result,
         # the first `limit` SENDs are all the answer needs.
-        fill["first"] = "ORDER BY time_ns, seq, event_id LIMIT {limit:UInt32}" if after == ["1"] else ""
+        fill["first"] = "ORDER BY time_ns, seq, sock_ino LIMIT {limit:UInt32}" if after == ["1"] else ""
     sql = q.sql.format(**fill)
     return sql, params
 
