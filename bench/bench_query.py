@@ -9,7 +9,8 @@ The store is made once and reused (--regenerate to make it again). The data: 100
 inode; each receiver passes it on from the fd it received it on); one chain in 1000 (on host-7) passes
 /etc/shadow, one sender in 20 is sshd, a third of the receivers sit in a container and another
 mount namespace; 2% of the RECVs carry no transfer_id (a receive the probe could not tie to
-the kernel's list), so the old pairing rule runs too. Questions run in this process through
+the kernel's list), so the old pairing rule runs too. transfer_id is what the probe makes: a
+run number (1-3) << 48 | a per-host counter, so ids repeat across hosts. Questions run in this process through
 the same code as `fdpass query` (its start-up, ~1 s for chDB, is not counted).
 Not part of CI.
 """
@@ -50,7 +51,9 @@ SELECT
   if(c % 1000 = 7, '/etc/shadow', concat('/memfd:chain-', toString(c), ' (deleted)')) AS file_path,
   toInt64(c) AS file_ino, 2049 AS file_dev, 'REGULAR' AS file_type, 2 AS file_flags, 1 AS ret,
   'tracepoint' AS probe, 0 AS msg_index, toInt64(n) AS seq, 'X86_64' AS abi, true AS file_verified,
-  if(d = 1 AND cityHash64(i) % 50 = 0, NULL, toInt64(i)) AS transfer_id
+  -- as the probe numbers them: RUN_ID << 48 | a per-host, per-run counter
+  if(d = 1 AND cityHash64(i) % 50 = 0, NULL,
+     toInt64(bitShiftLeft(toUInt64(1 + h % 3), 48) + intDiv(c, {hosts:UInt64}) * {hops:UInt64} + j)) AS transfer_id
 FROM (SELECT number AS n, n % 2 AS d, intDiv(n, 2) AS i, intDiv(i, {hops:UInt64}) AS c, i % {hops:UInt64} AS j,
              c % {hosts:UInt64} AS h
       FROM numbers({events:UInt64}))
@@ -102,8 +105,11 @@ def main() -> None:
         start = client.query("SELECT event_id FROM fdpass.events WHERE host = 'host-7' AND direction = 'RECV' "
                              "AND fd = 14 AND time >= '2026-11-15' ORDER BY time LIMIT 1").result_rows[0][0]
 
+        materialize = Q.materialized_ctes(client)
+        print(f"materialized CTEs: {'yes' if materialize else 'no (this ClickHouse inlines them)'}")
+
         def ask(name, limit=1000, **opts):
-            sql, params = Q.build(name, opts, limit)
+            sql, params = Q.build(name, opts, limit, materialize)
             return lambda: len(client.query(sql, parameters=params).result_rows)
 
         def chain_of(**kw):
@@ -111,7 +117,7 @@ def main() -> None:
 
         def graph_of(**opts):
             def run():
-                sql, params = Q.build_question(Q.HOPS, opts, 1000)
+                sql, params = Q.build_question(Q.HOPS, opts, 1000, materialize)
                 r = client.query(sql, parameters=params)
                 hops = [dict(zip(r.column_names, row)) for row in r.result_rows]
                 graph.build_dot(hops)

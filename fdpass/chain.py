@@ -143,11 +143,15 @@ def _start_events(client, options: dict, event_id: str | None, fd: int | None) -
                           f"ORDER BY time, seq LIMIT {MAX_FILES * 50}", params)
 
 
-def _transfers_of(client, host_id: str, dev: int, ino: int) -> list[dict]:
+def _transfers_of(client, starts: list[dict], keys: list[tuple], materialize: bool) -> list[dict]:
+    """Every transfer of the files `keys` (host_id, boot_id, dev, ino) name, in one question."""
     from fdpass import questions as Q
 
-    sql, params = Q.build_question(Q.HOPS, {"host": host_id, "dev": dev, "ino": ino}, MAX_TRANSFERS)
-    return _query(client, sql, params)
+    options = {"hosts": sorted({e["host"] for e in starts}),
+               "files": sorted({(host_id, dev, ino) for host_id, _, dev, ino in keys})}
+    sql, params = Q.build_question(Q.HOPS, options, MAX_TRANSFERS, materialize)
+    boots = set(keys)
+    return [r for r in _query(client, sql, params) if (r["host_id"], r["boot_id"], r["dev"], r["ino"]) in boots]
 
 
 def _gaps(client, host_id: str, boot_id: str) -> list[tuple]:
@@ -182,13 +186,19 @@ def find(client, options: dict, *, event_id: str | None = None, fd: int | None =
         remarks.append(f"the starting point names {len(keys)}+ files; following the first {MAX_FILES} "
                        "(narrow it with --host, --since/--until or --dev/--ino)")
         keys = keys[:MAX_FILES]
+    from fdpass.questions import materialized_ctes
+
+    materialize = materialized_ctes(client)
     start_ids = {e["event_id"] for e in starts}
     chains: dict[tuple, list[Hop]] = {}  # one chain per first sender: a fork is one chain
-    for host_id, boot_id, dev, ino in keys:
-        rows = [r for r in _transfers_of(client, host_id, dev, ino) if r["boot_id"] == boot_id]
-        if len(rows) >= MAX_TRANSFERS:
-            remarks.append(f"file dev {dev} ino {ino}: more than {MAX_TRANSFERS} transfers; the first are followed")
-        hops = link(rows)
+    rows = _transfers_of(client, starts, keys, materialize)
+    if len(rows) >= MAX_TRANSFERS:
+        remarks.append(f"more than {MAX_TRANSFERS} transfers of these files; the first are followed")
+    by_file: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_file.setdefault((r["host_id"], r["boot_id"], r["dev"], r["ino"]), []).append(r)
+    for (host_id, boot_id, dev, ino), file_rows in by_file.items():
+        hops = link(file_rows)
         firsts: dict[tuple, list[Hop]] = {}
         for h in hops:
             if h.parent is None:

@@ -147,7 +147,7 @@ def run_query(args) -> int:
         raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
     with open_store(args.clickhouse, args.clickhouse_password_file) as store:
         client = store.client()
-        sql, params = questions.from_args(args.sql, args) or (args.sql, None)
+        sql, params = questions.from_args(args.sql, args, client) or (args.sql, None)
         try:
             result = client.query(sql, parameters=params)
         except ClickHouseError as e:
@@ -191,7 +191,8 @@ def _run_chain_or_graph(args) -> int:  # noqa: C901 (two commands sharing their 
                     hops = [h.row for c in chains for h in c if h.depth <= args.depth]
                 else:
                     q = questions.HOPS if args.of == "transfers" else questions.CROSS_HOPS
-                    sql, params = questions.build_question(q, options, args.limit)
+                    sql, params = questions.build_question(q, options, args.limit,
+                                                           questions.materialized_ctes(client))
                     r = client.query(sql, parameters=params)
                     hops = [dict(zip(r.column_names, row)) for row in r.result_rows]
                     remarks = [f"--limit {args.limit} reached: the first {args.limit} transfers are drawn"] \

@@ -63,9 +63,11 @@ _PAIR_COLS = (_SIDE.format(p="s.", q="s_") + ", " + _SIDE.format(p="r.", q="r_")
 
 _PAIRS = f"""
   -- time is MATERIALIZED: * leaves it out
-  s AS (SELECT *, time FROM {TABLE}
-        WHERE direction = 'SEND' AND peer_sock_ino IS NOT NULL AND {{pushdown}} {{first}}),
-  rx AS (SELECT *, time FROM {TABLE}
+  s AS {{mat}}(SELECT *, time FROM {TABLE}
+        WHERE direction = 'SEND' AND peer_sock_ino IS NOT NULL AND {{pushdown}} {{either}} {{first}}),
+  -- PREWHERE: one column decides which rows' other columns are read at all
+  rx AS {{mat}}(SELECT *, time FROM {TABLE}
+         PREWHERE assumeNotNull(transfer_id) IN (SELECT assumeNotNull(transfer_id) FROM s WHERE transfer_id IS NOT NULL)
          WHERE direction = 'RECV' AND transfer_id IS NOT NULL AND {{host}} AND {{recv_window}}
            AND (host_id, boot_id, assumeNotNull(transfer_id)) IN
                (SELECT host_id, boot_id, assumeNotNull(transfer_id) FROM s WHERE transfer_id IS NOT NULL)),
@@ -73,11 +75,12 @@ _PAIRS = f"""
             ON s.host_id = r.host_id AND s.boot_id = r.boot_id
            AND assumeNotNull(s.transfer_id) = assumeNotNull(r.transfer_id) AND s.fd_index = r.fd_index),
   -- the old rule, over the keys of the selected SENDs that have no exact match
-  keys AS (SELECT DISTINCT {_SEND_KEY} FROM s
+  keys AS {{mat}}(SELECT DISTINCT {_SEND_KEY} FROM s
            WHERE transfer_id IS NULL OR ({_XID}) NOT IN (SELECT {_XID} FROM rx)),
-  sk AS (SELECT *, time FROM {TABLE}
+  sk AS {{mat}}(SELECT *, time FROM {TABLE} PREWHERE file_ino IN (SELECT file_ino FROM keys)
          WHERE direction = 'SEND' AND peer_sock_ino IS NOT NULL AND {{host}} AND ({_SEND_KEY}) IN keys),
-  rk AS (SELECT *, time FROM {TABLE} WHERE direction = 'RECV' AND {{host}} AND ({_RECV_KEY}) IN keys),
+  rk AS {{mat}}(SELECT *, time FROM {TABLE} PREWHERE file_ino IN (SELECT file_ino FROM keys)
+         WHERE direction = 'RECV' AND {{host}} AND ({_RECV_KEY}) IN keys),
   so AS (SELECT *, row_number() OVER (PARTITION BY {_SEND_KEY} ORDER BY time_ns, seq) AS k FROM sk
          WHERE transfer_id IS NULL OR ({_XID}) NOT IN (SELECT {_XID} FROM rk WHERE transfer_id IS NOT NULL)),
   ro AS (SELECT *, row_number() OVER (PARTITION BY {_RECV_KEY} ORDER BY time_ns, seq) AS k FROM rk
@@ -100,7 +103,7 @@ FROM pairs
 WHERE {{after}}
 ORDER BY sent, s_seq, r_time
 LIMIT {{{{limit:UInt32}}}}
-SETTINGS join_use_nulls = 1
+SETTINGS join_use_nulls = 1{{settings}}
 """
 
 # A transfer between containers or mount namespaces.
@@ -117,7 +120,7 @@ SELECT * FROM pairs
 WHERE {{after}}
 ORDER BY s_time, s_seq, r_time
 LIMIT {{{{limit:UInt32}}}}
-SETTINGS join_use_nulls = 1
+SETTINGS join_use_nulls = 1{{settings}}
 """
 _CROSS_HOPS = _HOPS.replace("WHERE {after}", _CROSSING)
 
@@ -212,6 +215,10 @@ def _frag(prefix: str) -> dict[str, tuple[str, str]]:
         "comm": (f"{p}comm = {{comm:String}}", "String"),
         "exe": (f"{p}exe LIKE {{exe:String}}", "String"),
         "container": (f"startsWith(ifNull({p}container_id, ''), {{container:String}})", "String"),
+        # not options of the command line: what fdpass/chain.py asks for
+        "hosts": (f"{p}host IN {{hosts:Array(String)}}", "Array(String)"),
+        "files": (f"({p}host_id, {p}file_dev, {p}file_ino) IN {{files:Array(Tuple(String, Int64, Int64))}}",
+                  "Array(Tuple(String, Int64, Int64))"),
     }
 
 
@@ -265,20 +272,29 @@ def absolute_time(text: str, now: float | None = None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def build(name: str, options: dict, limit: int = 1000) -> tuple[str, dict]:
-    """(SQL, bound parameters) for a named question and its options."""
+def build(name: str, options: dict, limit: int = 1000, materialize: bool = False) -> tuple[str, dict]:
+    """(SQL, bound parameters) for a named question and its options.
+    materialize: the server runs `WITH x AS MATERIALIZED (...)` (see materialized_ctes)."""
     q = QUESTIONS.get(name)
     if q is None:
         raise UserError(f"unknown question {name!r}; known: {', '.join(QUESTIONS)}")
-    return build_question(q, options, limit)
+    return build_question(q, options, limit, materialize)
+
+
+def materialized_ctes(client) -> bool:
+    """Can this ClickHouse compute a CTE once for all its uses (enable_materialized_cte, 2026)?
+    The pairing reads its SEND and RECV sides several times; computed once, a one-day question of
+    the fleet runs ~4x faster (bench/bench_query.py). Older servers inline every use, as before."""
+    rows = client.query("SELECT count() FROM system.settings WHERE name = 'enable_materialized_cte'").result_rows
+    return bool(rows[0][0])
 
 
 # Every column of every transfer (fdpass/chain.py, fdpass/graph.py): not a question of its own.
-HOPS = Question("hops", "", _HOPS, pushdown=_FILE_OPTS + _TIME_OPTS, after=tuple(_PROCESS_EITHER))
+HOPS = Question("hops", "", _HOPS, pushdown=_FILE_OPTS + _TIME_OPTS + ("hosts", "files"), after=tuple(_PROCESS_EITHER))
 CROSS_HOPS = Question("cross-hops", "", _CROSS_HOPS, pushdown=_FILE_OPTS + _TIME_OPTS, after=tuple(_PROCESS_EITHER))
 
 
-def build_question(q: Question, options: dict, limit: int = 1000) -> tuple[str, dict]:
+def build_question(q: Question, options: dict, limit: int = 1000, materialize: bool = False) -> tuple[str, dict]:
     name = q.name
     given = {k: v for k, v in options.items() if v is not None}
     for k in q.needs:
@@ -305,14 +321,29 @@ def build_question(q: Question, options: dict, limit: int = 1000) -> tuple[str, 
             after.append(plain[k][0])
     fill = {"pushdown": " AND ".join(pushdown), "after": " AND ".join(after)}
     if q.sql in _PAIRED:
-        fill["host"] = plain["host"][0] if "host" in given else "1"
+        fill["host"] = " AND ".join(plain[k][0] for k in ("host", "hosts") if k in given) or "1"
         fill["recv_window"] = (f"time >= parseDateTime64BestEffort({{since:String}}, 9, 'UTC') - {RECV_SLACK}"
                                if "since" in given else "1")
         # Every SEND gives at least one row, in SEND order: without a filter on the result,
         # the first `limit` SENDs are all the answer needs.
         fill["first"] = "ORDER BY time_ns, seq, sock_ino LIMIT {limit:UInt32}" if after == ["1"] else ""
+        fill["either"] = _either_pushdown([plain[k][0] for k in given if k in _PROCESS_EITHER], fill)
+        fill["mat"] = "MATERIALIZED " if materialize else ""
+        fill["settings"] = ", enable_materialized_cte = 1" if materialize else ""
     sql = q.sql.format(**fill)
     return sql, params
+
+
+def _either_pushdown(frags: list[str], fill: dict) -> str:
+    """Process filters match either side of a transfer, so they are applied to the pairs; this
+    narrows the SENDs read to those that can pass: the SEND matches one of the filters, or a
+    RECV that matches one carries its transfer id or its key for the old rule."""
+    if not frags:
+        return ""
+    anyone = "(" + " OR ".join(frags) + ")"
+    recvs = (f"FROM {TABLE} WHERE direction = 'RECV' AND {fill['host']} AND {fill['recv_window']} AND {anyone}")
+    return (f"AND ({anyone} OR ({_SEND_KEY}) IN (SELECT {_RECV_KEY} {recvs}) "
+            f"OR (transfer_id IS NOT NULL AND ({_XID}) IN (SELECT {_XID} {recvs} AND transfer_id IS NOT NULL)))")
 
 
 QUERY_EPILOG = "questions:\n" + "\n".join(f"  {q.name:<16} {q.help}" for q in QUESTIONS.values()) + """
@@ -362,11 +393,12 @@ def add_arguments(parser) -> None:
     c.add_argument("--max-edges", type=int, default=100, help="graph: draw the busiest edges only (default 100)")
 
 
-def from_args(what: str, args) -> tuple[str, dict] | None:
-    """(SQL, parameters) if `what` names a question; None if it is SQL (then no question options)."""
+def from_args(what: str, args, client=None) -> tuple[str, dict] | None:
+    """(SQL, parameters) if `what` names a question; None if it is SQL (then no question options).
+    client: the store's, to ask what it supports (materialized_ctes); None only checks the options."""
     options = {k: getattr(args, k, None) for k in OPTION_NAMES}
     if what in QUESTIONS:
-        return build(what, options, args.limit)
+        return build(what, options, args.limit, client is not None and materialized_ctes(client))
     used = [f"--{k}" for k, v in options.items() if v is not None]
     if used:
         if re.fullmatch(r"[a-z-]+", what.strip()):
