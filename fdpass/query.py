@@ -133,7 +133,6 @@ def run_query(args) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     from fdpass import logs, questions
-    from fdpass.sinks.store import open_store, parse_dsn
 
     logs.quiet_client_libraries()
     if args.sql in ("chain", "graph"):
@@ -142,10 +141,7 @@ def run_query(args) -> int:
     if used:
         raise UserError(", ".join("--" + o.replace("_", "-") for o in used) + " are options of chain and graph")
     questions.from_args(args.sql, args)  # bad question options: say so before opening anything
-    spec = parse_dsn(args.clickhouse)
-    if spec.kind == "chdb" and not os.path.isdir(spec.path):
-        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
-    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
+    with _open(args) as store:
         client = store.client()
         sql, params = questions.from_args(args.sql, args, client) or (args.sql, None)
         try:
@@ -157,12 +153,20 @@ def run_query(args) -> int:
     return 0
 
 
-def _run_chain_or_graph(args) -> int:  # noqa: C901 (two commands sharing their set-up)
+def _open(args):
+    from fdpass.sinks.store import open_store, parse_dsn
+
+    spec = parse_dsn(args.clickhouse)
+    if spec.kind == "chdb" and not os.path.isdir(spec.path):
+        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
+    return open_store(args.clickhouse, args.clickhouse_password_file)
+
+
+def _run_chain_or_graph(args) -> int:
     """`fdpass query chain` (fdpass/chain.py) and `fdpass query graph` (fdpass/graph.py)."""
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     from fdpass import chain, graph, questions
-    from fdpass.sinks.store import open_store
 
     options = {k: getattr(args, k, None) for k in questions.OPTION_NAMES}
     if args.sql == "graph":
@@ -177,7 +181,7 @@ def _run_chain_or_graph(args) -> int:  # noqa: C901 (two commands sharing their 
                 raise UserError(f"--{opt.replace('_', '-')} is an option of `fdpass query graph`")
     if args.sql == "chain" or args.of == "chain":
         chain.check_options(options, args.event_id, args.fd)
-    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
+    with _open(args) as store:
         client = store.client()
         try:
             if args.sql == "chain":
