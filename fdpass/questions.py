@@ -205,7 +205,9 @@ class Question:
 def _frag(prefix: str) -> dict[str, tuple[str, str]]:
     p = prefix
     return {
-        "host": (f"({p}host = {{host:String}} OR {p}host_id = {{host:String}})", "String"),
+        # host leads the sort key: a host_id is turned into its names first, so that the key prunes
+        "host": (f"({p}host = {{host:String}} OR {p}host IN (SELECT host FROM {TABLE} "
+                 "PREWHERE host_id = {host:String} GROUP BY host))", "String"),
         "since": (f"{p}time >= parseDateTime64BestEffort({{since:String}}, 9, 'UTC')", "String"),
         "until": (f"{p}time < parseDateTime64BestEffort({{until:String}}, 9, 'UTC')", "String"),
         "path": (f"{p}file_path LIKE {{path:String}}", "String"),
