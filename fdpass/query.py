@@ -133,16 +133,17 @@ def run_query(args) -> int:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     from fdpass import logs, questions
-    from fdpass.sinks.store import open_store, parse_dsn
 
     logs.quiet_client_libraries()
+    if args.sql in ("chain", "graph"):
+        return _run_chain_or_graph(args)
+    used = [o for o in ("event_id", "fd", "output") if getattr(args, o, None) is not None]
+    if used:
+        raise UserError(", ".join("--" + o.replace("_", "-") for o in used) + " are options of chain and graph")
     questions.from_args(args.sql, args)  # bad question options: say so before opening anything
-    spec = parse_dsn(args.clickhouse)
-    if spec.kind == "chdb" and not os.path.isdir(spec.path):
-        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
-    with open_store(args.clickhouse, args.clickhouse_password_file) as store:
+    with _open(args) as store:
         client = store.client()
-        sql, params = questions.from_args(args.sql, args) or (args.sql, None)
+        sql, params = questions.from_args(args.sql, args, client) or (args.sql, None)
         try:
             result = client.query(sql, parameters=params)
         except ClickHouseError as e:
@@ -150,3 +151,71 @@ def run_query(args) -> int:
             raise UserError(f"ClickHouse: {first[:500]}") from None
         write(sys.stdout, args.format, result.column_names, result.result_rows)
     return 0
+
+
+def _open(args):
+    from fdpass.sinks.store import open_store, parse_dsn
+
+    spec = parse_dsn(args.clickhouse)
+    if spec.kind == "chdb" and not os.path.isdir(spec.path):
+        raise UserError(f"no store at {spec.path} (start `fdpass sink` or `fdpass run` first, or pass --clickhouse)")
+    return open_store(args.clickhouse, args.clickhouse_password_file)
+
+
+def _run_chain_or_graph(args) -> int:
+    """`fdpass query chain` (fdpass/chain.py) and `fdpass query graph` (fdpass/graph.py)."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from fdpass import chain, graph, questions
+
+    options = {k: getattr(args, k, None) for k in questions.OPTION_NAMES}
+    if args.sql == "graph":
+        if not args.output:
+            raise UserError("`fdpass query graph` needs --output FILE.svg|FILE.png|FILE.dot, or --output - for DOT")
+        graph.output_format(args.output)
+        if args.of != "chain" and (args.event_id is not None or args.fd is not None):
+            raise UserError("--event-id and --fd start a chain: add --of chain")
+    else:
+        for opt in ("output", "of"):
+            if getattr(args, opt) not in (None, "transfers"):  # --of's default is transfers
+                raise UserError(f"--{opt.replace('_', '-')} is an option of `fdpass query graph`")
+    if args.sql == "chain" or args.of == "chain":
+        chain.check_options(options, args.event_id, args.fd)
+    with _open(args) as store:
+        client = store.client()
+        try:
+            if args.sql == "chain":
+                columns, rows, remarks = chain.run(client, options, event_id=args.event_id, fd=args.fd,
+                                                   depth=args.depth)
+                write(sys.stdout, args.format, columns, rows)
+            else:
+                if args.of == "chain":
+                    chains, remarks = chain.find(client, options, event_id=args.event_id, fd=args.fd,
+                                                 depth=args.depth)
+                    hops = [h.row for c in chains for h in c if h.depth <= args.depth]
+                else:
+                    q = questions.HOPS if args.of == "transfers" else questions.CROSS_HOPS
+                    sql, params = questions.build_question(q, options, args.limit,
+                                                           questions.materialized_ctes(client))
+                    r = client.query(sql, parameters=params)
+                    hops = [dict(zip(r.column_names, row)) for row in r.result_rows]
+                    remarks = [f"--limit {args.limit} reached: the first {args.limit} transfers are drawn"] \
+                        if len(hops) >= args.limit else []
+                dot, more = graph.build_dot(hops, title=_graph_title(args), max_nodes=args.max_nodes,
+                                            max_edges=args.max_edges)
+                remarks += more
+                graph.write(dot, args.output, sys.stdout)
+                if args.output != "-":
+                    print(f"{args.output}: {len(hops)} transfers", file=sys.stderr)
+        except ClickHouseError as e:
+            raise UserError(f"ClickHouse: {' '.join(str(e).split())[:500]}") from None
+    for remark in remarks:
+        print(f"fdpass query {args.sql}: {remark}", file=sys.stderr)
+    return 0
+
+
+def _graph_title(args) -> str:
+    given = [f"--{k} {getattr(args, k)}" for k in ("host", "since", "until", "path", "dev", "ino", "pid", "comm",
+                                                    "exe", "container", "event_id", "fd")
+             if getattr(args, k, None) is not None]
+    return f"fdpass {args.of} " + " ".join(given)
