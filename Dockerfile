@@ -1,8 +1,17 @@
 # The fdpass image: collector (`collect`), sink (`sink`), `query`, `doctor`.
 #
-#   docker build -t fdpass .                                      collector, sink to a ClickHouse server
-#   docker build --build-arg FDPASS_EXTRAS=embedded -t fdpass .   also the embedded store (chDB, ~530 MB)
+#   scripts/build-image                 fdpass:local and fdpass:local-embedded (and the local
+#                                       Kafka image), on a machine without registry access too;
+#                                       see deploy/README.md ("Building the images")
+#   docker buildx build -t fdpass .     collector, sink to a ClickHouse server
+#   docker buildx build --build-arg FDPASS_EXTRAS=embedded -t fdpass .   also the embedded store (chDB)
 #   docker run --rm --privileged --pid host ... fdpass collect --kafka kafka:9092   (see docker-compose.yml)
+#
+# Needs BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 with
+# a 20.10 CLI): the pip steps take an optional CA bundle as the build secret
+# `ca_bundle` (--secret id=ca_bundle,src=FILE, for networks whose TLS gateway
+# re-signs PyPI's certificate), mounted for those steps only and never in a
+# layer, and keep pip's cache in a cache mount between builds.
 #
 # What is in it and why:
 # - Debian bookworm, its python3 (3.11) and python3-bpfcc (bcc 0.26). bcc's
@@ -98,6 +107,10 @@ RUN set -eux; \
     echo /opt/fdpass/bcc-only > "${site}/fdpass-bcc.pth"; \
     /opt/fdpass/venv/bin/python -c 'import bcc'
 
+# Before the Python layers, which change more often.
+COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers
+COPY deploy/docker/entrypoint.sh /usr/local/bin/fdpass-entrypoint
+
 # The dependencies, in layers of their own keyed on pyproject.toml alone, so
 # that a change to fdpass's code reinstalls only the fdpass wheel: first the
 # ones every image has, then the extras (FDPASS_EXTRAS, declared only here so
@@ -133,11 +146,9 @@ RUN set -eux; \
     rm -rf /tmp/wheels; \
     /opt/fdpass/venv/bin/pip check; \
     /opt/fdpass/venv/bin/python -c 'import fdpass.collector._capture, fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
-    if [ -n "${FDPASS_EXTRAS}" ]; then /opt/fdpass/venv/bin/python -c 'import chdb'; fi; \
+    case ",${FDPASS_EXTRAS}," in *,embedded,*) /opt/fdpass/venv/bin/python -c 'import chdb' ;; esac; \
     /opt/fdpass/venv/bin/fdpass --help >/dev/null
 
-COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers
-COPY deploy/docker/entrypoint.sh /usr/local/bin/fdpass-entrypoint
 
 ENV PATH=/opt/fdpass/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
