@@ -114,15 +114,15 @@ def run_child(argv: list[str], latency: bool) -> int:
 
     lat: list[int] = []
     if latency:
-        insert = writer.insert_messages
+        insert = writer.Writer.insert
 
-        def timed(client, table, version, values, *args, **kw):
-            out = insert(client, table, version, values, *args, **kw)
+        def timed(self, batch):
+            out = insert(self, batch)
             now = time.time_ns()
-            lat.extend(now - time_ns_of(v) for v in values)
+            lat.extend(now - time_ns_of(v) for v in batch.values)
             return out
 
-        writer.insert_messages = timed
+        writer.Writer.insert = timed
     try:
         return main(["run"] + argv)
     finally:

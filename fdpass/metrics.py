@@ -12,10 +12,13 @@ fdpass_kafka_spool_bytes. Counters end in _total; everything else is a gauge.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable, Iterable
 
 from fdpass.errors import UserError
+
+log = logging.getLogger("fdpass.metrics")
 
 StatsFn = Callable[[], dict]
 
@@ -58,6 +61,7 @@ class _StatsCollector:
             try:
                 stats = fn()
             except Exception:  # a source shutting down must not break the scrape of the others
+                log.debug("metrics source %s failed", component, exc_info=True)
                 continue
             for name, labels, value, is_counter in _samples(component, stats):
                 fam = families.get(name)

@@ -2,16 +2,19 @@
 
 probes -> contract events -> Avro single-object encoding (the codec the
 collector publishes with) -> INSERT into embedded ClickHouse (chDB) through
-the Kafka sink's own insert path (sinks.writer.insert_messages: a Native
-block from the C transcoder, or an Avro container without it). So the data
-is byte-for-byte what a fleet deployment would store, and pointing
-`--store` at a ClickHouse server DSN later changes nothing about it.
+the Kafka sink's own writer (sinks.writer.Writer: a Native block from the C
+transcoder, or an Avro container without it; rows the store refuses are
+isolated). So the data is byte-for-byte what a fleet deployment would
+store, and pointing `--store` at a ClickHouse server DSN later changes
+nothing about it.
 
 The collector thread only encodes and queues; a writer thread inserts, so a
-slow insert never stalls the ring buffer drain. Each insert carries a
-deduplication token derived from its first event id and size, so a retry
-after an insert whose answer was lost stores nothing twice. A failing store
-is retried with backoff, never dropped; while MAX_QUEUED events wait for
+slow insert never stalls the ring buffer drain. Batches go through the
+sink's protocol objects (sinks/exactly_once.py): InsertOnly (there is no
+Kafka log to replay from) and Retrying. Their insert tokens follow the
+sink's scheme under a topic name unique to this run, so a retry after an
+insert whose answer was lost stores nothing twice. A failing store is
+retried with backoff, never dropped; while MAX_QUEUED events wait for
 it, the collector stops reading and the kernel ring buffer (--ringbuf-pages)
 holds the rest; past that the kernel drops the newest, counted and logged.
 """
@@ -93,21 +96,46 @@ def _human(n: float) -> str:
     return str(n)
 
 
-class StoreWriter(threading.Thread):
-    """Inserts queued encoded events in batches; retries a failing store forever."""
+def run_topic() -> str:
+    """The name this run's batches carry in their insert tokens: unique per run, so that a later run's
+    batch 0 is not taken for a repeat of an earlier one's."""
+    from fdpass.collector.enrich import HostInfo
 
-    def __init__(self, client, table: str, version: int, batch_rows: int, batch_age: float):
+    host = HostInfo()
+    return f"run/{host.host}/{host.boot_id}/{time.time_ns()}"
+
+
+class StoreWriter(threading.Thread):
+    """Cuts queued encoded events into batches and stores each through the sink's writer.
+
+    `store` is a protocol object with store(batch) (sinks/exactly_once.py:
+    InsertOnly over sinks.writer.Writer.insert, the sink's insert and bad-row
+    isolation); the batches are numbered like one Kafka partition's offsets
+    under `topic`, which gives them the sink's token scheme."""
+
+    def __init__(self, store, topic: str, batch_rows: int, batch_age: float):
         super().__init__(name="fdpass-store-writer", daemon=True)
-        self.client, self.table, self.version = client, table, version
+        from fdpass.sinks.exactly_once import Retrying
+
+        # Never given up: `run` has nowhere else to keep what it captured.
+        self.retry = Retrying(store, threading.Event(), "never")
+        self.topic = topic
         self.batch_rows, self.batch_age = batch_rows, batch_age
         self.queue: deque[bytes] = deque()
         self.cond = threading.Condition()
         self.closing = False
+        self.next_offset = 0
         self.stored = 0
         self.rejected = 0
-        self.failures = 0
         self.last_insert_seconds = 0.0
-        self.error: str | None = None
+
+    @property
+    def error(self) -> str | None:
+        return self.retry.error
+
+    @property
+    def failures(self) -> int:
+        return self.retry.failures
 
     def put_many(self, values: list[bytes]) -> None:
         """Queue a batch of encoded events (the collector stops reading while holding() says so)."""
@@ -130,50 +158,48 @@ class StoreWriter(threading.Thread):
             self.cond.notify()
         self.join()
 
-    def run(self) -> None:
-        from fdpass.schemas import codec
-        from fdpass.sinks.writer import backoff_delays, insert_messages
+    def _next_batch(self):
+        """The next batch once it is due (batch_rows, or batch_age after the writer saw its first
+        event: the bound on how long a row waits); None when closing with nothing left."""
+        from fdpass.sinks.exactly_once import Batch
 
-        while True:
-            with self.cond:
-                while not self.queue and not self.closing:
-                    self.cond.wait()
-                if not self.queue:
-                    return  # closing, and everything is stored
-                # A batch goes at batch_rows, or batch_age after the writer
-                # saw its first event: the bound on how long a row waits.
-                deadline = time.monotonic() + self.batch_age
-                while len(self.queue) < self.batch_rows and not self.closing:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.cond.wait(left)
-                n = min(len(self.queue), self.batch_rows)
-                values = list(islice(self.queue, n))
-            token = f"run/{codec.decode(values[0])['event_id']}/{n}"
-            delays = backoff_delays()
-            while True:
-                started = time.monotonic()
-                try:
-                    rejected = insert_messages(self.client, self.table, self.version, values, token, {})
-                    self.last_insert_seconds = time.monotonic() - started
+        with self.cond:
+            while not self.queue and not self.closing:
+                self.cond.wait()
+            if not self.queue:
+                return None
+            deadline = time.monotonic() + self.batch_age
+            while len(self.queue) < self.batch_rows and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-                except Exception as e:  # any store failure: keep the batch, wait, retry
-                    self.failures += 1
-                    self.error = " ".join(str(e).split())[:200]
-                    delay = next(delays)
-                    log.error("insert of %d events failed (%s); retrying in %.1f s, nothing is dropped",
-                              n, self.error, delay)
-                    time.sleep(delay)
-            self.error = None
-            if rejected:  # the codec of this process wrote them: a bug, said loudly
-                _, reason, detail = rejected[0]
-                log.error("%d events do not transcode and are not stored (first: %s, %s)", len(rejected), reason, detail)
+                self.cond.wait(left)
+            n = min(len(self.queue), self.batch_rows)
+            values = list(islice(self.queue, n))
+        first = self.next_offset
+        return Batch(topic=self.topic, partition=0, first=first, last=first + n - 1, values=values,
+                     keys=[None] * n, offsets=range(first, first + n))
+
+    def run(self) -> None:
+        while True:
+            b = self._next_batch()
+            if b is None:
+                return  # closing, and everything is stored
+            started = time.monotonic()
+            self.retry.store(b)  # returns once stored: never given up
+            self.last_insert_seconds = time.monotonic() - started
             with self.cond:
-                for _ in range(n):
+                for _ in range(len(b.values)):
                     self.queue.popleft()
-                self.stored += n - len(rejected)
-                self.rejected += len(rejected)
+                self.next_offset = b.last + 1
+                self.stored += b.rows
+                self.rejected += b.dead
+
+
+def _log_rejected(batch, dead: list) -> None:
+    """Messages this process encoded that the store cannot take: a bug, said loudly (no dead-letter topic here)."""
+    _, reason, detail = dead[0]
+    log.error("%d events do not transcode and are not stored (first: %s, %s)", len(dead), reason, detail)
 
 
 def run(args) -> int:
@@ -185,9 +211,10 @@ def run(args) -> int:
     check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
     from fdpass.collector.collect import Collector
-    from fdpass.schemas import avro
     from fdpass.schemas.clickhouse import DATABASE, TABLE, ensure_schema
+    from fdpass.sinks.exactly_once import InsertOnly
     from fdpass.sinks.store import open_store
+    from fdpass.sinks.writer import Writer
 
     store_dir = os.path.abspath(args.store)
     try:
@@ -198,7 +225,8 @@ def run(args) -> int:
     try:
         client = store.client()
         ensure_schema(client)
-        writer = StoreWriter(client, f"{DATABASE}.{TABLE}", avro.CURRENT_VERSION, args.batch_rows, args.batch_age)
+        protocol = InsertOnly(Writer(client, DATABASE, TABLE).insert, _log_rejected)
+        writer = StoreWriter(protocol, run_topic(), args.batch_rows, args.batch_age)
         writer.start()
         attached = lambda: print("fdpass run: probes attached; recording into " + store_dir,  # noqa: E731
                                  file=sys.stderr, flush=True)

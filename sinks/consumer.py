@@ -41,9 +41,9 @@ from confluent_kafka import Message
 
 from fdpass import defaults, kafka
 from fdpass.errors import UserError
-from fdpass.sinks.exactly_once import (Batch, BatchLog, ExactlyOnce, Phase, Range, ReplayPlan, StoreError,
-                                      short)
-from fdpass.sinks.writer import Writer, backoff_delays
+from fdpass.sinks.exactly_once import (Batch, BatchLog, ExactlyOnce, Phase, Range, ReplayPlan, Retrying,
+                                      backoff_delays, short)
+from fdpass.sinks.writer import Writer
 
 log = logging.getLogger("fdpass.sink")
 
@@ -188,12 +188,14 @@ class _WriterThread(threading.Thread):
 
     def __init__(self, store: ExactlyOnce, abandon: threading.Event, outbox: queue.Queue, index: int):
         super().__init__(name=f"fdpass-sink-writer-{index}", daemon=True)
-        self.store = store
-        self.abandon = abandon
+        self.store = Retrying(store, abandon, "not committed; it is re-formed from the recorded range by the next run")
         self.inbox: queue.Queue = queue.Queue()
         self.outbox = outbox
-        self.retrying = False
         self.fatal: BaseException | None = None
+
+    @property
+    def retrying(self) -> bool:
+        return self.store.retrying
 
     def run(self) -> None:
         while True:
@@ -202,38 +204,15 @@ class _WriterThread(threading.Thread):
                 return
             if not b.cancelled and self.fatal is None:
                 try:
-                    self._write(b)
+                    started = time.monotonic()
+                    if self.store.store(b):
+                        b.write_seconds = time.monotonic() - started
                 except BaseException as e:  # a bug, not a store failure: stop the sink, commit nothing more
                     log.exception("writer failed on %s", b.describe())
                     self.fatal = e
             if not b.stored:
                 b.phase = Phase.ABANDONED
             self.outbox.put(b)
-
-    def _write(self, b: Batch) -> None:
-        delays = backoff_delays()
-        attempt = 0
-        while True:
-            try:
-                started = time.monotonic()
-                self.store.store(b)
-                b.write_seconds = time.monotonic() - started
-                if attempt:
-                    log.info("store is back: %s written after %d failed attempts", b.describe(), attempt)
-                self.retrying = False
-                return
-            except StoreError as e:
-                attempt += 1
-                self.retrying = True
-                if b.cancelled or self.abandon.is_set():
-                    log.warning("%s abandoned after %d failed attempts (not committed; it is re-formed from the "
-                                "recorded range by the next run)", b.describe(), attempt)
-                    self.retrying = False
-                    return
-                delay = next(delays)
-                log.warning("%s not stored: %s -- consumption paused, nothing committed, retry %d in %.1fs",
-                            b.describe(), e, attempt, delay)
-                self.abandon.wait(delay)
 
 
 class Sink:

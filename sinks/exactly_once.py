@@ -46,6 +46,15 @@ does:
     |                |                                        | dedup window only covers INTENT..DONE           |
     | COMMITTED      | everything                             | starts after it                                 |
 
+`fdpass run` has no Kafka to replay from: its batches go through `InsertOnly`
+(INTENT and DONE are not recorded; a crash loses only what was still in the
+process's memory, which no log could re-read). Its tokens are the same
+scheme under a topic name unique to that run (`run/<host>/<boot>/<start>`),
+so a retry after a lost answer stores nothing twice.
+
+Both keep a failing store's batch where it is with `Retrying`: backoff, the
+cause said once and again every 30 s, resumed when the store is back.
+
 Row counts are therefore exact without FINAL or ReplacingMergeTree. The state
 is keyed by topic and partition, not by consumer group: the ranges describe
 what is in *this table*, whoever wrote it. A failing store (StoreError) keeps
@@ -69,8 +78,10 @@ import enum
 import logging
 import os
 import socket
+import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fdpass.schemas.clickhouse import STATE_TABLE
@@ -283,3 +294,85 @@ class ExactlyOnce:
             raise StoreError(f"marking the batch done failed: {short(e)}") from e
         batch.rows, batch.dead = rows, len(dead)
         batch.phase = Phase.DONE
+
+
+class InsertOnly:
+    """Stores batches that have no replay source (`fdpass run`): insert under the batch's tokens, no range log.
+
+    rejected(batch, dead) is told about the messages that cannot be stored
+    (there is no dead-letter topic without Kafka)."""
+
+    def __init__(self, insert, rejected: Callable[[Batch, list], None]):
+        self.insert = insert
+        self.rejected = rejected
+
+    def store(self, batch: Batch) -> None:
+        rows, dead = self.insert(batch)
+        batch.phase = Phase.INSERTED
+        if dead:
+            self.rejected(batch, dead)
+        batch.rows, batch.dead = rows, len(dead)
+        batch.phase = Phase.DONE
+
+
+def backoff_delays(start: float = 0.5, cap: float = 30.0):
+    """0.5, 1, 2, 4 ... capped: how long to wait between attempts at a failing store."""
+    d = start
+    while True:
+        yield d
+        d = min(cap, d * 2)
+
+
+class Retrying:
+    """Takes one batch at a time through a protocol's store(), retrying while the store fails.
+
+    A StoreError keeps the batch where it is (nothing committed, nothing
+    dropped) and is retried with backoff until it succeeds or `give_up` is
+    set. The cause is logged at the first failure and then every
+    REPEAT_S seconds (a store that is out of disk for an hour says so 120
+    times, not 3600), and once more when the store is back."""
+
+    REPEAT_S = 30.0
+
+    def __init__(self, protocol, give_up: threading.Event, given_up_means: str):
+        self.protocol = protocol
+        self.give_up = give_up
+        self.given_up_means = given_up_means
+        self.retrying = False
+        self.error: str | None = None  # the last failure's cause while retrying
+        self.failures = 0  # store failures over the object's life
+
+    def store(self, b: Batch) -> bool:
+        """True when the batch is stored; False when given up (then nothing of it may be committed)."""
+        delays = backoff_delays()
+        attempt = 0
+        first_failure = said = 0.0
+        while True:
+            try:
+                self.protocol.store(b)
+            except StoreError as e:
+                attempt += 1
+                self.failures += 1
+                self.retrying, self.error = True, str(e)
+                now = time.monotonic()
+                if b.cancelled or self.give_up.is_set():
+                    log.warning("%s given up after %d failed attempts (%s): %s",
+                                b.describe(), attempt, self.given_up_means, e)
+                    self.retrying = False
+                    return False
+                delay = next(delays)
+                if attempt == 1:
+                    first_failure = said = now
+                    log.warning("%s not stored: %s -- nothing is committed or dropped; retrying with backoff "
+                                "(said again every %.0f s while it lasts)", b.describe(), e, self.REPEAT_S)
+                elif now - said >= self.REPEAT_S:
+                    said = now
+                    log.warning("%s still not stored after %d attempts over %.0f s: %s",
+                                b.describe(), attempt, now - first_failure, e)
+                self.give_up.wait(delay)
+                continue
+            if attempt:
+                log.info("store is back: %s stored after %d failed attempts over %.0f s",
+                         b.describe(), attempt, time.monotonic() - first_failure)
+            self.retrying, self.error = False, None
+            return True

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from fdpass.schemas import codec
 from fdpass.sinks import conversion
 from fdpass.sinks.exactly_once import Batch, StoreError, short, token
@@ -240,38 +239,3 @@ def insert_payload(client, table: str, p: conversion.Payload, token: str, settin
     """One INSERT of a payload (conversion.payload), deduplicated by `token`."""
     client.raw_insert(table, column_names=p.columns, insert_block=p.data, fmt=p.fmt,
                       settings={**settings, **p.settings, "insert_deduplication_token": token})
-
-
-def insert_messages(client, table: str, version: int, values: list[bytes], token: str, settings: dict,
-                    native: bool = True) -> list[tuple[int, str, str]]:
-    """INSERT single-object encoded messages of writer `version`, deduplicated by `token`.
-
-    `fdpass run`'s insert; the sink's Writer takes the same two steps
-    (conversion.payload, insert_payload) apart, to keep the rejects of an
-    insert that fails.
-
-    Returns the messages left out because they do not decode, as (index,
-    reason, detail) -- Native only; an Avro container holding one fails the
-    whole insert (a data error, see is_data_error). Raises what the client
-    raises.
-    """
-    p = conversion.payload(version, values, native)
-    if p.rows:
-        insert_payload(client, table, p, token, settings)
-    return p.rejected
-
-
-def backoff_delays(start: float = 0.5, cap: float = 30.0):
-    """0.5, 1, 2, 4 ... capped: how long to wait between attempts at a failing store."""
-    d = start
-    while True:
-        yield d
-        d = min(cap, d * 2)
-
-
-def sleep_unless(stop, seconds: float) -> bool:
-    """Sleep, waking early when `stop` (a threading.Event) is set; True if it was."""
-    if stop is None:
-        time.sleep(seconds)
-        return False
-    return stop.wait(seconds)

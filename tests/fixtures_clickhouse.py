@@ -24,6 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 FDPASS = [sys.executable, "-m", "fdpass.cli"]
 
 
+def insert_messages(client, table: str, version: int, values: list[bytes], token: str, native: bool = True) -> list:
+    """One INSERT of encoded messages of writer `version` through the sink's conversion and insert
+    steps, deduplicated by `token`: the rejected messages (index, reason, detail)."""
+    from fdpass.sinks import conversion
+    from fdpass.sinks.writer import insert_payload
+
+    p = conversion.payload(version, values, native)
+    if p.rows:
+        insert_payload(client, table, p, token, {})
+    return p.rejected
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

@@ -228,7 +228,7 @@ def test_chdb_reads_the_block_with_defaults_for_what_older_writers_lack(open_sto
     the defaults (a v2 message: abi X86_64, file_verified false, transfer_id NULL)."""
     client = open_store().client()
     ddl.ensure_schema(client)
-    from fdpass.sinks.writer import insert_messages
+    from tests.fixtures_clickhouse import insert_messages
 
     msgs = []
     for v in sorted(codec.SCHEMAS):
@@ -236,7 +236,7 @@ def test_chdb_reads_the_block_with_defaults_for_what_older_writers_lack(open_sto
         extra = {} if v == CURRENT else {"abi": "X32", "file_verified": True, "transfer_id": 5}
         batch = [codec.Encoder(v).encode(e | extra | {"event_id": f"v{v}-{e['event_id']}"})
                  for e in _covering_events(v)]
-        assert insert_messages(client, "fdpass.events", v, batch, f"test/v{v}", {}, native=native) == []
+        assert insert_messages(client, "fdpass.events", v, batch, f"test/v{v}", native=native) == []
         msgs += batch
     names = [f.name for f in FIELDS]
     got = {r[0]: dict(zip(names, r)) for r in client.query(f"SELECT {', '.join(names)} FROM fdpass.events").result_rows}

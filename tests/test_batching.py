@@ -166,3 +166,91 @@ def test_protocol_steps_in_order_and_phases():
             ExactlyOnce(r, r, r.insert).store(b)
         assert (b.phase, b.stored) == (phase, False), fail
         assert "done" not in r.calls[:-1]
+
+
+def test_insert_only_stores_without_a_range_log_and_reports_rejects():
+    """`fdpass run`'s protocol: the insert, rejects handed on, DONE; nothing recorded in sink_batches."""
+    from fdpass.sinks.exactly_once import InsertOnly
+
+    r = _Recorder(dead=[(2, "corrupt_body", "x")])
+    told = []
+    b = _batch()
+    InsertOnly(r.insert, lambda batch, dead: told.append((batch.first, dead))).store(b)
+    assert r.calls == ["insert"]
+    assert told == [(10, [(2, "corrupt_body", "x")])]
+    assert (b.phase, b.stored, b.rows, b.dead) == (Phase.DONE, True, 2, 1)
+
+
+class _FlakyStore:
+    """A protocol whose store() fails `failures` times with StoreError, then stores."""
+
+    def __init__(self, failures: int):
+        self.left, self.calls = failures, 0
+
+    def store(self, b):
+        from fdpass.sinks.exactly_once import StoreError
+
+        self.calls += 1
+        if self.left:
+            self.left -= 1
+            raise StoreError("Code: 243. NOT_ENOUGH_SPACE")
+        b.phase = Phase.DONE
+
+
+class _Clock:
+    """time.monotonic and Event.wait stand-ins: waiting advances the clock instead of sleeping."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.set = False
+
+    def monotonic(self):
+        return self.now
+
+    def wait(self, seconds):
+        self.now += seconds
+        return self.set
+
+    def is_set(self):
+        return self.set
+
+
+def test_retrying_keeps_the_batch_says_why_once_and_every_30s_then_that_it_is_back(monkeypatch, caplog):
+    from fdpass.sinks import exactly_once
+    from fdpass.sinks.exactly_once import Retrying
+
+    clock = _Clock()
+    monkeypatch.setattr(exactly_once.time, "monotonic", clock.monotonic)
+    store = _FlakyStore(failures=12)  # backoff 0.5, 1, 2 ... 30 capped: about 4.5 minutes of failures
+    retry = Retrying(store, clock, "never")
+    b = _batch()
+    with caplog.at_level("INFO", logger="fdpass.sink"):
+        assert retry.store(b) is True
+    assert store.calls == 13 and b.stored and not retry.retrying and retry.error is None
+    assert retry.failures == 12
+    said = [r.getMessage() for r in caplog.records]
+    assert "not stored: Code: 243" in said[0] and "nothing is committed or dropped" in said[0]
+    repeats = [m for m in said if "still not stored" in m]
+    # one line per 30 s of outage, not one per attempt
+    assert len(repeats) == pytest.approx(clock.now / 30, abs=1.5) and len(repeats) < 12
+    assert "store is back" in said[-1] and "after 12 failed attempts" in said[-1]
+
+
+def test_retrying_gives_up_only_when_told_and_leaves_the_batch_unstored(monkeypatch):
+    from fdpass.sinks import exactly_once
+    from fdpass.sinks.exactly_once import Retrying
+
+    clock = _Clock()
+    monkeypatch.setattr(exactly_once.time, "monotonic", clock.monotonic)
+    store = _FlakyStore(failures=10**9)
+    retry = Retrying(store, clock, "not committed")
+
+    def wait_then_give_up(seconds):
+        clock.now += seconds
+        clock.set = store.calls >= 5
+        return clock.set
+
+    clock.wait = wait_then_give_up
+    b = _batch()
+    assert retry.store(b) is False
+    assert store.calls == 6 and not b.stored and not retry.retrying

@@ -101,12 +101,12 @@ def _v2_store(c) -> None:
 def test_migrate_from_v2_widens_syscall_and_adds_the_v3_columns_with_their_defaults(open_store):
     """Rows stored before the migration read as what a v2 message gives the current reader:
     abi X86_64, file_verified false, transfer_id NULL."""
-    from fdpass.sinks.writer import insert_messages
+    from tests.fixtures_clickhouse import insert_messages
 
     c = open_store().client()
     _v2_store(c)
     old = [make_event(i) | {"event_id": f"old-{i}"} for i in range(4)]
-    assert insert_messages(c, "fdpass.events", 2, [codec.Encoder(2).encode(e) for e in old], "t/v2", {}) == []
+    assert insert_messages(c, "fdpass.events", 2, [codec.Encoder(2).encode(e) for e in old], "t/v2") == []
     alters = ddl.ensure_schema(c)
     assert alters == [
         f"ALTER TABLE fdpass.events MODIFY COLUMN {ddl.column_def(BY_NAME['syscall'])}",
@@ -119,10 +119,10 @@ def test_migrate_from_v2_widens_syscall_and_adds_the_v3_columns_with_their_defau
     assert ddl.ensure_schema(c) == []
     new = make_event(9) | {"event_id": "new", "syscall": "IO_URING_SENDMSG_ZC", "abi": "IA32",
                            "file_verified": True, "transfer_id": 42}
-    assert insert_messages(c, "fdpass.events", 3, [codec.encode(new)], "t/v3", {}) == []
+    assert insert_messages(c, "fdpass.events", 3, [codec.encode(new)], "t/v3") == []
     # and a v2 message after the migration, through the Native transcoder (its block lacks the v3 columns)
     late = make_event(5) | {"event_id": "late"}
-    assert insert_messages(c, "fdpass.events", 2, [codec.Encoder(2).encode(late)], "t/v2b", {}) == []
+    assert insert_messages(c, "fdpass.events", 2, [codec.Encoder(2).encode(late)], "t/v2b") == []
     rows = {r[0]: r[1:] for r in c.query("SELECT event_id, syscall, abi, file_verified, transfer_id "
                                          "FROM fdpass.events").result_rows}
     for e in old + [late]:

@@ -67,6 +67,40 @@ def test_run_stores_every_transfer_and_query_reads_them(tmp_path):
     assert [(d.strip('"'), int(c), int(u)) for d, c, u in rows] == [("SEND", n, n), ("RECV", n, n)]
 
 
+def _run_with_transfers(store, n: int) -> int:
+    """One `fdpass run` into `store` while n transfers are made; returns the sending socket's inode."""
+    p = start_run(store)
+    a, b = socket.socketpair()
+    try:
+        with open("/etc/passwd") as f:
+            for _ in range(n):
+                socket.send_fds(a, [b"x"], [f.fileno()])
+                for fd in socket.recv_fds(b, 4, 2)[1]:
+                    os.close(fd)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        return os.fstat(a.fileno()).st_ino
+    finally:
+        if p.poll() is None:
+            p.kill()
+        a.close()
+        b.close()
+
+
+def test_a_second_run_into_the_same_store_keeps_both_runs_rows(tmp_path):
+    """Each run's first batch is batch 0 of its own insert-token namespace: were the tokens
+    shared between runs, ClickHouse would drop the second run's first batch as a repeat."""
+    require_bpf()
+    store = tmp_path / "store"
+    socks = [_run_with_transfers(store, 7) for _ in range(2)]
+    r = query(store, "SELECT sock_ino, count() FROM fdpass.events WHERE sock_ino IN ({}) "
+                     "GROUP BY sock_ino ORDER BY sock_ino".format(",".join(map(str, socks))), "--csv")
+    assert r.returncode == 0, r.stderr
+    counts = {int(i): int(c) for i, c in (line.split(",") for line in r.stdout.strip().splitlines()[1:])}
+    assert counts == {s: 7 for s in socks}  # the SENDs of each run
+
+
 def test_run_bad_store_is_one_clear_line(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
