@@ -102,6 +102,26 @@ def _pem_bodies(text: str) -> set[str]:
     return {"".join(b.split()) for b in re.findall(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", text, re.S)}
 
 
+def layers_holding(img: str, needles: list[bytes]) -> list[tuple[str, bytes]]:
+    """(layer:file, needle) for every needle found in any file of any layer of `img` (docker save)."""
+    save = subprocess.Popen(["docker", "save", img], stdout=subprocess.PIPE)
+    found = []
+    with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
+        for member in outer:
+            if not member.isfile():
+                continue
+            data = outer.extractfile(member).read()
+            found += [(member.name, n) for n in needles if n in data]
+            if member.name.endswith(".tar"):
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as layer:
+                    for f in layer:
+                        if f.isfile():
+                            body = layer.extractfile(f).read()
+                            found += [(f"{member.name}:{f.name}", n) for n in needles if n in body]
+    assert save.wait(timeout=300) == 0
+    return found
+
+
 def test_ca_bundle_is_in_no_layer(images):
     """The host's CA bundle reached the build as a secret: none of its certificates that
     the image does not have anyway (the gateway's own CA) is in any layer or the history."""
@@ -126,21 +146,7 @@ def test_ca_bundle_is_in_no_layer(images):
                     "test ! -e /run/secrets/ca_bundle && echo absent"]).stdout.strip() == "absent"
         if not needles:
             continue  # no CA beyond the public ones on this host: nothing that could leak
-        save = subprocess.Popen(["docker", "save", img], stdout=subprocess.PIPE)
-        found = []
-        with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
-            for member in outer:
-                if not member.isfile():
-                    continue
-                data = outer.extractfile(member).read()
-                found += [(member.name, n) for n in needles if n in data]
-                if member.name.endswith(".tar"):
-                    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as layer:
-                        for f in layer:
-                            if f.isfile():
-                                body = layer.extractfile(f).read()
-                                found += [(f"{member.name}:{f.name}", n) for n in needles if n in body]
-        assert save.wait(timeout=300) == 0
+        found = layers_holding(img, needles)
         assert not found, f"{img}: the build's CA bundle leaked into {sorted({f for f, _ in found})}"
 
 
