@@ -152,26 +152,35 @@ def test_ca_bundle_is_in_no_layer(images):
 
 class Transfer:
     """A process on the host that sends an fd of `path` over a socketpair to itself
-    (SEND then RECV), once `go` is called; `pid` and `exe` are its own."""
+    (SEND then RECV) when `go` is called, and lives on until `finish`: the collector
+    reads /proc/PID/exe after the event, which a process that has exited no longer has."""
 
     SCRIPT = ("import os, socket, sys\n"
               "sys.stdin.readline()\n"
               "a, b = socket.socketpair()\n"
               "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
               "socket.send_fds(a, [b'x'], [fd])\n"
-              "socket.recv_fds(b, 1, 4)\n")
+              "socket.recv_fds(b, 1, 4)\n"
+              "print('sent', flush=True)\n"
+              "sys.stdin.read()\n")
 
     def __init__(self, path: Path):
         path.write_text("fdpass image test\n")
         self.path = str(path)
-        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, self.path], stdin=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, self.path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         self.exe = os.path.realpath(sys.executable)
 
     def go(self) -> None:
         self.proc.stdin.write("go\n")
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=30) == 0
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "sent"
+
+    def finish(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
 
 
 def test_collector_container_on_the_host_kernel(images, tmp_path):
@@ -203,6 +212,7 @@ def test_collector_container_on_the_host_kernel(images, tmp_path):
             if {e["direction"] for e in events} >= {"SEND", "RECV"} or time.monotonic() > deadline:
                 break
     finally:
+        xfer.finish()
         collector.terminate()  # docker run forwards SIGTERM to the collector
         collector.wait(timeout=60)
     by_dir = {e["direction"]: e for e in events}
@@ -234,6 +244,7 @@ def test_compose_stack(images, tmp_path):
         print(f"stack up, probes attached: {time.monotonic() - t0:.0f} s")
         xfer = Transfer(tmp_path / f"stack-{uuid.uuid4().hex[:8]}.txt")
         xfer.go()
+        xfer.finish()
         # chDB opens the store from one process at a time: stop the sink (it
         # flushes and commits), ask, and give it more time if the events were
         # still on their way.
