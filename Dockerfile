@@ -1,8 +1,17 @@
 # The fdpass image: collector (`collect`), sink (`sink`), `query`, `doctor`.
 #
-#   docker build -t fdpass .                                      collector, sink to a ClickHouse server
-#   docker build --build-arg FDPASS_EXTRAS=embedded -t fdpass .   also the embedded store (chDB, ~530 MB)
+#   scripts/build-image                 fdpass:local and fdpass:local-embedded (and the local
+#                                       Kafka image), on a machine without registry access too;
+#                                       see deploy/README.md ("Building the images")
+#   docker buildx build -t fdpass .     collector, sink to a ClickHouse server
+#   docker buildx build --build-arg FDPASS_EXTRAS=embedded -t fdpass .   also the embedded store (chDB)
 #   docker run --rm --privileged --pid host ... fdpass collect --kafka kafka:9092   (see docker-compose.yml)
+#
+# Needs BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 with
+# a 20.10 CLI): the pip steps take an optional CA bundle as the build secret
+# `ca_bundle` (--secret id=ca_bundle,src=FILE, for networks whose TLS gateway
+# re-signs PyPI's certificate), mounted for those steps only and never in a
+# layer, and keep pip's cache in a cache mount between builds.
 #
 # What is in it and why:
 # - Debian bookworm, its python3 (3.11) and python3-bpfcc (bcc 0.26). bcc's
@@ -74,7 +83,9 @@ COPY bpf /src/bpf
 COPY collector /src/collector
 COPY schemas /src/schemas
 COPY sinks /src/sinks
-RUN set -eux; \
+RUN --mount=type=secret,id=ca_bundle \
+    set -eux; \
+    [ ! -s /run/secrets/ca_bundle ] || export PIP_CERT=/run/secrets/ca_bundle; \
     python3 -m venv /opt/build-venv; \
     /opt/build-venv/bin/pip install --no-cache-dir --upgrade pip; \
     /opt/build-venv/bin/pip wheel --no-cache-dir --no-deps -w /wheels /src; \
@@ -82,7 +93,6 @@ RUN set -eux; \
 
 FROM ${DEBIAN_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
-ARG FDPASS_EXTRAS=
 RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends python3 python3-venv python3-bpfcc ca-certificates; \
@@ -97,17 +107,48 @@ RUN set -eux; \
     echo /opt/fdpass/bcc-only > "${site}/fdpass-bcc.pth"; \
     /opt/fdpass/venv/bin/python -c 'import bcc'
 
-COPY --from=wheel /wheels /tmp/wheels
-RUN set -eux; \
-    /opt/fdpass/venv/bin/pip install --no-cache-dir --upgrade pip; \
-    wheel="$(ls /tmp/wheels/fdpass-*.whl)"; \
-    /opt/fdpass/venv/bin/pip install --no-cache-dir --only-binary=:all: "${wheel}${FDPASS_EXTRAS:+[$FDPASS_EXTRAS]}"; \
-    rm -rf /tmp/wheels; \
-    /opt/fdpass/venv/bin/python -c 'import fdpass.collector._capture, fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
-    /opt/fdpass/venv/bin/fdpass --help >/dev/null
-
+# Before the Python layers, which change more often.
 COPY --from=headers /kernel-headers /opt/fdpass/kernel-headers
 COPY deploy/docker/entrypoint.sh /usr/local/bin/fdpass-entrypoint
+
+# The dependencies, in layers of their own keyed on pyproject.toml alone, so
+# that a change to fdpass's code reinstalls only the fdpass wheel: first the
+# ones every image has, then the extras (FDPASS_EXTRAS, declared only here so
+# the layers above are shared by the collector and the full image). pip's
+# cache is a BuildKit cache mount: kept between builds, never in the image.
+# The CA bundle (scripts/build-image passes the host's) is a build secret,
+# mounted for the one RUN on a tmpfs and never written to a layer.
+RUN --mount=type=secret,id=ca_bundle \
+    --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
+    --mount=type=cache,target=/root/.cache/pip \
+    set -eux; \
+    [ ! -s /run/secrets/ca_bundle ] || export PIP_CERT=/run/secrets/ca_bundle; \
+    /opt/fdpass/venv/bin/pip install --upgrade pip; \
+    /opt/fdpass/venv/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt; \
+    /opt/fdpass/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt
+ARG FDPASS_EXTRAS=
+RUN --mount=type=secret,id=ca_bundle \
+    --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
+    --mount=type=cache,target=/root/.cache/pip \
+    set -eux; \
+    [ ! -s /run/secrets/ca_bundle ] || export PIP_CERT=/run/secrets/ca_bundle; \
+    /opt/fdpass/venv/bin/python -c 'import sys, tomllib; extras = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for x in sys.argv[1].split(",") if x for r in extras[x]))' "${FDPASS_EXTRAS}" > /tmp/requirements.txt; \
+    if [ -s /tmp/requirements.txt ]; then /opt/fdpass/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt; fi; \
+    rm /tmp/requirements.txt
+
+# fdpass itself, without resolving anything: every dependency is installed
+# above, and `pip check` proves the wheel's metadata agrees.
+COPY --from=wheel /wheels /tmp/wheels
+RUN set -eux; \
+    wheel="$(ls /tmp/wheels/fdpass-*.whl)"; \
+    /opt/fdpass/venv/bin/pip install --no-cache-dir --no-deps --no-index "${wheel}"; \
+    rm -rf /tmp/wheels; \
+    /opt/fdpass/venv/bin/pip check; \
+    /opt/fdpass/venv/bin/python -c 'import fdpass.collector._capture, fdpass.schemas._avro_writer, fdpass.sinks._avro_to_native'; \
+    case ",${FDPASS_EXTRAS}," in *,embedded,*) /opt/fdpass/venv/bin/python -c 'import chdb' ;; esac; \
+    /opt/fdpass/venv/bin/fdpass --help >/dev/null
+
 
 ENV PATH=/opt/fdpass/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -3,8 +3,10 @@
 `docker compose config` (Compose v2; needs no Docker engine) validates the
 compose file against the Compose spec and renders it; the checks below read
 that rendering, so they see what Docker would run. scripts/install-compose
-(called by scripts/setup) installs Compose, so a missing tool is a failure
-here, not a skip.
+(called by scripts/test) installs Compose, so a missing tool is a failure
+here, not a skip. The Kubernetes manifests are validated with kubeconform
+against the schemas of a Kubernetes release (scripts/install-kubeconform).
+The images themselves are built and run in tests/test_image.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
+# The Kubernetes API the manifests are checked against (scripts/install-kubeconform's default).
+KUBERNETES_VERSION = "1.34.2"
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL", re.I)
 
@@ -172,14 +176,60 @@ def test_dockerfile():
         assert f"!{d}/" in ignore or f"!{d}" in ignore, f".dockerignore excludes {d}"
 
 
+SCRIPTS = (
+    ("deploy/docker/entrypoint.sh", "sh"),
+    ("deploy/docker/kafka/kafka-entrypoint", "sh"),
+    ("deploy/docker/kafka/kafka-ready", "sh"),
+    ("scripts/install-compose", "bash"),
+    ("scripts/install-kubeconform", "bash"),
+    ("scripts/docker-engine", "bash"),
+    ("scripts/build-image", "bash"),
+)
+
+
 def test_scripts_parse():
-    for script, shell in ((ROOT / "deploy/docker/entrypoint.sh", "sh"), (ROOT / "scripts/install-compose", "bash")):
+    for script, shell in ((ROOT / s, sh) for s, sh in SCRIPTS):
         r = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, f"{script}: {r.stderr}"
         assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
 # -- Kubernetes ----------------------------------------------------------------
+
+def _kubeconform(*paths: str | Path) -> subprocess.CompletedProcess:
+    """kubeconform -strict against the schemas scripts/install-kubeconform made."""
+    inst = subprocess.run(["bash", str(ROOT / "scripts/install-kubeconform")], capture_output=True, text=True, timeout=900)
+    assert inst.returncode == 0, f"scripts/install-kubeconform failed:\n{inst.stderr}"
+    location = inst.stdout.strip().splitlines()[-1]
+    exe = shutil.which("kubeconform") or "/usr/local/bin/kubeconform"
+    return subprocess.run([exe, "-strict", "-summary", "-kubernetes-version", KUBERNETES_VERSION,
+                           "-schema-location", location, *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schemas():
+    r = _kubeconform(K8S_DIR)
+    assert r.returncode == 0, f"kubeconform:\n{r.stdout}{r.stderr}"
+    n = sum(1 for f in K8S_DIR.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d)
+    # Every object was checked, none skipped for want of a schema.
+    assert f"Valid: {n}, Invalid: 0, Errors: 0, Skipped: 0" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("change, complaint", [
+    # A misspelt field the API server would drop or refuse.
+    (("terminationGracePeriodSeconds: 30", "terminationGracePeriodSecond: 30"), "terminationGracePeriodSecond"),
+    # A field in the wrong place.
+    (("hostPID: true", "hostPID: true\n      hostPort: 1"), "hostPort"),
+    # A wrong type.
+    (("cpu: 100m", "cpu: [100m]"), "cpu"),
+])
+def test_kubeconform_refuses_a_broken_manifest(tmp_path, change, complaint):
+    text = (K8S_DIR / "daemonset.yaml").read_text()
+    assert change[0] in text
+    bad = tmp_path / "daemonset.yaml"
+    bad.write_text(text.replace(change[0], change[1], 1))
+    r = _kubeconform(bad)
+    assert r.returncode == 1 and "Invalid: 1" in r.stdout and complaint in r.stdout, r.stdout
 
 @pytest.fixture(scope="module")
 def k8s() -> dict[tuple[str, str], dict]:
