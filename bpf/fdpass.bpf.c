@@ -101,7 +101,7 @@ struct pending {
     u64 sk;      /* the unix socket's struct sock */
     u64 fpl;     /* RECV: the SCM_RIGHTS list snapshotted at entry; SEND: the list this call */
     u64 skb;     /* queued, once found (0: none); and the skb it is on */
-    u64 xid;     /* SEND: that list's transfer id */
+    u64 xid;     /* that list's transfer id (RECV: as seen while the list was queued) */
     u32 fcount;  /* SEND: files in that list */
     u64 enter_ns; /* when the call began */
     u64 peer;    /* SEND: the peer socket at entry, and the tail of its receive */
@@ -338,9 +338,11 @@ static __always_inline void snapshot_head(struct pending *p) {
     if (skb_fpl(skb) != fpl)
         return;
     struct xfer_key k = {.fpl = fpl, .skb = skb};
-    if (publish(&k, x, 0)) {
+    struct xfer *known = publish(&k, x, 0);
+    if (known) {
         p->fpl = fpl;
         p->skb = skb;
+        p->xid = known->transfer_id; /* checked against the entry found at exit */
     }
 }
 
@@ -681,6 +683,13 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
         struct xfer *x = k.fpl ? xfers.lookup(&k) : 0;
         if (x && x->nsnap)
             w->x = *x;
+        /* The id at exit must be the one seen while the list was still queued
+         * (at entry, or handed over by the waking sender): once the receive has
+         * freed the skb and its list, the next message can reuse both addresses
+         * and its SEND replaces the entry with its own id (seen in the close
+         * race). When they differ the RECV names no transfer (docs/kernel.md). */
+        if (p->xid && w->x.transfer_id != p->xid)
+            w->x.transfer_id = 0;
         if (x && !(p->flags & MSG_PEEK_))
             xfers.delete(&k); /* taken: its addresses are free for the next list */
     }
