@@ -120,13 +120,10 @@ KERNEL_OFFSETS: dict[str, tuple[str, str]] = {
     "OFF_SCM_COOKIE_FP": ("scm_cookie", "fp"),
     "OFF_MSGHDR_MSG_FLAGS": ("msghdr", "msg_flags"),
     "OFF_TASK_FLAGS": ("task_struct", "flags"),
-    "OFF_TASK_TI_STATUS": ("task_struct", "thread_info.status"),
+    "OFF_TASK_TI_STATUS": COMPAT_OFFSETS["OFF_TASK_TI_STATUS"],
 }
 KERNEL_URING_OFFSETS: dict[str, tuple[str, str]] = {
-    "OFF_IO_KIOCB_CTX": ("io_kiocb", "ctx"),
-    "OFF_IO_KIOCB_FLAGS": ("io_kiocb", "flags"),
-    "OFF_IO_KIOCB_CQE": ("io_kiocb", "cqe"),
-    "OFF_IO_CQE_FD": ("io_cqe", "fd"),
+    **{k: URING_OFFSETS[k] for k in ("OFF_IO_KIOCB_CTX", "OFF_IO_KIOCB_FLAGS", "OFF_IO_KIOCB_CQE", "OFF_IO_CQE_FD")},
     "OFF_IO_CQE_RES": ("io_cqe", "res"),
 }
 KERNEL_FUNCS: dict[str, list[str]] = {

@@ -400,10 +400,7 @@ class Retrying:
         while True:
             try:
                 self.protocol.store(b)
-            except BaseException as e:
-                if not isinstance(e, StoreError):  # not the store's failure (consumer.py sorts it out)
-                    self.retrying, self.error = False, None
-                    raise
+            except StoreError as e:
                 attempt += 1
                 self.failures += 1
                 self.retrying, self.error = True, str(e)
@@ -427,6 +424,9 @@ class Retrying:
                                 b.describe(), attempt, now - first_failure, e)
                 self.give_up.wait(delay)
                 continue
+            except BaseException:  # not the store's failure (consumer.py sorts it out)
+                self.retrying, self.error = False, None
+                raise
             if attempt:
                 log.info("store is back: %s stored after %d failed attempts over %.0f s",
                          b.describe(), attempt, time.monotonic() - first_failure)
