@@ -216,7 +216,7 @@ def run(args) -> int:
     from fdpass.collector.collect import Collector
     from fdpass.schemas.clickhouse import DATABASE, TABLE, ensure_schema
     from fdpass.sinks.exactly_once import InsertOnly
-    from fdpass.sinks.store import open_store
+    from fdpass.sinks.store import allocator_options, lean_embedded_allocator, open_store
     from fdpass.sinks.writer import Writer
 
     store_dir = os.path.abspath(args.store)
@@ -224,9 +224,12 @@ def run(args) -> int:
         os.makedirs(store_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--store {args.store}: cannot create it ({e.strerror})") from None
+    lean_embedded_allocator()  # before chDB loads: what its merges free goes back to the OS (sinks/store.py)
     store = open_store(f"chdb://{store_dir}")
     try:
         client = store.client()
+        if args.verbose:
+            log.debug("chDB allocator: %s", allocator_options(client))
         ensure_schema(client)
         protocol = InsertOnly(Writer(client, DATABASE, TABLE).insert, _log_rejected)
         writer = StoreWriter(protocol, run_topic(), args.batch_rows, args.batch_age)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +156,34 @@ def require_chdb() -> None:
         raise UserError("the embedded store (chdb://) needs chDB, which this install of fdpass leaves out: "
                         "pip install 'fdpass[embedded]' (scripts/setup installs it), or point --clickhouse at a "
                         "ClickHouse server (http://user@host:8123/fdpass)") from None
+
+
+# --- the embedded store's allocator --------------------------------------------
+# chDB's ClickHouse allocates with its own jemalloc, which reads its options
+# from $JE_MALLOC_CONF once, when the library loads. Its built-in ones (an
+# arena per CPU, freed pages kept 5 s) let a process that inserts ~150k rows/s
+# hold ~240 MB of pages its merges freed; one arena and 100 ms hold ~100 MB
+# less at the same CPU per row (measurements: docs/architecture.md, "Memory").
+MALLOC_CONF_ENV = "JE_MALLOC_CONF"
+LEAN_MALLOC_CONF = "percpu_arena:disabled,narenas:1,dirty_decay_ms:100"
+
+
+def lean_embedded_allocator() -> str | None:
+    """Give chDB's allocator LEAN_MALLOC_CONF, unless $JE_MALLOC_CONF says otherwise: call it before the
+    embedded store opens. The options in effect, or None when chDB is already loaded (too late)."""
+    if "chdb" in sys.modules:
+        return None
+    if not os.environ.get(MALLOC_CONF_ENV):
+        os.environ[MALLOC_CONF_ENV] = LEAN_MALLOC_CONF
+    return os.environ[MALLOC_CONF_ENV]
+
+
+def allocator_options(client) -> dict[str, str]:
+    """The options chDB's jemalloc runs with (opt.NAME -> value), read back from the engine."""
+    text = client.command("SELECT * FROM system.jemalloc_stats")
+    found = re.findall(r"^\s*opt\.(narenas|percpu_arena|dirty_decay_ms|muzzy_decay_ms): (\S+)",
+                       str(text).replace("\\n", "\n"), re.M)
+    return {k: v.strip('"') for k, v in found}
 
 
 class Store:

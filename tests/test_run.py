@@ -114,6 +114,25 @@ def test_run_bad_store_is_one_clear_line(tmp_path):
     assert r.returncode != 0 and "--store" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_run_gives_chdb_the_lean_allocator_and_a_users_own_wins(tmp_path):
+    """The embedded store's jemalloc runs with one arena and a 100 ms decay (what keeps `run` under its
+    RSS target, docs/architecture.md "Memory"), read back from the engine; a JE_MALLOC_CONF the user
+    set is left as it is."""
+    require_bpf()
+    from fdpass.sinks.store import LEAN_MALLOC_CONF
+
+    assert "narenas:1" in LEAN_MALLOC_CONF and "dirty_decay_ms:100" in LEAN_MALLOC_CONF
+    env = {k: v for k, v in os.environ.items() if k != "JE_MALLOC_CONF"}
+    for own, want in ((None, "'narenas': '1', 'percpu_arena': 'disabled', 'dirty_decay_ms': '100'"),
+                      ("dirty_decay_ms:0", "'dirty_decay_ms': '0'")):
+        r = subprocess.run(FDPASS + ["run", "-v", "--store", str(tmp_path / "store"), "--duration", "1"],
+                           capture_output=True, text=True, timeout=120,
+                           env=env if own is None else {**env, "JE_MALLOC_CONF": own})
+        assert r.returncode == 0, r.stderr
+        line = next((x for x in r.stderr.splitlines() if "chDB allocator" in x), "")
+        assert want in line, r.stderr
+
+
 RECEIVER = r"""
 import ctypes, os, socket, sys
 if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS: a mount namespace of its own
