@@ -338,6 +338,15 @@ def _import_bcc():
     return bcc
 
 
+def _release_compile_heap() -> None:
+    """clang and LLVM free most of what a compile allocated, but glibc keeps those pages (~15 MB) until
+    asked: give them back once the program is loaded (docs/architecture.md, "Memory")."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: nothing to ask
+        pass
+
+
 class Probes:
     """The compiled, attached probes of one backend and their ring buffer.
 
@@ -394,6 +403,7 @@ class Probes:
             for ns in self.filters.mntns:
                 table[ctypes.c_uint32(ns)] = ctypes.c_uint8(1)
         self.load_seconds = time.monotonic() - started
+        _release_compile_heap()
         self.why = ""
         self.ringbuf_pages = ringbuf_pages
         self._rb_open = False
