@@ -14,7 +14,7 @@ sink's protocol objects (sinks/exactly_once.py): InsertOnly (there is no
 Kafka log to replay from) and Retrying. Their insert tokens follow the
 sink's scheme under a topic name unique to this run, so a retry after an
 insert whose answer was lost stores nothing twice. A failing store is
-retried with backoff, never dropped; while MAX_QUEUED events wait for
+retried with backoff, never dropped; while MAX_QUEUED (50k) events wait for
 it, the collector stops reading and the kernel ring buffer (--ringbuf-pages)
 holds the rest; past that the kernel drops the newest, counted and logged.
 """
@@ -38,7 +38,9 @@ log = logging.getLogger("fdpass.run")
 DEFAULT_STORE = defaults.STORE_DIR
 BATCH_ROWS = 20000
 BATCH_AGE_S = 1.0
-MAX_QUEUED = 100_000  # encoded events waiting for the store (~400 bytes each: ~40 MB)
+# Encoded events waiting for the store (~400 bytes each: ~20 MB of the RSS target, docs/architecture.md
+# "Memory"): two 20k-row batches and slack; past it the kernel ring buffer, 3x more compact, holds the rest.
+MAX_QUEUED = 50_000
 
 RUN_HELP = """\
 Record every file descriptor passed on this host into an embedded ClickHouse
