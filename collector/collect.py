@@ -62,13 +62,17 @@ def mntns_of_container(container: str) -> tuple[int, ...]:
     return tuple(sorted(found))
 
 
+HOLD_POLL_S = 0.01  # how often the final drain looks whether the output still holds
+
+
 class Collector:
     """output(event dict) per event (tests, benchmarks), or
     encoded_output(values) per batch of Avro messages (Kafka, the embedded
     store) or, with jsonl, of JSON lines (bytes), which the C encoder writes
     straight from the records. While
     hold() is true the output wants nothing more: records wait in the kernel
-    ring buffer (the final drain at stop takes them all regardless)."""
+    ring buffer (the final drain at stop takes them all, at the pace the output
+    makes room: what the ring buffer held never lands in memory at once)."""
 
     def __init__(self, output: Callable[[dict], None] | None = None, filters: Filters | None = None,
                  ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
@@ -185,15 +189,21 @@ class Collector:
 
     def drain(self, timeout_ms: int, final: bool = False) -> None:
         """Wait up to timeout_ms for records, then handle every committed one, a
-        batch at a time (unless the output holds, and this is not the final drain)."""
+        batch at a time, until the output holds; the final drain goes on to the
+        last record, waiting out each hold (the output drains meanwhile)."""
         if not final and self.hold is not None and self.hold():
             self._stop.wait(timeout_ms / 1000)
             return
         records = self.probes.read(timeout_ms)
         while records:
             self._handle(records)
-            if len(records) < READ_BATCH or (not final and self.hold is not None and self.hold()):
+            if len(records) < READ_BATCH:
                 return
+            if self.hold is not None and self.hold():
+                if not final:
+                    return
+                while self.hold():
+                    time.sleep(HOLD_POLL_S)
             records = self.probes.read(0)
 
     def stop(self) -> None:

@@ -284,3 +284,37 @@ def test_enrichment_builds_every_contract_field_in_order(syscall):
     assert (event["file_verified"], event["transfer_id"], event["file_path"]) == (True, 7, "/etc/passwd")
     assert codec.decode(codec.encode(event)) == event
     assert set(R.SYSCALLS.values()) <= set(ENUMS["syscall"]) and set(R.ABIS.values()) == set(ENUMS["abi"])
+
+
+def test_the_final_drain_takes_every_record_at_the_pace_the_output_makes_room():
+    """Stopping with a full ring buffer: the last drain reads to its end, but hands the output a batch only
+    while the output does not hold, so `run`'s queue never holds the whole ring buffer at once (its RSS)."""
+    from fdpass.collector.collect import Collector
+    from fdpass.collector.probes import READ_BATCH
+
+    class Ring:  # the reader's side of the kernel ring buffer: at most READ_BATCH records per read
+        def __init__(self, n):
+            self.left = n
+
+        def read(self, timeout_ms=0, max_records=READ_BATCH):
+            k = min(self.left, max_records)
+            self.left -= k
+            return [b"r"] * k
+
+    queue, peak = [], [0]
+
+    def handle(records):
+        queue.extend(records)
+        peak[0] = max(peak[0], len(queue))
+
+    def hold():
+        if len(queue) >= 2 * READ_BATCH:
+            del queue[:READ_BATCH]  # the store writer takes a batch while the collector waits
+            return True
+        return False
+
+    c = Collector.__new__(Collector)  # the drain loop alone: no probes loaded
+    c.probes, c.hold, c._handle = Ring(10 * READ_BATCH + 5), hold, handle
+    c.drain(0, final=True)
+    assert c.probes.left == 0
+    assert peak[0] == 2 * READ_BATCH
