@@ -522,8 +522,8 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
     u64 *n = spilled.lookup(&zero);
     begin_call(&p);
     if (pending_spill.update(&tid, &p) != 0) {
+        /* Not tracked: its count stays open (see on_uring_submit). */
         stat_inc(FDP_STAT_PENDING_FULL);
-        count_end(&p);
     } else {
         stat_inc(FDP_STAT_SPILLED);
         if (n)
@@ -1093,6 +1093,24 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 }
 
 #if URING
+/* The file in slot idx of the ring's registered-file table, or 0. Linux 6.13
+ * made the table an array of resource nodes; before, of io_fixed_file. The low
+ * bits of file_ptr are FFS_* flags (NOWAIT, ISREG and, before 6.8, SCM). */
+static __always_inline u64 uring_fixed_file(u64 ctxp, u32 idx) {
+#if URING_FIXED_NODES
+    u64 data = ctxp + OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_DATA;
+    if (idx >= KREAD(u32, data, OFF_IO_RSRC_DATA_NR))
+        return 0;
+    u64 node = KREAD(u64, KREAD(u64, data, OFF_IO_RSRC_DATA_NODES), (u64)idx * 8);
+    return node ? KREAD(u64, node, OFF_IO_RSRC_NODE_FILE_PTR) & ~7ULL : 0;
+#else
+    if (idx >= KREAD(u32, ctxp, OFF_IO_RING_CTX_NR_USER_FILES))
+        return 0;
+    u64 files = KREAD(u64, ctxp, OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_FILES);
+    return KREAD(u64, files, (u64)idx * 8) & ~7ULL; /* struct io_fixed_file { file_ptr } */
+#endif
+}
+
 /* io_uring: a request is prepared (its user msghdr pointer known) when
  * io_uring_submit_req fires, in the submitter; it may run later, inline or in
  * an io-wq worker thread of the same process (same fd table, same memory),
@@ -1127,21 +1145,29 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
     struct pending p = {.msgvec = umsg, .sock_fd = fd, .tid = (u32)bpf_get_current_pid_tgid(), .syscall = syscall,
                         .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags,
                         .enter_ns = bpf_ktime_get_ns()};
-    /* A fixed-file request names a slot of the ring's table, not an fd: the
-     * socket is taken from the request at completion, uncounted. */
     if (!(KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */)) {
         p.sk = unix_sk_of_fd(fd);
         if (!p.sk)
             return 0;
         begin_call(&p);
     } else {
-        p.before = ~0U;
+        /* A fixed-file request names a slot of the ring's table, not an fd.
+         * It is counted on the socket the slot holds now, like any other
+         * send: uncounted, it would let a send(2) running beside it on the
+         * same socket take its list for its own (tests/test_blindspots.py,
+         * the fixed-file race). Any other file: tracked uncounted, the
+         * socket is taken from the request at completion. */
         p.sock_fd = -1;
+        p.sk = unix_sk_of_file(uring_fixed_file(ctxp, (u32)fd));
+        if (p.sk)
+            begin_call(&p);
+        else
+            p.before = ~0U;
     }
-    if (uring_pending.update(&req, &p) != 0) {
+    /* Not tracked: its count stays open, so its socket's calls of its side
+     * stay "not alone" (unverified) rather than ever taking its list. */
+    if (uring_pending.update(&req, &p) != 0)
         stat_inc(FDP_STAT_URING_FULL);
-        count_end(&p);
-    }
     return 0;
 }
 
@@ -1165,10 +1191,19 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete) {
         count_end(&p);
         return 0;
     }
-    if (p.sk != sk) { /* fixed file, or not the socket counted at submit */
+    if (p.sk != sk) { /* not the socket counted at submit (its fd or slot was replaced meanwhile) */
         count_end(&p);
         p.sk = sk;
         p.before = ~0U;
+        /* This call ran uncounted on sk: a call of its side still running
+         * there must not look alone at its exit (docs/kernel.md). */
+        struct sk_state *st = sk_states.lookup(&sk);
+        if (st) {
+            if (p.direction == FDP_DIR_SEND)
+                __sync_fetch_and_add(&st->send_started, 1);
+            else
+                __sync_fetch_and_add(&st->recv_started, 1);
+        }
     }
     return finish(args, &p, args->res, 0);
 }
