@@ -26,11 +26,29 @@ static int count, A, B, sv[2];
 static struct msgrec *msgs;
 static long tid_recv, tid_uring;
 
-static void set_rights(struct msghdr *m, void *buf, size_t len, int fd)
+/* One message of 1 byte with room for one fd; m points into the struct, so
+ * it stays where onefd_init built it. */
+struct onefd {
+    char data;
+    struct iovec iov;
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctrl;
+    struct msghdr m;
+};
+
+/* fd >= 0: a message passing fd; -1: a receive buffer. */
+static void onefd_init(struct onefd *o, char data, int fd)
 {
-    m->msg_control = buf;
-    m->msg_controllen = len;
-    struct cmsghdr *c = CMSG_FIRSTHDR(m);
+    memset(o, 0, sizeof *o);
+    o->data = data;
+    o->iov = (struct iovec){&o->data, 1};
+    o->m = (struct msghdr){.msg_iov = &o->iov, .msg_iovlen = 1, .msg_control = o->ctrl.buf,
+                           .msg_controllen = sizeof o->ctrl.buf};
+    if (fd < 0)
+        return;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&o->m);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(sizeof(int));
@@ -42,20 +60,15 @@ static void *receiver(void *arg)
     (void)arg;
     tid_recv = gettid();
     for (int i = 0; i < 2 * count; i++) {
-        char d;
-        struct iovec iov = {&d, 1};
-        union {
-            char buf[CMSG_SPACE(sizeof(int))];
-            struct cmsghdr align;
-        } in;
-        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = in.buf, .msg_controllen = sizeof in.buf};
+        struct onefd in;
+        onefd_init(&in, 0, -1);
         ssize_t n;
         usleep(20); /* let both senders queue behind each other */
-        while ((n = recvmsg(sv[1], &m, MSG_DONTWAIT)) < 0 && errno == EAGAIN)
+        while ((n = recvmsg(sv[1], &in.m, MSG_DONTWAIT)) < 0 && errno == EAGAIN)
             ;
         if (n != 1)
             die("recvmsg %d: %s", i, n < 0 ? strerror(errno) : "no byte");
-        msgs[i].nrecv = native_rights(&m, msgs[i].recv);
+        msgs[i].nrecv = native_rights(&in.m, msgs[i].recv);
         if (msgs[i].nrecv != 1)
             die("message %d carried %d fds", i, msgs[i].nrecv);
         close(msgs[i].recv[0].fd);
@@ -73,20 +86,13 @@ static void *uring_sender(void *arg)
         die("io_uring_queue_init: %s", strerror(-ret));
     if ((ret = io_uring_register_files(&ring, &sv[0], 1)) != 0)
         die("io_uring_register_files: %s", strerror(-ret));
-    char data = 'u';
-    struct iovec iov = {&data, 1};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctrl;
-    memset(&ctrl, 0, sizeof ctrl);
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
-    set_rights(&m, ctrl.buf, sizeof ctrl.buf, B);
+    struct onefd out;
+    onefd_init(&out, 'u', B);
     for (int i = 0; i < count;) {
         int burst = count - i < BURST ? count - i : BURST;
         for (int j = 0; j < burst; j++) {
             struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-            io_uring_prep_sendmsg(sqe, 0, &m, 0); /* 0: index 0 of the registered files */
+            io_uring_prep_sendmsg(sqe, 0, &out.m, 0); /* 0: index 0 of the registered files */
             sqe->flags |= IOSQE_FIXED_FILE;
         }
         if ((ret = io_uring_submit(&ring)) != burst)
@@ -117,17 +123,10 @@ int main(int argc, char **argv)
     pthread_t rt, ut;
     if (pthread_create(&rt, NULL, receiver, NULL) != 0 || pthread_create(&ut, NULL, uring_sender, NULL) != 0)
         die("pthread_create");
-    char data = 'n';
-    struct iovec iov = {&data, 1};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctrl;
-    memset(&ctrl, 0, sizeof ctrl);
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
-    set_rights(&m, ctrl.buf, sizeof ctrl.buf, A);
+    struct onefd out;
+    onefd_init(&out, 'n', A);
     for (int i = 0; i < count; i++) {
-        ssize_t n = sendmsg(sv[0], &m, 0);
+        ssize_t n = sendmsg(sv[0], &out.m, 0);
         if (n != 1)
             die("sendmsg %d: %s", i, n < 0 ? strerror(errno) : "short");
     }
