@@ -162,8 +162,8 @@ def require_chdb() -> None:
 # chDB's ClickHouse allocates with its own jemalloc, which reads its options
 # from $JE_MALLOC_CONF once, when the library loads. Its built-in ones (an
 # arena per CPU, freed pages kept 5 s) let a process that inserts ~150k rows/s
-# hold ~240 MB of pages its merges freed; one arena and 100 ms hold ~100 MB
-# less at the same CPU per row (measurements: docs/architecture.md, "Memory").
+# grow by 210-240 MB, most of it pages its merges freed; one arena and 100 ms:
+# 140-160 MB, for ~0.5 us more CPU per row (docs/architecture.md, "Memory").
 MALLOC_CONF_ENV = "JE_MALLOC_CONF"
 LEAN_MALLOC_CONF = "percpu_arena:disabled,narenas:1,dirty_decay_ms:100"
 
