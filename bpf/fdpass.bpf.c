@@ -1145,7 +1145,8 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
     struct pending p = {.msgvec = umsg, .sock_fd = fd, .tid = (u32)bpf_get_current_pid_tgid(), .syscall = syscall,
                         .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags,
                         .enter_ns = bpf_ktime_get_ns()};
-    if (!(KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */)) {
+    u64 rqflags = KREAD(u64, req, OFF_IO_KIOCB_FLAGS);
+    if (!(rqflags & 1 /* REQ_F_FIXED_FILE */)) {
         p.sk = unix_sk_of_fd(fd);
         if (!p.sk)
             return 0;
@@ -1164,8 +1165,16 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
         else
             p.before = ~0U;
     }
-    /* Not tracked: its count stays open, so its socket's calls of its side
-     * stay "not alone" (unverified) rather than ever taking its list. */
+    /* IOSQE_CQE_SKIP_SUCCESS: a success posts no CQE, so io_uring_complete
+     * never fires for it and the transfer cannot be reported (a failure
+     * does fire, and reports nothing). Counted, never silent; and, like any
+     * call that is not tracked, its count stays open, so its socket's calls
+     * of its side stay "not alone" (unverified) rather than ever taking its
+     * list for their own. docs/kernel.md, "What is not seen". */
+    if (rqflags & REQ_F_CQE_SKIP_) {
+        stat_inc(FDP_STAT_URING_UNSEEN);
+        return 0;
+    }
     if (uring_pending.update(&req, &p) != 0)
         stat_inc(FDP_STAT_URING_FULL);
     return 0;

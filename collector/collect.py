@@ -217,6 +217,8 @@ class Collector:
             "kernel_ringbuf_drops": k["ringbuf_drops"],
             # calls not tracked because a pending map was full: syscalls' and io_uring requests'
             "kernel_pending_full": k["pending_full"] + k["uring_full"],
+            # io_uring requests with IOSQE_CQE_SKIP_SUCCESS: their success is invisible to tracepoints
+            "kernel_uring_unseen": k["uring_unseen"],
             "kernel_budget_exhausted": k["budget_exhausted"],
             "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,

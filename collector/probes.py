@@ -168,7 +168,8 @@ DEFAULT_RINGBUF_PAGES = 16384
 READ_BATCH = 16384
 
 # Indices of the BPF `stats` array (FDP_STAT_* in bpf/fdpass.h).
-STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled", "uring_full")
+STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled", "uring_full",
+              "uring_unseen")
 
 
 def _tracepoint_exists(name: str) -> bool:
@@ -221,6 +222,7 @@ def _uring_defines(btf: BTF) -> tuple[dict[str, int], str | None, str | None]:
         out["OFF_IO_RING_CTX_COMPAT_BYTE"], out["OFF_IO_RING_CTX_COMPAT_BIT"] = bit // 8, bit % 8
         out.update({name: btf.enum_value(e) for name, e in URING_OPS.items()})
         out.update(_uring_fixed_file_defines(btf))
+        out["REQ_F_CQE_SKIP_"] = 1 << btf.enum_value("REQ_F_CQE_SKIP_BIT")
     except BTFError as e:
         return {}, f"io_uring layout not understood: {e}", "no io_uring"
     zc = None

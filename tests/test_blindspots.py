@@ -106,6 +106,24 @@ def test_io_uring_sendmsg_recvmsg(live, cprogs, mode, paths):
     assert all(e["file_verified"] is True for e in events), events
 
 
+def test_io_uring_send_without_completion_is_counted(live, cprogs):
+    """IOSQE_CQE_SKIP_SUCCESS: a successful send posts no CQE, and so fires no
+    io_uring_complete. The in-kernel backend (fexit on io_sendmsg) reports it
+    exactly; the tracepoint backend cannot see it, and must say so in its
+    counts (kernel_uring_unseen), never silently; the RECV is reported."""
+    before = live.collector.stats()["kernel_uring_unseen"]
+    truth = cprogs.run("uring", "skip", SHADOW)
+    if live.collector.probes.backend == "kernel":
+        check_exact(events_of(live, truth), truth, "IO_URING_SENDMSG", "IO_URING_RECVMSG")
+        return
+    recv_only = dict(truth, messages=[dict(m, sent=[]) for m in truth["messages"]])
+    events = events_of(live, recv_only)
+    send, recv = sides(events)
+    assert send == [] and event_rows(recv) == truth_rows(truth, "received"), events
+    assert all(e["file_verified"] is True for e in recv), recv
+    assert live.collector.stats()["kernel_uring_unseen"] >= before + 1
+
+
 def test_io_uring_sendmsg_zc(live, cprogs):
     """The zero-copy sendmsg opcode: exact events where the kernel offers it on
     unix sockets; where it refuses the request (6.18: EOPNOTSUPP), nothing

@@ -6,6 +6,8 @@
  *   async   the same with IOSQE_ASYNC: both run in an io-wq worker (iou-wrk-PID)
  *   fixed   the same inline, naming both sockets as registered (fixed) files,
  *           so no fd number of a socket appears in either request
+ *   skip    the send with IOSQE_CQE_SKIP_SUCCESS: a success posts no CQE (nor
+ *           the io_uring_complete tracepoint), so the send is not waited for
  *   zc      IORING_OP_SENDMSG_ZC, then IORING_OP_RECVMSG; prints
  *           {"unsupported": true, ...} when the kernel refuses zero-copy here
  */
@@ -39,10 +41,11 @@ static int run_one(struct io_uring *ring)
 int main(int argc, char **argv)
 {
     if (argc < 3)
-        die("usage: %s inline|async|fixed|zc PATH...", argv[0]);
+        die("usage: %s inline|async|fixed|skip|zc PATH...", argv[0]);
     const char *mode = argv[1];
-    int async = strcmp(mode, "async") == 0, zc = strcmp(mode, "zc") == 0, fixed = strcmp(mode, "fixed") == 0;
-    if (!async && !zc && !fixed && strcmp(mode, "inline") != 0)
+    int async = strcmp(mode, "async") == 0, zc = strcmp(mode, "zc") == 0, fixed = strcmp(mode, "fixed") == 0,
+        skip = strcmp(mode, "skip") == 0;
+    if (!async && !zc && !fixed && !skip && strcmp(mode, "inline") != 0)
         die("unknown mode %s", mode);
     nfds = open_paths(argc - 2, argv + 2, fds);
     int sv[2];
@@ -83,7 +86,13 @@ int main(int argc, char **argv)
         sqe->flags |= IOSQE_ASYNC;
     if (fixed)
         sqe->flags |= IOSQE_FIXED_FILE;
-    int res = run_one(&ring);
+    int res;
+    if (skip) {
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+        res = io_uring_submit(&ring) == 1 ? 1 : -EIO; /* a failure would post a CQE: the recv below says */
+    } else {
+        res = run_one(&ring);
+    }
     if (zc && (res == -EINVAL || res == -EOPNOTSUPP)) {
         struct stat st;
         if (fstat(sv[0], &st))
