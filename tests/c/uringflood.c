@@ -28,22 +28,12 @@ int main(int argc, char **argv)
         die("io_uring_queue_init: %s", strerror(-ret));
 
     /* Every receive gets its own buffers: the kernel reads them when it runs. */
-    struct slot {
-        char data;
-        struct iovec iov;
-        union {
-            char buf[CMSG_SPACE(sizeof(int))];
-            struct cmsghdr align;
-        } ctrl;
-        struct msghdr m;
-    } *slots = calloc(flood + 1, sizeof *slots);
+    struct onefd *slots = calloc(flood + 1, sizeof *slots);
     if (!slots)
         die("out of memory");
     for (int i = 0; i <= flood; i++) {
-        struct slot *s = &slots[i];
-        s->iov = (struct iovec){&s->data, 1};
-        s->m = (struct msghdr){.msg_iov = &s->iov, .msg_iovlen = 1, .msg_control = s->ctrl.buf,
-                               .msg_controllen = sizeof s->ctrl.buf};
+        struct onefd *s = &slots[i];
+        onefd_init(s, 0, -1);
         struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
         if (!sqe) {
             if ((ret = io_uring_submit(&ring)) < 0)
@@ -57,20 +47,9 @@ int main(int argc, char **argv)
     if ((ret = io_uring_submit(&ring)) < 0)
         die("io_uring_submit: %s", strerror(-ret));
 
-    char data = 'v';
-    struct iovec iov = {&data, 1};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctrl;
-    memset(&ctrl, 0, sizeof ctrl);
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctrl.buf, .msg_controllen = sizeof ctrl.buf};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &file, sizeof file);
-    if (sendmsg(victim[0], &m, 0) != 1)
+    struct onefd out;
+    onefd_init(&out, 'v', file);
+    if (sendmsg(victim[0], &out.m, 0) != 1)
         die("sendmsg: %s", strerror(errno));
 
     struct io_uring_cqe *cqe;
