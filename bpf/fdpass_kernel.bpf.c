@@ -76,7 +76,73 @@ struct kcall {
 BPF_ARRAY(kcall_slots, struct kcall, KCALL_SLOTS);
 BPF_TABLE("lru_hash", u32, struct kcall, kcall_spill, 16384);
 BPF_ARRAY(kcall_spilled, u64, 1); /* entries put in kcall_spill and not yet taken out */
-BPF_TABLE("lru_hash", u64, u64, xids, 16384); /* struct scm_fp_list address -> transfer id */
+/* Transfer ids by struct scm_fp_list address (docs/kernel.md, "transfer_id"):
+ * a slot per address hash, holding the list a copy (scm_fp_dup) was made to
+ * until a receiver installs from it (scm_detach_fds frees the slot: that list
+ * is freed after the receive). A list freed unseen (a socket closed with fds
+ * queued) leaves its slot taken until its address comes back in a new list;
+ * a copy whose slot holds another list goes to xids, an LRU hash, and
+ * xids_spilled says whether anything ever did. */
+struct xid_slot {
+    u64 fpl;        /* 0 = free */
+    u64 xid;
+};
+#ifndef XID_SLOTS
+#define XID_SLOTS 16384 /* power of two */
+#endif
+BPF_ARRAY(xid_slots, struct xid_slot, XID_SLOTS);
+BPF_TABLE("lru_hash", u64, u64, xids, 16384);
+BPF_ARRAY(xids_spilled, u64, 1);
+
+static __always_inline struct xid_slot *xid_slot_of(u64 fpl) {
+    u32 idx = (u32)((fpl * 0x9E3779B97F4A7C15ULL) >> 40) & (XID_SLOTS - 1);
+    return xid_slots.lookup(&idx);
+}
+
+/* The transfer id of list fpl, or 0. take: this receive installs from fpl,
+ * which is freed after it, so its slot is freed now. */
+static __always_inline u64 xid_of(u64 fpl, int take) {
+    struct xid_slot *s = xid_slot_of(fpl);
+    if (s && s->fpl == fpl) {
+        u64 v = s->xid;
+        if (take)
+            __sync_val_compare_and_swap(&s->fpl, fpl, 0);
+        return v;
+    }
+    u32 zero = 0;
+    u64 *n = xids_spilled.lookup(&zero);
+    if (!n || *n == 0)
+        return 0;
+    u64 *v = xids.lookup(&fpl);
+    return v ? *v : 0;
+}
+
+/* List fpl (a copy just made, not yet queued or installed) belongs to
+ * transfer v (0: not known; then an entry a freed list at that address left
+ * must not name it). */
+static __always_inline void xid_set(u64 fpl, u64 v) {
+    struct xid_slot *s = xid_slot_of(fpl);
+    if (!s)
+        return;
+    if (!v) {
+        __sync_val_compare_and_swap(&s->fpl, fpl, 0);
+        u32 zero = 0;
+        u64 *n = xids_spilled.lookup(&zero);
+        if (n && *n)
+            xids.delete(&fpl);
+        return;
+    }
+    /* Its own address (a list freed unseen, now reused) or a free slot. */
+    if (s->fpl == fpl || __sync_val_compare_and_swap(&s->fpl, 0, fpl) == 0) {
+        s->xid = v;
+        return;
+    }
+    u32 zero = 0;
+    u64 *n = xids_spilled.lookup(&zero);
+    if (n && *n == 0)
+        __sync_fetch_and_add(n, 1);
+    xids.update(&fpl, &v);
+}
 BPF_PERCPU_ARRAY(kwork, struct fdp_event, 1);
 /* Whose task fields (fill_task) and root this CPU's kwork holds: thread and
  * call. The FD records of one call carry the same ones, so only its first
@@ -264,20 +330,24 @@ KRETFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm, int ret) {
 /* The copy of the list that rides on the skb (unix_attach_fds, in the
  * sender's call: its id is the call's), and the one a MSG_PEEK receive
  * installs from (a copy of the skb's list): the same transfer. */
+/* An fexit argument's address as a plain number: the verifier types BTF
+ * pointer arguments and refuses the hash's multiply on a pointer. */
+static __always_inline u64 addr_of(void *p) {
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), &p);
+    return v;
+}
+
 KRETFUNC_PROBE(scm_fp_dup, void *fpl, void *dup) {
     if (!dup)
         return 0;
-    u64 from = (u64)fpl, to = (u64)dup, v = 0;
+    u64 from = addr_of(fpl), v;
     struct kcall *c = kcall_of();
-    if (c && c->direction == FDP_DIR_SEND && c->fpl == from) {
+    if (c && c->direction == FDP_DIR_SEND && c->fpl == from)
         v = c->xid;
-    } else {
-        u64 *xid = xids.lookup(&from);
-        if (xid)
-            v = *xid;
-    }
-    if (v)
-        xids.update(&to, &v);
+    else
+        v = xid_of(from, 0);
+    xid_set(addr_of(dup), v);
     return 0;
 }
 
@@ -290,10 +360,9 @@ KFUNC_PROBE(scm_detach_fds, void *msg, void *scm) {
     if (!c)
         return 0;
     u64 fpl = KREAD(u64, scm, OFF_SCM_COOKIE_FP);
-    u64 *xid = xids.lookup(&fpl);
     c->scm = (u64)scm;
     c->fpl = fpl;
-    c->xid = xid ? *xid : 0;
+    c->xid = xid_of(fpl, 1);
     c->nfds = 0;
     return 0;
 }
