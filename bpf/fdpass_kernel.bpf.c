@@ -81,8 +81,8 @@ BPF_ARRAY(kcall_spilled, u64, 1); /* entries put in kcall_spill and not yet take
  * until a receiver installs from it (scm_detach_fds frees the slot: that list
  * is freed after the receive). A list freed unseen (a socket closed with fds
  * queued) leaves its slot taken until its address comes back in a new list;
- * a copy whose slot holds another list goes to xids, an LRU hash, and
- * xids_spilled says whether anything ever did. */
+ * a copy whose slot holds another list goes to xids, an LRU hash (taken
+ * out by its receive too), and xids_spilled says whether anything ever did. */
 struct xid_slot {
     u64 fpl;        /* 0 = free */
     u64 xid;
@@ -114,7 +114,12 @@ static __always_inline u64 xid_of(u64 fpl, int take) {
     if (!n || *n == 0)
         return 0;
     u64 *v = xids.lookup(&fpl);
-    return v ? *v : 0;
+    if (!v)
+        return 0;
+    u64 id = *v;
+    if (take)
+        xids.delete(&fpl);
+    return id;
 }
 
 /* List fpl (a copy just made, not yet queued or installed) belongs to
