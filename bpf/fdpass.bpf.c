@@ -130,6 +130,7 @@ struct sk_state {
     u64 send_active;
     u64 recv_started;
     u64 recv_active;
+    u64 send_tid;  /* the thread of the last send that started with none in progress */
 };
 
 /* One passed file as a RECV checks it: the same struct file, still on the
@@ -155,11 +156,22 @@ struct xfer_key {
 struct xfer {
     u64 transfer_id;
     u64 created_ns;
+    u64 owner_sk;     /* the send that queued it, once known: its socket (0: not known) */
+    u64 owner_ticket; /*   and its ticket there */
     u32 count;
     u32 nsnap;   /* items[] filled (0: id only) */
-    u32 first;   /* the skb was at the head of its queue when its SEND saw it */
+    u64 first;   /* the skb was at the head of its queue when its SEND saw it */
+    u64 state;   /* XF_* (u64: BPF's fetching atomics are 64-bit here) */
     struct snap_item items[SNAP_FDS];
 };
+
+/* An entry lives until both its owning SEND's exit and the RECV that takes
+ * the list are done with it (the one that comes second deletes it, so the
+ * LRU map never fills with spent entries and evicts live ones); an entry
+ * with no owner, until that RECV's exit. A taken entry is stale: the list's
+ * addresses are free for the next one. */
+#define XF_SENT 1    /* the owning SEND's exit has passed */
+#define XF_TAKEN 2   /* a RECV (not MSG_PEEK) installed the list */
 
 struct work {
     struct fdp_event ev; /* shared header; per-fd fields overwritten */
@@ -234,6 +246,8 @@ static __always_inline void count_start(struct pending *p) {
     if (p->direction == FDP_DIR_SEND) {
         p->ticket = __sync_fetch_and_add(&st->send_started, 1);
         p->before = (u32)__sync_fetch_and_add(&st->send_active, 1);
+        if (p->before == 0)
+            st->send_tid = p->tid;
     } else {
         p->ticket = __sync_fetch_and_add(&st->recv_started, 1);
         p->before = (u32)__sync_fetch_and_add(&st->recv_active, 1);
@@ -274,21 +288,43 @@ static __always_inline void snap_files(struct xfer *x, u64 fpl) {
 #undef SNAP_ONE
 }
 
+/* Do two snapshots of lists name the same files? Only the items both hold
+ * are compared (an entry made by a SEND's claim and a RECV's snapshot of the
+ * same list hold the same ones). */
+static __always_inline int same_files(struct xfer *a, struct xfer *b) {
+    if (a->count != b->count)
+        return 0;
+    u32 n = a->nsnap < b->nsnap ? a->nsnap : b->nsnap;
+#define SAME_ONE(i)                                                              \
+    if (n > i && a->items[i].file != b->items[i].file)                           \
+        return 0;
+    SAME_ONE(0) SAME_ONE(1) SAME_ONE(2) SAME_ONE(3) SAME_ONE(4) SAME_ONE(5) SAME_ONE(6) SAME_ONE(7)
+    SAME_ONE(8) SAME_ONE(9) SAME_ONE(10) SAME_ONE(11) SAME_ONE(12) SAME_ONE(13) SAME_ONE(14) SAME_ONE(15)
+#undef SAME_ONE
+    return 1;
+}
+
 /* The one entry of a list in `xfers`: the first SEND or RECV that sees the
  * list inserts it with a new transfer id, a racing one reads the winner's.
- * An entry created before `fresh_ns` (a SEND's entry: the list did not exist
- * then) or whose files differ from x's is stale and is replaced. Files
- * (x->nsnap) are added when the entry has none yet. */
-static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, u64 fresh_ns) {
+ * An entry that a RECV took, that was created before `fresh_ns` (a SEND's
+ * entry: the list did not exist then) or whose files differ from x's is
+ * stale (its addresses were reused) and is replaced. Files (x->nsnap) are
+ * added when the entry has none yet. *created says whether the entry is new. */
+static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, u64 fresh_ns, int *created) {
     struct xfer *known = xfers.lookup(k);
-    if (known && (known->created_ns < fresh_ns ||
-                  (x->nsnap && known->nsnap && (known->count != x->count || known->items[0].file != x->items[0].file)))) {
+    *created = 0;
+    x->state = 0;
+    x->owner_sk = 0;
+    x->owner_ticket = 0;
+    if (known && ((known->state & XF_TAKEN) || known->created_ns < fresh_ns || (x->nsnap && known->nsnap && !same_files(known, x)))) {
+        *created = 1;
         x->transfer_id = next_id(1);
         x->created_ns = bpf_ktime_get_ns();
         xfers.update(k, x);
         return xfers.lookup(k);
     }
     if (!known) {
+        *created = 1;
         x->transfer_id = next_id(1);
         x->created_ns = bpf_ktime_get_ns();
         xfers.insert(k, x);
@@ -304,6 +340,38 @@ static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, 
         known->nsnap = x->nsnap;
     }
     return known;
+}
+
+/* A RECV found a list no SEND has claimed yet (its receiver was running, so
+ * the sender woke nobody, and this receive may take the list before the
+ * send's exit can find it). If the list's sending socket has exactly one send
+ * in progress, that send has run alone so far, and the peer's queue (this
+ * socket's) was empty when it began, every list from that socket now on the
+ * queue is that send's: it gets the list and its id. */
+static __always_inline void hand_to_sender(struct pending *r, u64 skb, u64 fpl, struct xfer *known) {
+    u64 from = KREAD(u64, skb, OFF_SK_BUFF_SK);
+    struct sk_state *st = from ? sk_states.lookup(&from) : 0;
+    if (!st || st->send_active != 1)
+        return;
+    u32 tid = (u32)st->send_tid;
+    u32 idx = tid & (PENDING_SLOTS - 1);
+    struct pending *s = pending_slots.lookup(&idx);
+    if (!s || s->tid != tid || s->sk != from || s->direction != FDP_DIR_SEND || s->fpl || s->before != 0 ||
+        s->syscall == FDP_SYS_SENDMMSG || s->peer != r->sk || s->tail0 != r->sk + OFF_SOCK_SK_RECEIVE_QUEUE)
+        return;
+    u64 ticket = s->ticket;
+    if (st->send_started != ticket + 1)
+        return;
+    /* The owner is the send with the ticket checked above: should the slot
+     * have passed to the thread's next call meanwhile, that call's exit finds
+     * another ticket in the entry and takes nothing from it. */
+    known->owner_sk = from;
+    known->owner_ticket = ticket;
+    s->skb = skb;
+    s->fcount = known->count;
+    s->xid = known->transfer_id;
+    s->first = 0; /* being taken: nothing for sched_waking to hand on */
+    s->fpl = fpl;
 }
 
 /* RECV entry: the first SCM_RIGHTS list at the head of sk's receive queue is
@@ -338,11 +406,14 @@ static __always_inline void snapshot_head(struct pending *p) {
     if (skb_fpl(skb) != fpl)
         return;
     struct xfer_key k = {.fpl = fpl, .skb = skb};
-    struct xfer *known = publish(&k, x, 0);
+    int created;
+    struct xfer *known = publish(&k, x, 0, &created);
     if (known) {
         p->fpl = fpl;
         p->skb = skb;
         p->xid = known->transfer_id; /* checked against the entry found at exit */
+        if (created)
+            hand_to_sender(p, skb, fpl, known);
     }
 }
 
@@ -350,9 +421,11 @@ static __always_inline void snapshot_head(struct pending *p) {
  * peer's queue that our socket sent with an SCM_RIGHTS list, queued after the
  * tail the call saw at entry, can only be this call's (unix queues are FIFO:
  * had the receiver taken it, it would have taken every older one too). Notes
- * it in p and gives it its transfer id. At the head of the queue it is what a
- * receiver asleep in recvmsg gets next: its files are kept for that RECV to
- * check (see sched_waking). x is scratch. */
+ * it in p and gives it its transfer id. Its files are kept in the list's
+ * entry: for the send's exit, should a receiver take the list first, and, at
+ * the head of the queue, for a receiver asleep in recvmsg, whose entry found
+ * nothing to snapshot (see sched_waking). x receives the snapshot (nsnap 0:
+ * no list claimed). */
 static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
     u64 head = p->peer + OFF_SOCK_SK_RECEIVE_QUEUE;
     u64 skb = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE + 8); /* queue.prev: the tail */
@@ -372,12 +445,21 @@ static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
     struct xfer_key k = {.fpl = fpl, .skb = skb};
     x->count = (u32)KREAD(s16, fpl, OFF_SCM_FP_LIST_COUNT);
     x->first = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE) == skb;
-    x->nsnap = 0;
-    if (x->first)
-        snap_files(x, fpl);
-    struct xfer *known = publish(&k, x, p->enter_ns);
-    if (!known)
+    snap_files(x, fpl);
+    /* Read while still queued, or not at all: a receiver may have taken and
+     * freed the list meanwhile. */
+    if (skb_fpl(skb) != fpl) {
+        x->nsnap = 0;
         return;
+    }
+    int created;
+    struct xfer *known = publish(&k, x, p->enter_ns, &created);
+    if (!known) {
+        x->nsnap = 0;
+        return;
+    }
+    known->owner_sk = p->sk;
+    known->owner_ticket = p->ticket;
     p->fpl = fpl;
     p->skb = skb;
     p->fcount = x->count;
@@ -420,9 +502,9 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
         slot->sk = p.sk;
         slot->fpl = p.fpl;
         slot->skb = p.skb;
-        slot->xid = 0;
-        slot->fcount = 0;
-        slot->first = 0;
+        slot->xid = p.xid; /* RECV: the id seen at entry; a SEND claims at its exit or wakeup */
+        slot->fcount = p.fcount;
+        slot->first = p.first;
         slot->enter_ns = p.enter_ns;
         slot->peer = p.peer;
         slot->tail0 = p.tail0;
@@ -440,8 +522,8 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
     u64 *n = spilled.lookup(&zero);
     begin_call(&p);
     if (pending_spill.update(&tid, &p) != 0) {
+        /* Not tracked: its count stays open (see on_uring_submit). */
         stat_inc(FDP_STAT_PENDING_FULL);
-        count_end(&p);
     } else {
         stat_inc(FDP_STAT_SPILLED);
         if (n)
@@ -669,35 +751,56 @@ static __always_inline int begin(struct work *w, struct pending *p, long ret, in
          * are not told apart: docs/kernel.md). */
         if (!p->fpl && alone && p->peer && w->msgs_total == 1)
             claim_sent_list(p, &w->x);
-        if (p->fpl && w->msgs_total == 1) { /* found here, or when it woke the receiver */
-            w->fpl = p->fpl;
-            w->skb = p->skb;
-            w->fpl_count = p->fcount;
-            ev->transfer_id = p->xid;
+        if (p->fpl && w->msgs_total == 1) { /* found here, at its wakeup, or by its receiver */
+            /* The list's entry must still name this call as its owner: else
+             * its addresses went to another list, or the id was handed to
+             * another call of this thread (see hand_to_sender). */
+            struct xfer_key k = {.fpl = p->fpl, .skb = p->skb};
+            struct xfer *x = xfers.lookup(&k);
+            if (x && x->transfer_id == p->xid && x->owner_sk == p->sk && x->owner_ticket == p->ticket) {
+                w->fpl = p->fpl;
+                w->skb = p->skb;
+                w->fpl_count = p->fcount;
+                ev->transfer_id = p->xid;
+                /* The files the list held when claimed: what verifies the
+                 * fds should a receiver take the list before they are read. */
+                w->x = *x;
+                if (__sync_fetch_and_or(&x->state, XF_SENT) & XF_TAKEN)
+                    xfers.delete(&k);
+            }
         }
-        w->x.nsnap = 0;
     } else {
         /* The snapshot taken at entry, or handed over by the sender that woke
-         * this receiver from its sleep in the call (sched_waking). */
+         * this receiver from its sleep in the call (sched_waking), found by
+         * the id seen while the list was still queued: once this receive has
+         * freed the skb and its list, the next message can reuse both
+         * addresses and its SEND replaces the entry (seen in the close race).
+         * An entry with another id is another list's: no snapshot, so nothing
+         * verified and no transfer named (docs/kernel.md). */
         struct xfer_key k = {.fpl = p->fpl, .skb = p->skb};
         struct xfer *x = k.fpl ? xfers.lookup(&k) : 0;
-        if (x && x->nsnap)
-            w->x = *x;
-        /* The id at exit must be the one seen while the list was still queued
-         * (at entry, or handed over by the waking sender): once the receive has
-         * freed the skb and its list, the next message can reuse both addresses
-         * and its SEND replaces the entry with its own id (seen in the close
-         * race). When they differ the RECV names no transfer (docs/kernel.md). */
-        if (p->xid && w->x.transfer_id != p->xid)
-            w->x.transfer_id = 0;
-        if (x && !(p->flags & MSG_PEEK_))
-            xfers.delete(&k); /* taken: its addresses are free for the next list */
+        if (x && x->transfer_id == p->xid) {
+            if (x->nsnap)
+                w->x = *x;
+            if (!(p->flags & MSG_PEEK_) && (!x->owner_sk || (__sync_fetch_and_or(&x->state, XF_TAKEN) & XF_SENT)))
+                xfers.delete(&k);
+        }
     }
     w->alone = alone;
     return 0;
 }
 
 static __always_inline void emit(void *ctx, struct work *w) { emit_event(ctx, &w->ev); }
+
+/* Is file the one a snapshot saw at position index: the same struct file,
+ * on the same inode, with the same open flags? */
+static __always_inline int snap_holds(struct xfer *x, u32 index, u64 file) {
+    if (index >= x->nsnap || index >= SNAP_FDS)
+        return 0;
+    struct snap_item *it = &x->items[index & (SNAP_FDS - 1)];
+    return it->file == file && it->inode == KREAD(u64, file, OFF_FILE_F_INODE) &&
+           it->flags == KREAD(u32, file, OFF_FILE_F_FLAGS);
+}
 
 /* The file to report for fd at position index, and whether it is verified. */
 static __always_inline u64 file_for(struct work *w, s32 fd, u32 index, u8 *verified) {
@@ -712,17 +815,21 @@ static __always_inline u64 file_for(struct work *w, s32 fd, u32 index, u8 *verif
                 *verified = 1;
                 return file;
             }
+            /* Taken by its receiver: the file the list held when the send
+             * claimed it, if the sender still holds that same file, on the
+             * same inode with the same flags (a freed and reused struct file
+             * does not pass), at fd. */
+            file = fd_file(w, fd);
+            if (file && snap_holds(&w->x, index, file))
+                *verified = 1;
+            return file;
         }
         return fd_file(w, fd);
     }
     /* RECV: what the fd holds now, confirmed if it is the snapshot's file. */
     u64 file = fd_file(w, fd);
-    if (w->verify && file && index < w->x.nsnap && index < SNAP_FDS) {
-        struct snap_item *it = &w->x.items[index & (SNAP_FDS - 1)];
-        if (it->file == file && it->inode == KREAD(u64, file, OFF_FILE_F_INODE) &&
-            it->flags == KREAD(u32, file, OFF_FILE_F_FLAGS))
-            *verified = 1;
-    }
+    if (w->verify && file && snap_holds(&w->x, index, file))
+        *verified = 1;
     return file;
 }
 
@@ -979,12 +1086,31 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     struct pending *r = pending_slots.lookup(&widx);
     if (r && r->tid == wtid && r->direction == FDP_DIR_RECV && r->sk == slot->peer && !r->fpl) {
         r->skb = slot->skb;
+        r->xid = slot->xid;
         r->fpl = slot->fpl;
     }
     return 0;
 }
 
 #if URING
+/* The file in slot idx of the ring's registered-file table, or 0. Linux 6.13
+ * made the table an array of resource nodes; before, of io_fixed_file. The low
+ * bits of file_ptr are FFS_* flags (NOWAIT, ISREG and, before 6.8, SCM). */
+static __always_inline u64 uring_fixed_file(u64 ctxp, u32 idx) {
+#if URING_FIXED_NODES
+    u64 data = ctxp + OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_DATA;
+    if (idx >= KREAD(u32, data, OFF_IO_RSRC_DATA_NR))
+        return 0;
+    u64 node = KREAD(u64, KREAD(u64, data, OFF_IO_RSRC_DATA_NODES), (u64)idx * 8);
+    return node ? KREAD(u64, node, OFF_IO_RSRC_NODE_FILE_PTR) & ~7ULL : 0;
+#else
+    if (idx >= KREAD(u32, ctxp, OFF_IO_RING_CTX_NR_USER_FILES))
+        return 0;
+    u64 files = KREAD(u64, ctxp, OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_FILES);
+    return KREAD(u64, files, (u64)idx * 8) & ~7ULL; /* struct io_fixed_file { file_ptr } */
+#endif
+}
+
 /* io_uring: a request is prepared (its user msghdr pointer known) when
  * io_uring_submit_req fires, in the submitter; it may run later, inline or in
  * an io-wq worker thread of the same process (same fd table, same memory),
@@ -1019,21 +1145,38 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
     struct pending p = {.msgvec = umsg, .sock_fd = fd, .tid = (u32)bpf_get_current_pid_tgid(), .syscall = syscall,
                         .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags,
                         .enter_ns = bpf_ktime_get_ns()};
-    /* A fixed-file request names a slot of the ring's table, not an fd: the
-     * socket is taken from the request at completion, uncounted. */
-    if (!(KREAD(u64, req, OFF_IO_KIOCB_FLAGS) & 1 /* REQ_F_FIXED_FILE */)) {
+    u64 rqflags = KREAD(u64, req, OFF_IO_KIOCB_FLAGS);
+    if (!(rqflags & 1 /* REQ_F_FIXED_FILE */)) {
         p.sk = unix_sk_of_fd(fd);
         if (!p.sk)
             return 0;
         begin_call(&p);
     } else {
-        p.before = ~0U;
+        /* A fixed-file request names a slot of the ring's table, not an fd.
+         * It is counted on the socket the slot holds now, like any other
+         * send: uncounted, it would let a send(2) running beside it on the
+         * same socket take its list for its own (tests/test_blindspots.py,
+         * the fixed-file race). Any other file: tracked uncounted, the
+         * socket is taken from the request at completion. */
         p.sock_fd = -1;
+        p.sk = unix_sk_of_file(uring_fixed_file(ctxp, (u32)fd));
+        if (p.sk)
+            begin_call(&p);
+        else
+            p.before = ~0U;
     }
-    if (uring_pending.update(&req, &p) != 0) {
+    /* IOSQE_CQE_SKIP_SUCCESS: a success posts no CQE, so io_uring_complete
+     * never fires for it and the transfer cannot be reported (a failure
+     * does fire, and reports nothing). Counted, never silent; and, like any
+     * call that is not tracked, its count stays open, so its socket's calls
+     * of its side stay "not alone" (unverified) rather than ever taking its
+     * list for their own. docs/kernel.md, "What is not seen". */
+    if (rqflags & REQ_F_CQE_SKIP_) {
+        stat_inc(FDP_STAT_URING_UNSEEN);
+        return 0;
+    }
+    if (uring_pending.update(&req, &p) != 0)
         stat_inc(FDP_STAT_URING_FULL);
-        count_end(&p);
-    }
     return 0;
 }
 
@@ -1057,10 +1200,19 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete) {
         count_end(&p);
         return 0;
     }
-    if (p.sk != sk) { /* fixed file, or not the socket counted at submit */
+    if (p.sk != sk) { /* not the socket counted at submit (its fd or slot was replaced meanwhile) */
         count_end(&p);
         p.sk = sk;
         p.before = ~0U;
+        /* This call ran uncounted on sk: a call of its side still running
+         * there must not look alone at its exit (docs/kernel.md). */
+        struct sk_state *st = sk_states.lookup(&sk);
+        if (st) {
+            if (p.direction == FDP_DIR_SEND)
+                __sync_fetch_and_add(&st->send_started, 1);
+            else
+                __sync_fetch_and_add(&st->recv_started, 1);
+        }
     }
     return finish(args, &p, args->res, 0);
 }

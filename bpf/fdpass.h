@@ -119,6 +119,7 @@ struct fdp_event {
 #define FDP_STAT_BUDGET 3        /* syscalls whose fds outran the tail-call budget */
 #define FDP_STAT_SPILLED 4       /* pending entries that took the spill map (slot collision) */
 #define FDP_STAT_URING_FULL 5    /* io_uring requests not traced: uring_pending map full */
-#define FDP_STAT_N 6
+#define FDP_STAT_URING_UNSEEN 6  /* io_uring requests whose success posts no completion (CQE_SKIP_SUCCESS) */
+#define FDP_STAT_N 7
 
 #endif

@@ -234,6 +234,10 @@ def run_collect(args) -> int:
     if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or stats["output_errors"]:
         print("fdpass collect: WARNING: some transfers were not reported (see counts above); "
               "raise --ringbuf-pages if ringbuf drops are non-zero", file=sys.stderr)
+    if stats["kernel_uring_unseen"]:
+        print(f"fdpass collect: WARNING: {stats['kernel_uring_unseen']} io_uring sendmsg/recvmsg requests with "
+              "control data asked for no completion on success (IOSQE_CQE_SKIP_SUCCESS): the tracepoint backend "
+              "cannot see whether they moved fds (docs/kernel.md, 'What is not seen')", file=sys.stderr)
     return 1 if undelivered else 0
 
 

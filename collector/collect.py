@@ -205,7 +205,10 @@ class Collector:
             "events_send": self.counters.events["SEND"],
             "events_recv": self.counters.events["RECV"],
             "kernel_ringbuf_drops": k["ringbuf_drops"],
-            "kernel_pending_full": k["pending_full"],
+            # calls not tracked because a pending map was full: syscalls' and io_uring requests'
+            "kernel_pending_full": k["pending_full"] + k["uring_full"],
+            # io_uring requests with IOSQE_CQE_SKIP_SUCCESS: their success is invisible to tracepoints
+            "kernel_uring_unseen": k["uring_unseen"],
             "kernel_budget_exhausted": k["budget_exhausted"],
             "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,

@@ -168,7 +168,8 @@ DEFAULT_RINGBUF_PAGES = 16384
 READ_BATCH = 16384
 
 # Indices of the BPF `stats` array (FDP_STAT_* in bpf/fdpass.h).
-STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled", "uring_full")
+STAT_NAMES = ("events", "ringbuf_drops", "pending_full", "budget_exhausted", "pending_spilled", "uring_full",
+              "uring_unseen")
 
 
 def _tracepoint_exists(name: str) -> bool:
@@ -192,6 +193,24 @@ def _compat_defines(btf: BTF) -> tuple[dict[str, int], str | None]:
         return {}, f"not x86 compat layout ({e})"
 
 
+def _uring_fixed_file_defines(btf: BTF) -> dict[str, int]:
+    """Where a ring's registered-file table keeps slot i's file: an array of
+    resource nodes since Linux 6.13, of io_fixed_file before (bpf/fdpass.bpf.c,
+    uring_fixed_file)."""
+    out = {"OFF_IO_RING_CTX_FILE_TABLE": btf.offsetof("io_ring_ctx", "file_table")}
+    if btf.has_member("io_file_table", "data"):
+        out.update(URING_FIXED_NODES=1, OFF_IO_FILE_TABLE_DATA=btf.offsetof("io_file_table", "data"),
+                   OFF_IO_RSRC_DATA_NR=btf.offsetof("io_rsrc_data", "nr"),
+                   OFF_IO_RSRC_DATA_NODES=btf.offsetof("io_rsrc_data", "nodes"),
+                   OFF_IO_RSRC_NODE_FILE_PTR=btf.offsetof("io_rsrc_node", "file_ptr"))
+    else:
+        if btf.offsetof("io_fixed_file", "file_ptr") != 0 or btf.sizeof("io_fixed_file") != 8:
+            raise BTFError("struct io_fixed_file is not { file_ptr } on this kernel")
+        out.update(URING_FIXED_NODES=0, OFF_IO_FILE_TABLE_FILES=btf.offsetof("io_file_table", "files"),
+                   OFF_IO_RING_CTX_NR_USER_FILES=btf.offsetof("io_ring_ctx", "nr_user_files"))
+    return out
+
+
 def _uring_defines(btf: BTF) -> tuple[dict[str, int], str | None, str | None]:
     submit = [t for t in URING_SUBMIT if _tracepoint_exists(t)]
     if not submit or not _tracepoint_exists(URING_COMPLETE):
@@ -202,6 +221,8 @@ def _uring_defines(btf: BTF) -> tuple[dict[str, int], str | None, str | None]:
         bit = btf.bit_offsetof("io_ring_ctx", "compat")
         out["OFF_IO_RING_CTX_COMPAT_BYTE"], out["OFF_IO_RING_CTX_COMPAT_BIT"] = bit // 8, bit % 8
         out.update({name: btf.enum_value(e) for name, e in URING_OPS.items()})
+        out.update(_uring_fixed_file_defines(btf))
+        out["REQ_F_CQE_SKIP_"] = 1 << btf.enum_value("REQ_F_CQE_SKIP_BIT")
     except BTFError as e:
         return {}, f"io_uring layout not understood: {e}", "no io_uring"
     zc = None

@@ -28,6 +28,7 @@ PROGRAMS = {
     "uring": ("uring.c", [], ["-luring"], "liburing-dev"),
     "race": ("race.c", ["-pthread"], [], None),
     "peek": ("peek.c", [], [], None),
+    "mixrace": ("mixrace.c", ["-pthread"], ["-luring"], "liburing-dev"),
 }
 
 # package: (a program that builds only with it installed, flags, libraries)

@@ -95,14 +95,33 @@ def test_compat_entry_points(live, cprogs, prog, mode, send_syscall, recv_syscal
 
 
 @pytest.mark.parametrize("paths", FD_SETS.values(), ids=FD_SETS.keys())
-@pytest.mark.parametrize("mode", ["inline", "async"])
+@pytest.mark.parametrize("mode", ["inline", "async", "fixed"])
 def test_io_uring_sendmsg_recvmsg(live, cprogs, mode, paths):
     """IORING_OP_SENDMSG/RECVMSG make no sendmsg(2)/recvmsg(2) system call; async
-    ones run in an io-wq worker thread, still reported as the ring owner's process."""
+    ones run in an io-wq worker thread, still reported as the ring owner's process;
+    fixed ones name their sockets by a slot of the ring's registered files."""
     truth = cprogs.run("uring", mode, *paths)
     events = events_of(live, truth)
     check_exact(events, truth, "IO_URING_SENDMSG", "IO_URING_RECVMSG")
     assert all(e["file_verified"] is True for e in events), events
+
+
+def test_io_uring_send_without_completion_is_counted(live, cprogs):
+    """IOSQE_CQE_SKIP_SUCCESS: a successful send posts no CQE, and so fires no
+    io_uring_complete. The in-kernel backend (fexit on io_sendmsg) reports it
+    exactly; the tracepoint backend cannot see it, and must say so in its
+    counts (kernel_uring_unseen), never silently; the RECV is reported."""
+    before = live.collector.stats()["kernel_uring_unseen"]
+    truth = cprogs.run("uring", "skip", SHADOW)
+    if live.collector.probes.backend == "kernel":
+        check_exact(events_of(live, truth), truth, "IO_URING_SENDMSG", "IO_URING_RECVMSG")
+        return
+    recv_only = dict(truth, messages=[dict(m, sent=[]) for m in truth["messages"]])
+    events = events_of(live, recv_only)
+    send, recv = sides(events)
+    assert send == [] and event_rows(recv) == truth_rows(truth, "received"), events
+    assert all(e["file_verified"] is True for e in recv), recv
+    assert live.collector.stats()["kernel_uring_unseen"] >= before + 1
 
 
 def test_io_uring_sendmsg_zc(live, cprogs):
@@ -172,6 +191,45 @@ def test_raced_fd_numbers_are_never_verified_wrong(live, cprogs, mode):
                if None not in (a["transfer_id"], b["transfer_id"]) and a["transfer_id"] != b["transfer_id"]]
     assert not crossed, (f"{said}; {len(crossed)} RECVs carry another transfer_id than their SEND's "
                          f"(message, SEND's, RECV's, RECV file_verified): {crossed[:5]}")
+
+
+def test_a_fixed_file_io_uring_send_never_passes_for_a_native_one(live, cprogs):
+    """The attacker's mix: while sendmsg(2) passes A on a socket, another thread
+    passes B on the same socket through io_uring, naming the socket as a
+    registered file (no fd number in the request). A native SEND that took one
+    of those lists for its own would say, verified, that it moved B. Every
+    verified event must name its own path's file, and every RECV's transfer_id
+    must be its own SEND's."""
+    count = 1000
+    truth = cprogs.run("mixrace", str(count))
+    s, r = truth["send_sock_ino"], truth["recv_sock_ino"]
+    events = live.wait(lambda e: e["sock_ino"] in (s, r), 4 * count, timeout=60)
+    send, recv = sides(events)
+    assert (len(send), len(recv)) == (2 * count, 2 * count), \
+        f"events lost or extra (the collector's loss counters, host-wide: {live.collector.stats()})"
+    native = [e for e in send if e["syscall"] == "SENDMSG"]
+    uring = [e for e in send if e["syscall"] == "IO_URING_SENDMSG"]
+    assert (len(native), len(uring)) == (count, count)
+    key = lambda f: (f["ino"], f["dev"])
+    wrong = [("SENDMSG", e["fd"], e["file_path"]) for e in native
+             if e["file_verified"] and (e["file_ino"], e["file_dev"]) != key(truth["native_sent"])]
+    wrong += [("IO_URING_SENDMSG", e["fd"], e["file_path"]) for e in uring
+              if e["file_verified"] and (e["file_ino"], e["file_dev"]) != key(truth["uring_sent"])]
+    wrong += [("RECV", i, e["file_path"]) for i, (e, m) in enumerate(zip(recv, truth["messages"]))
+              if e["file_verified"] and (e["file_ino"], e["file_dev"]) != key(m["received"][0])]
+    said = (f"mixrace: file_verified SENDMSG {verified_share(native):.1%}, IO_URING_SENDMSG "
+            f"{verified_share(uring):.1%}, RECV {verified_share(recv):.1%}")
+    print(said)
+    assert not wrong, f"{said}; {len(wrong)} verified events name another path's file, first: {wrong[:5]}"
+    by_id = {}
+    for e in send:
+        if e["transfer_id"] is not None:
+            by_id.setdefault(e["transfer_id"], []).append(e)
+    crossed = [(e["transfer_id"], e["file_path"], [x["file_path"] for x in by_id.get(e["transfer_id"], [])])
+               for e in recv if e["transfer_id"] is not None and
+               [(x["file_ino"], x["file_dev"]) for x in by_id.get(e["transfer_id"], [])] not in
+               ([], [(e["file_ino"], e["file_dev"])])]
+    assert not crossed, f"{said}; RECVs paired with a SEND of another file: {crossed[:5]}"
 
 
 def test_msg_peek_installs_a_second_fd(live, cprogs):

@@ -48,7 +48,10 @@ def transfers(n: int) -> None:
 def test_collect_metrics_move_during_a_run():
     require_bpf()
     port = free_port()
-    p = spawn_attached("collect", "--jsonl", "--metrics", f"127.0.0.1:{port}", "--log-format", "json")
+    # --pid: only this test's transfers reach the stdout pipe, which nobody reads
+    # until the end (the whole host's would fill it and stall the collector)
+    p = spawn_attached("collect", "--jsonl", "--pid", str(os.getpid()), "--metrics", f"127.0.0.1:{port}",
+                       "--log-format", "json")
     try:
         before = scrape(port)
         transfers(20)

@@ -4,6 +4,10 @@
  *   uring MODE PATH...
  *   inline  IORING_OP_SENDMSG, then IORING_OP_RECVMSG, each run in io_uring_enter
  *   async   the same with IOSQE_ASYNC: both run in an io-wq worker (iou-wrk-PID)
+ *   fixed   the same inline, naming both sockets as registered (fixed) files,
+ *           so no fd number of a socket appears in either request
+ *   skip    the send with IOSQE_CQE_SKIP_SUCCESS: a success posts no CQE (nor
+ *           the io_uring_complete tracepoint), so the send is not waited for
  *   zc      IORING_OP_SENDMSG_ZC, then IORING_OP_RECVMSG; prints
  *           {"unsupported": true, ...} when the kernel refuses zero-copy here
  */
@@ -37,10 +41,11 @@ static int run_one(struct io_uring *ring)
 int main(int argc, char **argv)
 {
     if (argc < 3)
-        die("usage: %s inline|async|zc PATH...", argv[0]);
+        die("usage: %s inline|async|fixed|skip|zc PATH...", argv[0]);
     const char *mode = argv[1];
-    int async = strcmp(mode, "async") == 0, zc = strcmp(mode, "zc") == 0;
-    if (!async && !zc && strcmp(mode, "inline") != 0)
+    int async = strcmp(mode, "async") == 0, zc = strcmp(mode, "zc") == 0, fixed = strcmp(mode, "fixed") == 0,
+        skip = strcmp(mode, "skip") == 0;
+    if (!async && !zc && !fixed && !skip && strcmp(mode, "inline") != 0)
         die("unknown mode %s", mode);
     nfds = open_paths(argc - 2, argv + 2, fds);
     int sv[2];
@@ -50,6 +55,9 @@ int main(int argc, char **argv)
     int ret = io_uring_queue_init(8, &ring, 0);
     if (ret != 0)
         die("io_uring_queue_init: %s", strerror(-ret));
+    if (fixed && (ret = io_uring_register_files(&ring, sv, 2)) != 0)
+        die("io_uring_register_files: %s", strerror(-ret));
+    int send_sock = fixed ? 0 : sv[0], recv_sock = fixed ? 1 : sv[1]; /* fixed: slots 0 and 1 */
 
     char out_data = 'x', in_data = 0;
     struct iovec out_iov = {&out_data, 1}, in_iov = {&in_data, 1};
@@ -71,12 +79,20 @@ int main(int argc, char **argv)
 
     struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
     if (zc)
-        io_uring_prep_sendmsg_zc(sqe, sv[0], &out, 0);
+        io_uring_prep_sendmsg_zc(sqe, send_sock, &out, 0);
     else
-        io_uring_prep_sendmsg(sqe, sv[0], &out, 0);
+        io_uring_prep_sendmsg(sqe, send_sock, &out, 0);
     if (async)
         sqe->flags |= IOSQE_ASYNC;
-    int res = run_one(&ring);
+    if (fixed)
+        sqe->flags |= IOSQE_FIXED_FILE;
+    int res;
+    if (skip) {
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+        res = io_uring_submit(&ring) == 1 ? 1 : -EIO; /* a failure would post a CQE: the recv below says */
+    } else {
+        res = run_one(&ring);
+    }
     if (zc && (res == -EINVAL || res == -EOPNOTSUPP)) {
         struct stat st;
         if (fstat(sv[0], &st))
@@ -89,9 +105,11 @@ int main(int argc, char **argv)
         die("%s: %s", zc ? "IORING_OP_SENDMSG_ZC" : "IORING_OP_SENDMSG", res < 0 ? strerror(-res) : "short send");
 
     sqe = io_uring_get_sqe(&ring);
-    io_uring_prep_recvmsg(sqe, sv[1], &in, 0);
+    io_uring_prep_recvmsg(sqe, recv_sock, &in, 0);
     if (async)
         sqe->flags |= IOSQE_ASYNC;
+    if (fixed)
+        sqe->flags |= IOSQE_FIXED_FILE;
     res = run_one(&ring);
     if (res != 1)
         die("IORING_OP_RECVMSG: %s", res < 0 ? strerror(-res) : "short read");
