@@ -201,7 +201,11 @@ struct work {
 BPF_ARRAY(pending_slots, struct pending, PENDING_SLOTS);
 BPF_HASH(pending_spill, u32, struct pending, 16384);
 BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup at 0 */
-BPF_TABLE("lru_hash", u64, struct pending, uring_pending, 16384); /* io_uring: by struct io_kiocb address */
+/* io_uring: by struct io_kiocb address. A plain hash, not an LRU one: an LRU
+ * map full of requests parked on purpose (receives on an empty socket) would
+ * evict live entries, and their transfers would go unreported and uncounted;
+ * a full plain map refuses the newcomer, which is counted (uring_full). */
+BPF_HASH(uring_pending, u64, struct pending, 16384);
 BPF_TABLE("lru_hash", u64, struct sk_state, sk_states, 65536);
 BPF_TABLE("lru_hash", struct xfer_key, struct xfer, xfers, 16384);
 BPF_PERCPU_ARRAY(work, struct work, 1);

@@ -27,7 +27,8 @@
 #define FDP_KIND_MSG_END 3  /* one message of the thread's call is done: msg_index, fd_count
                                (its FD records), sock_ino, peer_sock_ino, FDP_F_PEER/CTRUNC;
                                fd_index 1 = its fds reached the peer (SEND) or were installed */
-#define FDP_KIND_CALL_END 4 /* the thread's call is done: syscall, abi, sock_fd, ret */
+#define FDP_KIND_CALL_END 4 /* the thread's call is done: syscall, abi, sock_fd, ret; with
+                               fd_count > 0 also its last message's end (the MSG_END fields) */
 
 /* direction */
 #define FDP_DIR_SEND 1

@@ -15,11 +15,12 @@
  * - The outcome comes later than the files: a send whose files were taken can
  *   still fail (peer shut down, EAGAIN), and the call's return value is known
  *   only at its end. So FD records leave at once and user space holds them
- *   (collector/kernel_calls.py) until the thread's MSG_END (fexit of the unix
- *   socket's sendmsg/recvmsg: delivered or not, the socket) and CALL_END
- *   (fexit of __sys_{send,recv}msg, __sys_sendmmsg, do_recvmmsg or
- *   io_{send,recv}msg: syscall, abi, sock_fd, ret) records; a failed message
- *   or call drops them.
+ *   (collector/kernel_calls.py) until the thread's CALL_END record (fexit of
+ *   __sys_{send,recv}msg, __sys_sendmmsg, do_recvmmsg or io_{send,recv}msg:
+ *   syscall, abi, sock_fd, ret), which also carries the end of the call's
+ *   last message (fexit of the unix socket's sendmsg/recvmsg: delivered or
+ *   not, the socket); earlier messages of a sendmmsg/recvmmsg end in MSG_END
+ *   records. A failed message or call drops them.
  * - transfer_id: the sender's struct scm_fp_list gets an id when its first
  *   file is taken; scm_fp_dup() (the copy that rides on the skb, and the one
  *   MSG_PEEK installs from) passes it on; the receiver reads it by its list.
@@ -41,71 +42,178 @@
 #define PF_IO_WORKER_ 0x10 /* include/linux/sched.h */
 
 /* What a thread is in the middle of, from its first moved fd to the end of
- * its call. Created only by calls that move fds; the hooks every call passes
- * (the socket's sendmsg/recvmsg, the call's end) cost one missed look-up. */
+ * its call. Begun only by calls that move fds; the hooks every call passes
+ * (the socket's sendmsg/recvmsg, the call's end, every fget_raw) find no
+ * entry of theirs in one array slot and leave. */
 struct kcall {
+    u64 tid;        /* owner of a slot; 0 = free (u64: BPF cmpxchg is 64-bit here) */
     u64 scm;        /* the scm_cookie __scm_send is filling / scm_detach_fds is emptying; 0 between */
     u64 fpl;        /* its SCM_RIGHTS list */
     u64 xid;        /* that list's transfer id (0: not known) */
     u64 started;    /* bpf_ktime_get_ns() when the entry was made: names this call (task_cached) */
+    u64 held_sock_ino;  /* the end of the call's last finished message, held for the */
+    u64 held_peer_ino;  /* CALL_END record (or a MSG_END if another message follows) */
+    u32 held_index;
     u32 msg_index;  /* messages of the call finished so far */
     u32 nfds;       /* FD records of the current message */
     u32 records;    /* FD records of the call */
     s32 uring_fd;   /* io_uring: the request's fd, read as it is issued (-1: a fixed file) */
+    u16 held_fd_count; /* 0: no message end held */
+    u8 held_ok;
+    u8 held_flags;
     u8 direction;
+    u8 spilled;     /* the entry is in kcall_spill, not in a slot */
 };
 
-BPF_TABLE("lru_hash", u32, struct kcall, kcalls, 16384);
-BPF_TABLE("lru_hash", u64, u64, xids, 16384); /* struct scm_fp_list address -> transfer id */
+#ifndef KCALL_SLOTS
+#define KCALL_SLOTS 16384 /* power of two */
+#endif
+/* Per-call state by thread: slot tid % KCALL_SLOTS, claimed with a
+ * compare-and-swap on its tid; a thread whose slot another live call holds
+ * takes the spill map (LRU: an entry whose call end never came cannot fill
+ * it), and kcall_spilled says whether any entry is there, so the usual case
+ * makes no hash look-up at all (docs/kernel.md, "Cost"). */
+BPF_ARRAY(kcall_slots, struct kcall, KCALL_SLOTS);
+BPF_TABLE("lru_hash", u32, struct kcall, kcall_spill, 16384);
+BPF_ARRAY(kcall_spilled, u64, 1); /* entries put in kcall_spill and not yet taken out */
+/* Transfer ids by struct scm_fp_list address (docs/kernel.md, "transfer_id"):
+ * a slot per address hash, holding the list a copy (scm_fp_dup) was made to
+ * until a receiver installs from it (scm_detach_fds frees the slot: that list
+ * is freed after the receive). A list freed unseen (a socket closed with fds
+ * queued) leaves its slot taken until its address comes back in a new list;
+ * a copy whose slot holds another list goes to xids, an LRU hash (taken
+ * out by its receive too), and xids_spilled says whether anything ever did. */
+struct xid_slot {
+    u64 fpl;        /* 0 = free */
+    u64 xid;
+};
+#ifndef XID_SLOTS
+#define XID_SLOTS 16384 /* power of two */
+#endif
+BPF_ARRAY(xid_slots, struct xid_slot, XID_SLOTS);
+BPF_TABLE("lru_hash", u64, u64, xids, 16384);
+BPF_ARRAY(xids_spilled, u64, 1);
+
+static __always_inline struct xid_slot *xid_slot_of(u64 fpl) {
+    u32 idx = (u32)((fpl * 0x9E3779B97F4A7C15ULL) >> 40) & (XID_SLOTS - 1);
+    return xid_slots.lookup(&idx);
+}
+
+/* The transfer id of list fpl, or 0. take: this receive installs from fpl,
+ * which is freed after it, so its slot is freed now. */
+static __always_inline u64 xid_of(u64 fpl, int take) {
+    struct xid_slot *s = xid_slot_of(fpl);
+    if (s && s->fpl == fpl) {
+        u64 v = s->xid;
+        if (take)
+            __sync_val_compare_and_swap(&s->fpl, fpl, 0);
+        return v;
+    }
+    u32 zero = 0;
+    u64 *n = xids_spilled.lookup(&zero);
+    if (!n || *n == 0)
+        return 0;
+    u64 *v = xids.lookup(&fpl);
+    if (!v)
+        return 0;
+    u64 id = *v;
+    if (take)
+        xids.delete(&fpl);
+    return id;
+}
+
+/* List fpl (a copy just made, not yet queued or installed) belongs to
+ * transfer v (0: not known; then an entry a freed list at that address left
+ * must not name it). */
+static __always_inline void xid_set(u64 fpl, u64 v) {
+    struct xid_slot *s = xid_slot_of(fpl);
+    if (!s)
+        return;
+    if (!v) {
+        __sync_val_compare_and_swap(&s->fpl, fpl, 0);
+        u32 zero = 0;
+        u64 *n = xids_spilled.lookup(&zero);
+        if (n && *n)
+            xids.delete(&fpl);
+        return;
+    }
+    /* Its own address (a list freed unseen, now reused) or a free slot. */
+    if (s->fpl == fpl || __sync_val_compare_and_swap(&s->fpl, 0, fpl) == 0) {
+        s->xid = v;
+        return;
+    }
+    u32 zero = 0;
+    u64 *n = xids_spilled.lookup(&zero);
+    if (n && *n == 0)
+        __sync_fetch_and_add(n, 1);
+    xids.update(&fpl, &v);
+}
 BPF_PERCPU_ARRAY(kwork, struct fdp_event, 1);
-/* Whose task fields (fill_task) this CPU's kwork holds: thread and call. The
- * FD records of one call carry the same ones, so only its first record on a
- * CPU fills them; any other record written there (another thread's, or a
- * MSG_END/CALL_END, which rewrite part of them) clears or changes this. */
+/* Whose task fields (fill_task) and root this CPU's kwork holds: thread and
+ * call. The FD records of one call carry the same ones, so only its first
+ * record on a CPU fills them; a MSG_END/CALL_END written there (which
+ * rewrites part of them) clears this. */
 struct kwork_owner {
     u64 started;
+    struct kpath root;
     u32 tid;
 };
 BPF_PERCPU_ARRAY(kwork_owners, struct kwork_owner, 1);
-/* kcalls entries in existence, all threads together. The hooks every call
- * passes (the socket's sendmsg/recvmsg, the call's end, every fget_raw) read
- * this one slot first and leave when it is 0, without hashing the thread id:
- * on a machine that is not passing fds at that moment a plain sendmsg costs
- * no map look-up (docs/kernel.md, "Cost"). It can only be too high (an entry
- * the LRU evicted, or whose call end was never seen, is not subtracted),
- * which costs the look-up again, never an event. */
-BPF_ARRAY(kcalls_live, u64, 1);
-
-static __always_inline void kcalls_live_add(u64 n) {
-    u32 zero = 0;
-    u64 *live = kcalls_live.lookup(&zero);
-    if (live)
-        __sync_fetch_and_add(live, n);
-}
 
 static __always_inline struct kcall *kcall_of(void) {
-    u32 zero = 0;
-    u64 *live = kcalls_live.lookup(&zero);
-    if (live && *live == 0)
-        return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    return kcalls.lookup(&tid);
+    u32 idx = tid & (KCALL_SLOTS - 1), zero = 0;
+    struct kcall *c = kcall_slots.lookup(&idx);
+    if (c && c->tid == tid)
+        return c;
+    u64 *n = kcall_spilled.lookup(&zero);
+    if (!n || *n == 0)
+        return 0;
+    return kcall_spill.lookup(&tid);
 }
 
 static __always_inline struct kcall *kcall_begin(u8 direction, int fresh_call) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct kcall *c = kcalls.lookup(&tid);
+    struct kcall *c = kcall_of();
     if (c && c->direction == direction && !fresh_call)
         return c;
-    int existed = c != 0;
-    struct kcall fresh = {.direction = direction, .uring_fd = -1, .started = bpf_ktime_get_ns()};
-    kcalls.update(&tid, &fresh);
-    c = kcalls.lookup(&tid);
+    struct kcall fresh = {.tid = tid, .direction = direction, .uring_fd = -1, .started = bpf_ktime_get_ns()};
+    if (c) { /* this thread's entry of an earlier call whose end was not seen */
+        fresh.spilled = c->spilled;
+        *c = fresh;
+        return c;
+    }
+    u32 idx = tid & (KCALL_SLOTS - 1), zero = 0;
+    c = kcall_slots.lookup(&idx);
     if (!c)
+        return 0;
+    /* Claim the slot atomically: two CPUs may find it free at once. */
+    if (__sync_val_compare_and_swap(&c->tid, 0, (u64)tid) == 0) {
+        *c = fresh;
+        return c;
+    }
+    /* Another live call holds the slot. */
+    fresh.spilled = 1;
+    u64 *n = kcall_spilled.lookup(&zero);
+    if (!n || kcall_spill.update(&tid, &fresh) != 0) {
         stat_inc(FDP_STAT_PENDING_FULL);
-    else if (!existed)
-        kcalls_live_add(1);
-    return c;
+        return 0;
+    }
+    __sync_fetch_and_add(n, 1);
+    stat_inc(FDP_STAT_SPILLED);
+    return kcall_spill.lookup(&tid);
+}
+
+/* The call is over: free its slot or spill entry. */
+static __always_inline void kcall_end(struct kcall *c) {
+    if (!c->spilled) {
+        c->tid = 0;
+        return;
+    }
+    u32 tid = (u32)bpf_get_current_pid_tgid(), zero = 0;
+    u64 *n = kcall_spilled.lookup(&zero);
+    if (kcall_spill.delete(&tid) == 0 && n)
+        __sync_fetch_and_add(n, (u64)-1);
 }
 
 static __always_inline struct fdp_event *scratch(void) {
@@ -113,23 +221,26 @@ static __always_inline struct fdp_event *scratch(void) {
     return kwork.lookup(&zero);
 }
 
-/* ev's task fields for the current thread's call c: filled by the call's
- * first record on this CPU, kept by the next ones (see kwork_owners). */
-static __always_inline int task_fields(struct fdp_event *ev, struct kcall *c, u64 task) {
+/* ev's task fields for the current thread's call c, and the task's root
+ * (where paths start): filled by the call's first record on this CPU, kept by
+ * the next ones (see kwork_owners). */
+static __always_inline struct kwork_owner *task_fields(struct fdp_event *ev, struct kcall *c) {
     u32 zero = 0, tid = (u32)bpf_get_current_pid_tgid();
     struct kwork_owner *o = kwork_owners.lookup(&zero);
     if (!o)
-        return -1;
+        return 0;
     if (o->tid == tid && o->started == c->started) {
         ev->ktime_ns = bpf_ktime_get_ns();
-        return 0;
+        return o;
     }
     o->tid = 0;
+    u64 task = bpf_get_current_task();
     if (fill_task(ev, task, KREAD(u32, task, OFF_TASK_FLAGS) & PF_IO_WORKER_) != 0)
-        return -1;
+        return 0;
+    task_root(task, &o->root);
     o->tid = tid;
     o->started = c->started;
-    return 0;
+    return o;
 }
 
 /* One passed fd, while the kernel holds a reference to its file. */
@@ -137,8 +248,8 @@ static __always_inline void emit_fd(void *ctx, struct kcall *c, s32 fd, u64 file
     struct fdp_event *ev = scratch();
     if (!ev)
         return;
-    u64 task = bpf_get_current_task();
-    if (task_fields(ev, c, task) != 0)
+    struct kwork_owner *o = task_fields(ev, c);
+    if (!o)
         return;
     ev->kind = FDP_KIND_FD;
     ev->direction = c->direction;
@@ -156,9 +267,7 @@ static __always_inline void emit_fd(void *ctx, struct kcall *c, s32 fd, u64 file
     ev->syscall = 0;
     ev->abi = 0;
     ev->ret = 0;
-    struct kpath root = {};
-    task_root(task, &root);
-    fill_file(ev, file, &root);
+    fill_file(ev, file, &o->root);
     c->nfds += 1;
     c->records += 1;
     emit_event(ctx, ev);
@@ -208,9 +317,9 @@ KRETFUNC_PROBE(fget_raw, unsigned int fd, void *file) {
         return 0;
     u64 fpl = KREAD(u64, c->scm, OFF_SCM_COOKIE_FP);
     if (fpl != c->fpl) {
+        /* No xids entry for it: receivers install from its copies (scm_fp_dup). */
         c->fpl = fpl;
         c->xid = next_id(1);
-        xids.update(&fpl, &c->xid);
     }
     emit_fd(ctx, c, (s32)fd, (u64)file);
     return 0;
@@ -223,17 +332,27 @@ KRETFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm, int ret) {
     return 0;
 }
 
-/* The copy of the list that rides on the skb (unix_attach_fds), and the one a
- * MSG_PEEK receive installs from: the same transfer. */
+/* The copy of the list that rides on the skb (unix_attach_fds, in the
+ * sender's call: its id is the call's), and the one a MSG_PEEK receive
+ * installs from (a copy of the skb's list): the same transfer. */
+/* An fexit argument's address as a plain number: the verifier types BTF
+ * pointer arguments and refuses the hash's multiply on a pointer. */
+static __always_inline u64 addr_of(void *p) {
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), &p);
+    return v;
+}
+
 KRETFUNC_PROBE(scm_fp_dup, void *fpl, void *dup) {
     if (!dup)
         return 0;
-    u64 from = (u64)fpl, to = (u64)dup;
-    u64 *xid = xids.lookup(&from);
-    if (xid) {
-        u64 v = *xid;
-        xids.update(&to, &v);
-    }
+    u64 from = addr_of(fpl), v;
+    struct kcall *c = kcall_of();
+    if (c && c->direction == FDP_DIR_SEND && c->fpl == from)
+        v = c->xid;
+    else
+        v = xid_of(from, 0);
+    xid_set(addr_of(dup), v);
     return 0;
 }
 
@@ -246,10 +365,9 @@ KFUNC_PROBE(scm_detach_fds, void *msg, void *scm) {
     if (!c)
         return 0;
     u64 fpl = KREAD(u64, scm, OFF_SCM_COOKIE_FP);
-    u64 *xid = xids.lookup(&fpl);
     c->scm = (u64)scm;
     c->fpl = fpl;
-    c->xid = xid ? *xid : 0;
+    c->xid = xid_of(fpl, 1);
     c->nfds = 0;
     return 0;
 }
@@ -285,31 +403,49 @@ KRETFUNC_PROBE(receive_fd, void *file, void *ufd, unsigned int o_flags, int ret)
 
 /* ------------------------------------------------ message and call ends */
 
+/* The end of the call's held message into ev (MSG_END fields; also carried
+ * by the CALL_END record that ends the call). */
+static __always_inline void held_end(struct fdp_event *ev, struct kcall *c) {
+    ev->msg_index = c->held_index;
+    ev->fd_count = c->held_fd_count;
+    ev->fd_index = c->held_ok;
+    ev->sock_ino = c->held_sock_ino;
+    ev->peer_sock_ino = c->held_peer_ino;
+    ev->flags |= c->held_flags;
+}
+
 /* The unix socket's sendmsg/recvmsg returned: one message done. ok: its fds
  * reached the peer's queue (a 0-byte stream send queues nothing) or, for a
- * receive, were installed. */
+ * receive, were installed. Its end is held in c, not sent: the call's
+ * CALL_END record carries it (one record per single-message call); only when
+ * another message of the call ends after it does it leave as a MSG_END. */
 static __always_inline int msg_end(void *ctx, u64 sock, int ok, u64 msg) {
     struct kcall *c = kcall_of();
     if (!c)
         return 0;
     if (c->nfds) {
-        struct fdp_event *ev = marker(FDP_KIND_MSG_END, c);
-        if (ev) {
-            ev->fd_count = c->nfds;
-            ev->fd_index = ok;
-            /* SOCK_INODE(): the inode sits beside the socket in struct socket_alloc */
-            ev->sock_ino = KREAD(u64, sock, OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
-            ev->peer_sock_ino = 0;
-            u64 peer = KREAD(u64, KREAD(u64, sock, OFF_SOCKET_SK), OFF_UNIX_SOCK_PEER);
-            u64 psocket = peer ? KREAD(u64, peer, OFF_SOCK_SK_SOCKET) : 0;
-            if (psocket) {
-                ev->peer_sock_ino = KREAD(u64, psocket, OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
-                ev->flags |= FDP_F_PEER;
+        if (c->held_fd_count) {
+            struct fdp_event *ev = marker(FDP_KIND_MSG_END, c);
+            if (ev) {
+                held_end(ev, c);
+                emit_event(ctx, ev);
             }
-            if (msg && (KREAD(u32, msg, OFF_MSGHDR_MSG_FLAGS) & MSG_CTRUNC_))
-                ev->flags |= FDP_F_CTRUNC;
-            emit_event(ctx, ev);
         }
+        c->held_index = c->msg_index;
+        c->held_fd_count = c->nfds;
+        c->held_ok = ok;
+        c->held_flags = 0;
+        /* SOCK_INODE(): the inode sits beside the socket in struct socket_alloc */
+        c->held_sock_ino = KREAD(u64, sock, OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
+        c->held_peer_ino = 0;
+        u64 peer = KREAD(u64, KREAD(u64, sock, OFF_SOCKET_SK), OFF_UNIX_SOCK_PEER);
+        u64 psocket = peer ? KREAD(u64, peer, OFF_SOCK_SK_SOCKET) : 0;
+        if (psocket) {
+            c->held_peer_ino = KREAD(u64, psocket, OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
+            c->held_flags |= FDP_F_PEER;
+        }
+        if (msg && (KREAD(u32, msg, OFF_MSGHDR_MSG_FLAGS) & MSG_CTRUNC_))
+            c->held_flags |= FDP_F_CTRUNC;
     }
     c->msg_index += 1;
     c->nfds = 0;
@@ -346,12 +482,13 @@ static __always_inline int call_end(void *ctx, u8 syscall, u8 abi, s32 sock_fd, 
             ev->abi = abi;
             ev->sock_fd = sock_fd;
             ev->ret = ret;
+            ev->fd_count = 0;
+            if (c->held_fd_count)
+                held_end(ev, c); /* and the end of its last message: fd_count > 0 says so */
             emit_event(ctx, ev);
         }
     }
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    if (kcalls.delete(&tid) == 0)
-        kcalls_live_add((u64)-1);
+    kcall_end(c);
     return 0;
 }
 

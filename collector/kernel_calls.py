@@ -3,11 +3,13 @@
 bpf/fdpass_kernel.bpf.c emits each fd the moment the kernel takes (SEND) or
 installs (RECV) it, while it holds the file, so the identity is exact. Whether
 the message got through, and the call's syscall, abi, sock_fd and return value,
-are known only later: a MSG_END record per message and a CALL_END record per
-call, from the same thread, follow. Here FD records are held by thread id until
-the CALL_END, then completed and released, or dropped when their message or
-call failed (what the tracepoint backend never reports either, as it emits only
-after a successful call).
+are known only later: a CALL_END record per call, from the same thread, follows;
+it also carries the end of the call's last message (fd_count > 0: the MSG_END
+fields), and each earlier message of a sendmmsg/recvmmsg has a MSG_END record of
+its own. Here FD records are held by thread id until the CALL_END, then
+completed and released, or dropped when their message or call failed (what the
+tracepoint backend never reports either, as it emits only after a successful
+call).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class KernelCalls:
         elif rec.kind == R.KIND_CALL_END:
             call = self.calls.pop(rec.tid, None)
             if call is not None:
+                if rec.fd_count:  # it ends the call's last message too
+                    call.msgs[rec.msg_index] = rec
                 return self._finish(call, rec)
         return []
 

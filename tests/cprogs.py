@@ -29,6 +29,7 @@ PROGRAMS = {
     "race": ("race.c", ["-pthread"], [], None),
     "peek": ("peek.c", [], [], None),
     "mixrace": ("mixrace.c", ["-pthread"], ["-luring"], "liburing-dev"),
+    "uringflood": ("uringflood.c", [], ["-luring"], "liburing-dev"),
 }
 
 # package: (a program that builds only with it installed, flags, libraries)

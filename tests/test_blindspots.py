@@ -124,6 +124,19 @@ def test_io_uring_send_without_completion_is_counted(live, cprogs):
     assert live.collector.stats()["kernel_uring_unseen"] >= before + 1
 
 
+def test_a_flood_of_parked_io_uring_receives_does_not_evict_a_victims(live, cprogs):
+    """An attacker parks more io_uring receives than the probe's table of
+    requests in flight holds (16,384), after a victim's receive. The probe may
+    refuse the ones it has no room for, counted, but must still report the
+    victim's transfer."""
+    before = live.collector.stats()["kernel_pending_full"]
+    truth = cprogs.run("uringflood", "17000", SHADOW, timeout=120)
+    events = events_of(live, truth)
+    check_exact(events, truth, "SENDMSG", "IO_URING_RECVMSG")
+    if live.collector.probes.backend == "tracepoint":
+        assert live.collector.stats()["kernel_pending_full"] > before  # the flood's overflow, counted
+
+
 def test_io_uring_sendmsg_zc(live, cprogs):
     """The zero-copy sendmsg opcode: exact events where the kernel offers it on
     unix sockets; where it refuses the request (6.18: EOPNOTSUPP), nothing

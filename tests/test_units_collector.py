@@ -234,6 +234,24 @@ def test_kernel_calls_hold_fd_records_until_the_call_ends():
     calls.add(end(4, 1, 1, 1), b"")
     assert [r.msg_index for r, _ in calls.add(call(4, 1, sys=2), b"")] == [0]
     assert calls.failed_dropped == 3 and not calls.calls
+    # one record per single-message call: the CALL_END carries its message's end (fd_count > 0)
+    both = lambda tid, ret, ok: _krec(kind=R.KIND_CALL_END, tid=tid, syscall=1, abi=2, sock_fd=3, ret=ret,
+                                      msg_index=0, fd_count=1, fd_index=ok, sock_ino=7, peer_sock_ino=8,
+                                      flags=R.F_PEER | R.F_CTRUNC)
+    calls.add(fd(5, 0, 0), b"")
+    out = [r for r, _ in calls.add(both(5, 1, 1), b"")]
+    assert [(r.fd, r.fd_count, r.sock_ino, r.peer_sock_ino, r.ret, r.flags) for r in out] \
+        == [(10, 1, 7, 8, 1, R.F_VERIFIED | R.F_PEER | R.F_CTRUNC)]
+    calls.add(fd(6, 0, 0), b"")
+    assert calls.add(both(6, 0, 0), b"") == []  # its fds did not reach the peer (0-byte stream send)
+    # sendmmsg: the first message's MSG_END, the second's end in the CALL_END
+    calls.add(fd(7, 0, 0), b"")
+    calls.add(end(7, 0, 1, 1), b"")
+    calls.add(fd(7, 1, 0), b"")
+    last = _krec(kind=R.KIND_CALL_END, tid=7, syscall=2, abi=2, sock_fd=3, ret=2, msg_index=1, fd_count=1,
+                 fd_index=1, sock_ino=9, peer_sock_ino=8, flags=R.F_PEER)
+    assert [(r.msg_index, r.sock_ino) for r, _ in calls.add(last, b"")] == [(0, 7), (1, 9)]
+    assert calls.failed_dropped == 4 and not calls.calls
     # calls whose end never comes are bounded and counted
     small = KernelCalls(max_threads=2)
     for tid in (1, 2, 3):
@@ -261,7 +279,7 @@ def test_bpf_program_map_scanner_follows_helpers_and_tail_calls():
     # the kernel backend's file is in the picture too: the sender's fd is emitted where fget_raw returns
     kernel = bpfmap.scan(bpfmap.BPF_DIR / "fdpass_kernel.bpf.c")
     assert ("events", "emit") in bpfmap.map_ops(kernel, "fexit fget_raw")
-    assert ("kcalls", "delete") in bpfmap.map_ops(kernel, "fexit __sys_sendmsg")
+    assert ("kcall_spill", "delete") in bpfmap.map_ops(kernel, "fexit __sys_sendmsg")
     assert "## fdpass_kernel.bpf.c" in bpfmap.generate()
 
 

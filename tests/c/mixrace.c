@@ -26,35 +26,6 @@ static int count, A, B, sv[2];
 static struct msgrec *msgs;
 static long tid_recv, tid_uring;
 
-/* One message of 1 byte with room for one fd; m points into the struct, so
- * it stays where onefd_init built it. */
-struct onefd {
-    char data;
-    struct iovec iov;
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctrl;
-    struct msghdr m;
-};
-
-/* fd >= 0: a message passing fd; -1: a receive buffer. */
-static void onefd_init(struct onefd *o, char data, int fd)
-{
-    memset(o, 0, sizeof *o);
-    o->data = data;
-    o->iov = (struct iovec){&o->data, 1};
-    o->m = (struct msghdr){.msg_iov = &o->iov, .msg_iovlen = 1, .msg_control = o->ctrl.buf,
-                           .msg_controllen = sizeof o->ctrl.buf};
-    if (fd < 0)
-        return;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&o->m);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof fd);
-}
-
 static void *receiver(void *arg)
 {
     (void)arg;
