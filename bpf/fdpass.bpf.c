@@ -131,6 +131,7 @@ struct sk_state {
     u64 recv_started;
     u64 recv_active;
     u64 send_tid;  /* the thread of the last send that started with none in progress */
+    u64 ino;       /* the socket's inode number: a new socket at a freed one's address starts afresh */
 };
 
 /* One passed file as a RECV checks it: the same struct file, still on the
@@ -247,6 +248,17 @@ static __always_inline void count_start(struct pending *p) {
         p->before = ~0U; /* cannot tell: never "alone" */
         return;
     }
+    /* Entries outlive their sockets (and a call that could not be tracked
+     * leaves its count open on purpose): a socket that now has the address
+     * of a freed one must not inherit its counts. */
+    u64 ino = KREAD(u64, KREAD(u64, p->sk, OFF_SOCK_SK_SOCKET), OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
+    if (st->ino != ino) {
+        st->send_started = 0;
+        st->send_active = 0;
+        st->recv_started = 0;
+        st->recv_active = 0;
+        st->ino = ino;
+    }
     if (p->direction == FDP_DIR_SEND) {
         p->ticket = __sync_fetch_and_add(&st->send_started, 1);
         p->before = (u32)__sync_fetch_and_add(&st->send_active, 1);
@@ -349,9 +361,12 @@ static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, 
 /* A RECV found a list no SEND has claimed yet (its receiver was running, so
  * the sender woke nobody, and this receive may take the list before the
  * send's exit can find it). If the list's sending socket has exactly one send
- * in progress, that send has run alone so far, and the peer's queue (this
- * socket's) was empty when it began, every list from that socket now on the
- * queue is that send's: it gets the list and its id. */
+ * in progress, that send has run alone so far, and the list's skb was queued
+ * after the tail that send saw at its entry, the list is that send's: it gets
+ * the list and its id. Queued after it: the old tail is not the skb itself
+ * nor any skb behind it (FIFO; had the tail been taken, everything queued
+ * now came later). Should the old tail's address have been reused by an skb
+ * queued since, the send just gets nothing. */
 static __always_inline void hand_to_sender(struct pending *r, u64 skb, u64 fpl, struct xfer *known) {
     u64 from = KREAD(u64, skb, OFF_SK_BUFF_SK);
     struct sk_state *st = from ? sk_states.lookup(&from) : 0;
@@ -361,8 +376,20 @@ static __always_inline void hand_to_sender(struct pending *r, u64 skb, u64 fpl, 
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *s = pending_slots.lookup(&idx);
     if (!s || s->tid != tid || s->sk != from || s->direction != FDP_DIR_SEND || s->fpl || s->before != 0 ||
-        s->syscall == FDP_SYS_SENDMMSG || s->peer != r->sk || s->tail0 != r->sk + OFF_SOCK_SK_RECEIVE_QUEUE)
+        s->syscall == FDP_SYS_SENDMMSG || s->peer != r->sk)
         return;
+    u64 head = r->sk + OFF_SOCK_SK_RECEIVE_QUEUE, tail0 = s->tail0, n = skb;
+    for (int i = 0; i < QUEUE_WALK; i++) {
+        if (n == tail0)
+            return; /* queued before the send began */
+        n = KREAD(u64, n, OFF_SK_BUFF_NEXT);
+        if (!n)
+            return;
+        if (n == head)
+            break;
+    }
+    if (n != head)
+        return; /* more of the queue than walked: cannot tell */
     u64 ticket = s->ticket;
     if (st->send_started != ticket + 1)
         return;
