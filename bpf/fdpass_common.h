@@ -27,6 +27,20 @@
 /* Read a kernel value of type T at base + off. */
 #define KREAD(T, base, off) ({ T _v = 0; bpf_probe_read_kernel(&_v, sizeof(_v), (void *)((u64)(base) + (off))); _v; })
 
+/* Several members of one kernel struct in one read: bytes [lo, hi) of it go
+ * into a stack buffer (lo rounded down to 8, so every member stays aligned as
+ * the verifier wants stack loads), and WIN_AT picks a member out of it. One
+ * bpf_probe_read_kernel costs about what a member read does, whatever its
+ * size up to a cache line or two, so a record's file identity and path walk
+ * read each struct once (docs/kernel.md "Cost"). Windows are computed from
+ * the OFF_* values; one wider than WIN_MAX (some future layout) falls back to
+ * a read per member. */
+#define WIN_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define WIN_MAX_OF(a, b) ((a) > (b) ? (a) : (b))
+#define WIN_MAX 128
+#define WIN_AT(T, buf, lo, off) (*(T *)((char *)(buf) + ((off) - (lo))))
+#define WIN_READ(buf, base, lo, hi) bpf_probe_read_kernel(buf, (hi) - (lo), (void *)((u64)(base) + (lo)))
+
 /* Per-process facts that cost ~10 reads to gather and rarely change: kept by
  * tgid, and trusted only while the task's real_parent and nsproxy pointers
  * are still the ones they were read through (reparenting, setns and unshare
@@ -174,8 +188,71 @@ static __always_inline void emit_event(void *ctx, struct fdp_event *ev) {
         stat_inc(FDP_STAT_EVENTS);
 }
 
+/* The windows (see WIN_AT) the path walk and fill_file read. */
+#define FILE_LO (WIN_MIN(WIN_MIN(OFF_FILE_F_INODE, OFF_FILE_F_FLAGS), OFF_FILE_F_PATH) & ~7)
+#define FILE_HI WIN_MAX_OF(WIN_MAX_OF(OFF_FILE_F_INODE + 8, OFF_FILE_F_FLAGS + 4), OFF_FILE_F_PATH + 16)
+#define INODE_LO (WIN_MIN(WIN_MIN(OFF_INODE_I_MODE, OFF_INODE_I_INO), OFF_INODE_I_SB) & ~7)
+#define INODE_HI WIN_MAX_OF(WIN_MAX_OF(OFF_INODE_I_MODE + 2, OFF_INODE_I_INO + 8), OFF_INODE_I_SB + 8)
+#define SB_LO (WIN_MIN(OFF_SUPER_BLOCK_S_DEV, OFF_SUPER_BLOCK_S_MAGIC) & ~7)
+#define SB_HI WIN_MAX_OF(OFF_SUPER_BLOCK_S_DEV + 4, OFF_SUPER_BLOCK_S_MAGIC + 8)
+/* A dentry: parent and name (every component), hash link and ops (the file's own). */
+#define DENTRY_LO (WIN_MIN(WIN_MIN(OFF_DENTRY_D_PARENT, OFF_DENTRY_D_NAME_NAME), \
+                           WIN_MIN(OFF_DENTRY_D_HASH_PPREV, OFF_DENTRY_D_OP)) & ~7)
+#define DENTRY_HI WIN_MAX_OF(WIN_MAX_OF(OFF_DENTRY_D_PARENT, OFF_DENTRY_D_NAME_NAME), \
+                             WIN_MAX_OF(OFF_DENTRY_D_HASH_PPREV, OFF_DENTRY_D_OP)) + 8
+/* A struct mount: its parent, where it is mounted, and its vfsmount's root. */
+#define MOUNT_LO (WIN_MIN(WIN_MIN(OFF_MOUNT_MNT_PARENT, OFF_MOUNT_MNT_MOUNTPOINT), \
+                          OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT) & ~7)
+#define MOUNT_HI WIN_MAX_OF(WIN_MAX_OF(OFF_MOUNT_MNT_PARENT, OFF_MOUNT_MNT_MOUNTPOINT), \
+                            OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT) + 8
+#if FILE_HI - FILE_LO <= WIN_MAX && INODE_HI - INODE_LO <= WIN_MAX && SB_HI - SB_LO <= WIN_MAX && \
+    DENTRY_HI - DENTRY_LO <= WIN_MAX && MOUNT_HI - MOUNT_LO <= WIN_MAX
+#define WINDOWS 1
+#else
+#define WINDOWS 0
+#endif
+
+/* What the walk needs of a dentry and of a mount. */
+struct dent {
+    u64 parent;
+    u64 name;
+};
+struct mnt_facts {
+    u64 root;        /* its vfsmount's mnt_root */
+    u64 parent;      /* struct mount * */
+    u64 mountpoint;  /* dentry * */
+};
+
+static __always_inline void read_dent(u64 dentry, struct dent *d) {
+#if WINDOWS
+    u64 w[(DENTRY_HI - DENTRY_LO + 7) / 8];
+    WIN_READ(w, dentry, DENTRY_LO, DENTRY_HI);
+    d->parent = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_PARENT);
+    d->name = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_NAME_NAME);
+#else
+    d->parent = KREAD(u64, dentry, OFF_DENTRY_D_PARENT);
+    d->name = KREAD(u64, dentry, OFF_DENTRY_D_NAME_NAME);
+#endif
+}
+
+static __always_inline void read_mount(u64 mount, struct mnt_facts *m) {
+#if WINDOWS
+    u64 w[(MOUNT_HI - MOUNT_LO + 7) / 8];
+    WIN_READ(w, mount, MOUNT_LO, MOUNT_HI);
+    m->root = WIN_AT(u64, w, MOUNT_LO, OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT);
+    m->parent = WIN_AT(u64, w, MOUNT_LO, OFF_MOUNT_MNT_PARENT);
+    m->mountpoint = WIN_AT(u64, w, MOUNT_LO, OFF_MOUNT_MNT_MOUNTPOINT);
+#else
+    m->root = KREAD(u64, mount, OFF_MOUNT_MNT + OFF_VFSMOUNT_MNT_ROOT);
+    m->parent = KREAD(u64, mount, OFF_MOUNT_MNT_PARENT);
+    m->mountpoint = KREAD(u64, mount, OFF_MOUNT_MNT_MOUNTPOINT);
+#endif
+}
+
 /* Walk dentries from the file up to the task's root, crossing mounts, writing
  * names leaf first into ev->path (root: the task's, in map memory too). Mirrors the kernel's d_path()/prepend_path().
+ * Each dentry is read once (parent and name together) and each mount once
+ * (its root, parent and mountpoint together), not once per member.
  *
  * The running length and count live in the map value (ev->path_len,
  * ev->ncomp), not in locals: the verifier tracks locals precisely, so a
@@ -188,14 +265,28 @@ static __always_inline void walk_path(struct fdp_event *ev, const struct kpath *
     ev->path_len = 0;
     ev->ncomp = 0;
 
+    struct dent d = {};
+    u64 dop, pprev;
+#if WINDOWS
+    {
+        u64 w[(DENTRY_HI - DENTRY_LO + 7) / 8];
+        WIN_READ(w, dentry, DENTRY_LO, DENTRY_HI);
+        d.parent = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_PARENT);
+        d.name = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_NAME_NAME);
+        dop = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_OP);
+        pprev = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_HASH_PPREV);
+    }
+#else
+    read_dent(dentry, &d);
+    dop = KREAD(u64, dentry, OFF_DENTRY_D_OP);
+    pprev = KREAD(u64, dentry, OFF_DENTRY_D_HASH_PPREV);
+#endif
+
     /* Pseudo files (sockets, pipes, anon inodes, memfds) name themselves
      * through d_op->d_dname, unless the dentry is its mount's root. */
-    u64 dop = KREAD(u64, dentry, OFF_DENTRY_D_OP);
     if (dop && KREAD(u64, dop, OFF_DENTRY_OPERATIONS_D_DNAME)) {
-        u64 parent = KREAD(u64, dentry, OFF_DENTRY_D_PARENT);
-        if (parent != dentry || dentry != KREAD(u64, vfsmnt, OFF_VFSMOUNT_MNT_ROOT)) {
-            u64 name = KREAD(u64, dentry, OFF_DENTRY_D_NAME_NAME);
-            long n = bpf_probe_read_kernel_str(ev->path, FDP_NAME_MAX, (void *)name);
+        if (d.parent != dentry || dentry != KREAD(u64, vfsmnt, OFF_VFSMOUNT_MNT_ROOT)) {
+            long n = bpf_probe_read_kernel_str(ev->path, FDP_NAME_MAX, (void *)d.name);
             ev->flags |= FDP_F_DNAME;
             ev->ncomp = 1;
             ev->path_len = n > 0 ? (u16)n : 0;
@@ -203,36 +294,41 @@ static __always_inline void walk_path(struct fdp_event *ev, const struct kpath *
         }
     }
     /* d_unlinked(): unhashed and not a root */
-    if (!KREAD(u64, dentry, OFF_DENTRY_D_HASH_PPREV) && KREAD(u64, dentry, OFF_DENTRY_D_PARENT) != dentry)
+    if (!pprev && d.parent != dentry)
         ev->flags |= FDP_F_DELETED;
 
+    struct mnt_facts m = {};
+    read_mount(mount, &m);
     for (int i = 0; i < PATH_DEPTH; i++) {
         if (dentry == root->dentry && vfsmnt == root->mnt)
             return;
-        u64 mnt_root = KREAD(u64, vfsmnt, OFF_VFSMOUNT_MNT_ROOT);
-        if (dentry == mnt_root) {
-            u64 parent_mount = KREAD(u64, mount, OFF_MOUNT_MNT_PARENT);
-            if (parent_mount == mount)
+        if (dentry == m.root) {
+            if (m.parent == mount)
                 return; /* global root, or a detached mount */
-            dentry = KREAD(u64, mount, OFF_MOUNT_MNT_MOUNTPOINT);
-            mount = parent_mount;
+            dentry = m.mountpoint;
+            mount = m.parent;
             vfsmnt = mount + OFF_MOUNT_MNT;
+            read_mount(mount, &m);
+            d.name = 0;
             continue;
         }
-        u64 parent = KREAD(u64, dentry, OFF_DENTRY_D_PARENT);
-        if (parent == dentry)
+        /* This dentry's parent and name, unless known (the file's own). A
+         * name is never NULL; the root, reached next, is never read. */
+        if (!d.name)
+            read_dent(dentry, &d);
+        if (d.parent == dentry)
             return; /* an unreachable root: the kernel stops here too */
         u32 len = ev->path_len;
         if (len >= FDP_PATH_MAX) {
             ev->flags |= FDP_F_PATH_TRUNC;
             return;
         }
-        u64 name = KREAD(u64, dentry, OFF_DENTRY_D_NAME_NAME);
-        long n = bpf_probe_read_kernel_str(&ev->path[len & (FDP_PATH_MAX - 1)], FDP_NAME_MAX, (void *)name);
+        long n = bpf_probe_read_kernel_str(&ev->path[len & (FDP_PATH_MAX - 1)], FDP_NAME_MAX, (void *)d.name);
         if (n > 0)
             ev->path_len = len + (u32)n;
         ev->ncomp += 1;
-        dentry = parent;
+        dentry = d.parent;
+        d.name = 0;
     }
     /* Depth bound reached: unless this is the root, the path is incomplete. */
     if (!(dentry == root->dentry && vfsmnt == root->mnt))
@@ -240,17 +336,35 @@ static __always_inline void walk_path(struct fdp_event *ev, const struct kpath *
 }
 
 /* The identity of a struct file into ev: inode number, device, type, open
- * flags, and its path. Returns the inode, for callers that check it again. */
+ * flags, and its path. Returns the inode, for callers that check it again.
+ * One read each of the file, its inode and its superblock (see WIN_AT). */
 static __always_inline u64 fill_file(struct fdp_event *ev, u64 file, const struct kpath *root) {
-    u64 inode = KREAD(u64, file, OFF_FILE_F_INODE);
+    struct kpath fp = {};
+    u64 inode, sb;
+#if WINDOWS
+    u64 w[(WIN_MAX_OF(WIN_MAX_OF(FILE_HI - FILE_LO, INODE_HI - INODE_LO), SB_HI - SB_LO) + 7) / 8];
+    WIN_READ(w, file, FILE_LO, FILE_HI);
+    inode = WIN_AT(u64, w, FILE_LO, OFF_FILE_F_INODE);
+    ev->file_flags = WIN_AT(u32, w, FILE_LO, OFF_FILE_F_FLAGS);
+    fp.mnt = WIN_AT(u64, w, FILE_LO, OFF_FILE_F_PATH);
+    fp.dentry = WIN_AT(u64, w, FILE_LO, OFF_FILE_F_PATH + 8);
+    WIN_READ(w, inode, INODE_LO, INODE_HI);
+    ev->file_ino = WIN_AT(u64, w, INODE_LO, OFF_INODE_I_INO);
+    ev->i_mode = WIN_AT(u16, w, INODE_LO, OFF_INODE_I_MODE);
+    sb = WIN_AT(u64, w, INODE_LO, OFF_INODE_I_SB);
+    WIN_READ(w, sb, SB_LO, SB_HI);
+    ev->file_dev = WIN_AT(u32, w, SB_LO, OFF_SUPER_BLOCK_S_DEV);
+    ev->sb_magic = (u32)WIN_AT(u64, w, SB_LO, OFF_SUPER_BLOCK_S_MAGIC);
+#else
+    inode = KREAD(u64, file, OFF_FILE_F_INODE);
     ev->file_flags = KREAD(u32, file, OFF_FILE_F_FLAGS);
     ev->file_ino = KREAD(u64, inode, OFF_INODE_I_INO);
     ev->i_mode = KREAD(u16, inode, OFF_INODE_I_MODE);
-    u64 sb = KREAD(u64, inode, OFF_INODE_I_SB);
+    sb = KREAD(u64, inode, OFF_INODE_I_SB);
     ev->file_dev = KREAD(u32, sb, OFF_SUPER_BLOCK_S_DEV);
     ev->sb_magic = (u32)KREAD(u64, sb, OFF_SUPER_BLOCK_S_MAGIC);
-    struct kpath fp = {};
     bpf_probe_read_kernel(&fp, sizeof(fp), (void *)(file + OFF_FILE_F_PATH));
+#endif
     walk_path(ev, root, fp.dentry, fp.mnt);
     return inode;
 }
