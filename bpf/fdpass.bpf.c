@@ -1124,9 +1124,10 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
 }
 
 #if URING
-/* The file in slot idx of the ring's registered-file table, or 0. Linux 6.13
- * made the table an array of resource nodes; before, of io_fixed_file. The low
- * bits of file_ptr are FFS_* flags (NOWAIT, ISREG and, before 6.8, SCM). */
+/* The file in slot idx of the ring's registered-file table, or 0. Newer
+ * kernels (6.18 here) keep an array of resource nodes, older ones (6.1 here)
+ * an array of io_fixed_file; collector/probes.py tells which from BTF. The low
+ * bits of file_ptr are FFS_* flags (NOWAIT, ISREG, and SCM on older kernels). */
 static __always_inline u64 uring_fixed_file(u64 ctxp, u32 idx) {
 #if URING_FIXED_NODES
     u64 data = ctxp + OFF_IO_RING_CTX_FILE_TABLE + OFF_IO_FILE_TABLE_DATA;

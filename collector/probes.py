@@ -195,8 +195,8 @@ def _compat_defines(btf: BTF) -> tuple[dict[str, int], str | None]:
 
 def _uring_fixed_file_defines(btf: BTF) -> dict[str, int]:
     """Where a ring's registered-file table keeps slot i's file: an array of
-    resource nodes since Linux 6.13, of io_fixed_file before (bpf/fdpass.bpf.c,
-    uring_fixed_file)."""
+    resource nodes on newer kernels (6.18 here), of io_fixed_file on older ones
+    (6.1 here) (bpf/fdpass.bpf.c, uring_fixed_file)."""
     out = {"OFF_IO_RING_CTX_FILE_TABLE": btf.offsetof("io_ring_ctx", "file_table")}
     if btf.has_member("io_file_table", "data"):
         out.update(URING_FIXED_NODES=1, OFF_IO_FILE_TABLE_DATA=btf.offsetof("io_file_table", "data"),
