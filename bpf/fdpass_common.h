@@ -216,6 +216,8 @@ static __always_inline void emit_event(void *ctx, struct fdp_event *ev) {
 struct dent {
     u64 parent;
     u64 name;
+    u64 op;     /* only for the file's own dentry (read_dent's `own`) */
+    u64 pprev;  /*   d_hash.pprev, likewise */
 };
 struct mnt_facts {
     u64 root;        /* its vfsmount's mnt_root */
@@ -223,15 +225,24 @@ struct mnt_facts {
     u64 mountpoint;  /* dentry * */
 };
 
-static __always_inline void read_dent(u64 dentry, struct dent *d) {
+/* own: the file's own dentry, whose ops and hash link are wanted too. */
+static __always_inline void read_dent(u64 dentry, struct dent *d, int own) {
 #if WINDOWS
     u64 w[(DENTRY_HI - DENTRY_LO + 7) / 8];
     WIN_READ(w, dentry, DENTRY_LO, DENTRY_HI);
     d->parent = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_PARENT);
     d->name = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_NAME_NAME);
+    if (own) {
+        d->op = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_OP);
+        d->pprev = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_HASH_PPREV);
+    }
 #else
     d->parent = KREAD(u64, dentry, OFF_DENTRY_D_PARENT);
     d->name = KREAD(u64, dentry, OFF_DENTRY_D_NAME_NAME);
+    if (own) {
+        d->op = KREAD(u64, dentry, OFF_DENTRY_D_OP);
+        d->pprev = KREAD(u64, dentry, OFF_DENTRY_D_HASH_PPREV);
+    }
 #endif
 }
 
@@ -266,26 +277,14 @@ static __always_inline void walk_path(struct fdp_event *ev, const struct kpath *
     ev->ncomp = 0;
 
     struct dent d = {};
-    u64 dop, pprev;
-#if WINDOWS
-    {
-        u64 w[(DENTRY_HI - DENTRY_LO + 7) / 8];
-        WIN_READ(w, dentry, DENTRY_LO, DENTRY_HI);
-        d.parent = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_PARENT);
-        d.name = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_NAME_NAME);
-        dop = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_OP);
-        pprev = WIN_AT(u64, w, DENTRY_LO, OFF_DENTRY_D_HASH_PPREV);
-    }
-#else
-    read_dent(dentry, &d);
-    dop = KREAD(u64, dentry, OFF_DENTRY_D_OP);
-    pprev = KREAD(u64, dentry, OFF_DENTRY_D_HASH_PPREV);
-#endif
+    read_dent(dentry, &d, 1);
+    struct mnt_facts m = {};
+    read_mount(mount, &m);
 
     /* Pseudo files (sockets, pipes, anon inodes, memfds) name themselves
      * through d_op->d_dname, unless the dentry is its mount's root. */
-    if (dop && KREAD(u64, dop, OFF_DENTRY_OPERATIONS_D_DNAME)) {
-        if (d.parent != dentry || dentry != KREAD(u64, vfsmnt, OFF_VFSMOUNT_MNT_ROOT)) {
+    if (d.op && KREAD(u64, d.op, OFF_DENTRY_OPERATIONS_D_DNAME)) {
+        if (d.parent != dentry || dentry != m.root) {
             long n = bpf_probe_read_kernel_str(ev->path, FDP_NAME_MAX, (void *)d.name);
             ev->flags |= FDP_F_DNAME;
             ev->ncomp = 1;
@@ -294,11 +293,8 @@ static __always_inline void walk_path(struct fdp_event *ev, const struct kpath *
         }
     }
     /* d_unlinked(): unhashed and not a root */
-    if (!pprev && d.parent != dentry)
+    if (!d.pprev && d.parent != dentry)
         ev->flags |= FDP_F_DELETED;
-
-    struct mnt_facts m = {};
-    read_mount(mount, &m);
     for (int i = 0; i < PATH_DEPTH; i++) {
         if (dentry == root->dentry && vfsmnt == root->mnt)
             return;
@@ -315,7 +311,7 @@ static __always_inline void walk_path(struct fdp_event *ev, const struct kpath *
         /* This dentry's parent and name, unless known (the file's own). A
          * name is never NULL; the root, reached next, is never read. */
         if (!d.name)
-            read_dent(dentry, &d);
+            read_dent(dentry, &d, 0);
         if (d.parent == dentry)
             return; /* an unreachable root: the kernel stops here too */
         u32 len = ev->path_len;
