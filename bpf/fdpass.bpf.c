@@ -324,26 +324,33 @@ static __always_inline int same_files(struct xfer *a, struct xfer *b) {
  * list inserts it with a new transfer id, a racing one reads the winner's.
  * An entry that a RECV took, that was created before `fresh_ns` (a SEND's
  * entry: the list did not exist then) or whose files differ from x's is
- * stale (its addresses were reused) and is replaced. Files (x->nsnap) are
- * added when the entry has none yet. *created says whether the entry is new. */
-static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, u64 fresh_ns, int *created) {
+ * stale (its addresses were reused) and is replaced, unless it already names
+ * the calling SEND (`owner`, 0 for a RECV) as its owner: a receiver handed it
+ * the list (hand_to_sender) and may have taken it since. Files (x->nsnap)
+ * are added when the entry has none yet. *created says whether this call
+ * inserted the entry (a racing insert that lost reads the winner's). */
+static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, u64 fresh_ns, struct pending *owner,
+                                            int *created) {
     struct xfer *known = xfers.lookup(k);
     *created = 0;
     x->state = 0;
     x->owner_sk = 0;
     x->owner_ticket = 0;
-    if (known && ((known->state & XF_TAKEN) || known->created_ns < fresh_ns || (x->nsnap && known->nsnap && !same_files(known, x)))) {
+    int files_differ = known && x->nsnap && known->nsnap && !same_files(known, x);
+    int mine = known && owner && known->owner_sk == owner->sk && known->owner_ticket == owner->ticket;
+    if (known && !mine && ((known->state & XF_TAKEN) || known->created_ns < fresh_ns || files_differ)) {
         *created = 1;
         x->transfer_id = next_id(1);
         x->created_ns = bpf_ktime_get_ns();
         xfers.update(k, x);
         return xfers.lookup(k);
     }
+    if (mine && files_differ)
+        return 0; /* cannot be: its own list holds other files */
     if (!known) {
-        *created = 1;
         x->transfer_id = next_id(1);
         x->created_ns = bpf_ktime_get_ns();
-        xfers.insert(k, x);
+        *created = xfers.insert(k, x) == 0;
         known = xfers.lookup(k);
         if (!known)
             return 0;
@@ -438,7 +445,7 @@ static __always_inline void snapshot_head(struct pending *p) {
         return;
     struct xfer_key k = {.fpl = fpl, .skb = skb};
     int created;
-    struct xfer *known = publish(&k, x, 0, &created);
+    struct xfer *known = publish(&k, x, 0, 0, &created);
     if (known) {
         p->fpl = fpl;
         p->skb = skb;
@@ -478,14 +485,32 @@ static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
     x->first = KREAD(u64, p->peer, OFF_SOCK_SK_RECEIVE_QUEUE) == skb;
     snap_files(x, fpl);
     /* Read while still queued, or not at all: a receiver may have taken and
-     * freed the list meanwhile. */
-    if (skb_fpl(skb) != fpl) {
+     * freed the list meanwhile. And still alone now, after the walk: a send
+     * that started after the caller's test of that (or the receiver's, in
+     * hand_to_sender) may have queued the list just found (seen with
+     * io_uring sends beside a sendmsg(2)). One that started before this
+     * call did not run during it (it was alone at entry) and queued before
+     * the tail the walk stops at; one that starts from here on queues after
+     * what the walk saw. */
+    struct sk_state *st = sk_states.lookup(&p->sk);
+    if (skb_fpl(skb) != fpl || !st || st->send_started != p->ticket + 1) {
         x->nsnap = 0;
         return;
     }
     int created;
-    struct xfer *known = publish(&k, x, p->enter_ns, &created);
+    struct xfer *known = publish(&k, x, p->enter_ns, p, &created);
     if (!known) {
+        x->nsnap = 0;
+        return;
+    }
+    /* Between the test above and the insert, a receiver may have taken the
+     * list and, at its exit, deleted the entry it had made for it (no send
+     * had claimed it): then the id inserted here is a second one for the
+     * same list, and the two sides would be paired with different ids. A
+     * list still queued after the insert cannot have been taken before it. */
+    if (created && skb_fpl(skb) != fpl) {
+        if (known->transfer_id == x->transfer_id)
+            xfers.delete(&k);
         x->nsnap = 0;
         return;
     }
@@ -562,14 +587,46 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
     }
 }
 
-/* Take this thread's pending entry of the given probe kind, if any. */
-static __always_inline int take_pending(struct pending *out, u8 probe) {
+/* A single-message SEND that has run alone on its socket and not found its
+ * list yet looks for it in the peer's queue, with its pending slot still
+ * held and still counted as in progress (the slot is written only if the
+ * thread still owns it). Used at the sender's wakeups and just before its
+ * exit gives the slot up: a receiver that takes the list meanwhile finds the
+ * send still there and hands the list over (hand_to_sender) instead of
+ * deleting an entry the claim has not seen yet. x receives the snapshot. */
+static __always_inline void claim_in_slot(struct pending *slot, u32 tid, struct xfer *x) {
+    if (slot->tid != tid || slot->direction != FDP_DIR_SEND || slot->fpl || !slot->peer || slot->before != 0 ||
+        slot->syscall == FDP_SYS_SENDMMSG)
+        return;
+    struct sk_state *st = sk_states.lookup(&slot->sk);
+    if (!st || st->send_started != slot->ticket + 1)
+        return; /* another send started on the socket since: not alone */
+    struct pending p = *slot;
+    claim_sent_list(&p, x);
+    if (!p.fpl || slot->tid != tid)
+        return;
+    slot->fpl = p.fpl;
+    slot->skb = p.skb;
+    slot->fcount = p.fcount;
+    slot->xid = p.xid;
+    slot->first = p.first;
+}
+
+/* Take this thread's pending entry of the given probe kind, if any, at the
+ * exit of its call (ret: the call's result); a SEND claims its list first. */
+static __always_inline int take_pending(struct pending *out, u8 probe, long ret) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
     if (slot && slot->tid == tid) {
         if (slot->probe != probe)
             return 0;
+        if (ret > 0 && slot->direction == FDP_DIR_SEND) {
+            u32 zero = 0;
+            struct work *w = work.lookup(&zero);
+            if (w)
+                claim_in_slot(slot, tid, &w->x);
+        }
         *out = *slot;
         slot->tid = 0;
         return 1;
@@ -837,19 +894,22 @@ static __always_inline int snap_holds(struct xfer *x, u32 index, u64 file) {
 static __always_inline u64 file_for(struct work *w, s32 fd, u32 index, u8 *verified) {
     *verified = 0;
     if (w->ev.direction == FDP_DIR_SEND) {
-        /* The kernel's list is the truth; the sender's fd table only for a
-         * message whose list was not found. */
+        /* The files the list held when the send claimed it (the snapshot)
+         * are the truth; the sender's fd table only for a message whose
+         * list was not found. */
         if (w->verify && index < w->fpl_count && index < SCM_MAX_FD) {
+            /* From the list while it is still queued, if it still holds the
+             * claimed file there: its receiver may have taken it, and its
+             * two addresses gone to another list since (seen with io_uring
+             * sends beside a sendmsg(2)), which looks just as queued. */
             u64 file = KREAD(u64, w->fpl, OFF_SCM_FP_LIST_FP + (u64)(index & 255) * 8);
-            /* Read while the list was on its skb: the list's own entry. */
-            if (file && skb_fpl(w->skb) == w->fpl) {
+            if (file && skb_fpl(w->skb) == w->fpl && snap_holds(&w->x, index, file)) {
                 *verified = 1;
                 return file;
             }
-            /* Taken by its receiver: the file the list held when the send
-             * claimed it, if the sender still holds that same file, on the
-             * same inode with the same flags (a freed and reused struct file
-             * does not pass), at fd. */
+            /* Else from the sender's fd table, if fd still holds that same
+             * file, on the same inode with the same flags (a freed and reused
+             * struct file does not pass). */
             file = fd_file(w, fd);
             if (file && snap_holds(&w->x, index, file))
                 *verified = 1;
@@ -885,13 +945,11 @@ static __always_inline void emit_fd(void *ctx, struct work *w, s32 fd, u32 index
         emit(ctx, w);
         return;
     }
-    u64 inode = fill_file(ev, file, &w->root);
-    /* SEND: the reads above were of the file the list held if the list still
-     * holds it now, or else (a receiver took the list meanwhile) if the sender
-     * still has that same file, on the same inode, open at fd. */
-    if (verified && ev->direction == FDP_DIR_SEND && skb_fpl(w->skb) != w->fpl &&
-        !(fd_file(w, fd) == file && KREAD(u64, file, OFF_FILE_F_INODE) == inode &&
-          KREAD(u32, file, OFF_FILE_F_FLAGS) == ev->file_flags))
+    fill_file(ev, file, &w->root);
+    /* The reads above were of the snapshot's file only if it is still that
+     * file now: it may have been closed, freed and reused meanwhile (the
+     * sender's or receiver's fd, or the list, let go of it). */
+    if (verified && !snap_holds(&w->x, index, file))
         verified = 0;
     if (verified)
         ev->flags |= FDP_F_VERIFIED;
@@ -1056,7 +1114,7 @@ static __always_inline int finish(void *ctx, struct pending *p, long ret, int ra
 
 static __always_inline int on_exit(void *ctx, long ret) {
     struct pending p = {};
-    if (!take_pending(&p, FDP_PROBE_TRACEPOINT))
+    if (!take_pending(&p, FDP_PROBE_TRACEPOINT, ret))
         return 0;
     return finish(ctx, &p, ret, 0);
 }
@@ -1071,7 +1129,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return on_exit(args, args->ret);
  * of this thread is pending. */
 RAW_TRACEPOINT_PROBE(sys_exit) {
     struct pending p = {};
-    if (!take_pending(&p, FDP_PROBE_RAW_TRACEPOINT))
+    if (!take_pending(&p, FDP_PROBE_RAW_TRACEPOINT, (long)ctx->args[1]))
         return 0;
     return finish(ctx, &p, (long)ctx->args[1], 1);
 }
@@ -1089,28 +1147,13 @@ RAW_TRACEPOINT_PROBE(sched_waking) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
-    if (!slot || slot->tid != tid || slot->direction != FDP_DIR_SEND || !slot->peer || slot->before != 0 ||
-        slot->syscall == FDP_SYS_SENDMMSG)
+    if (!slot || slot->tid != tid || slot->direction != FDP_DIR_SEND)
         return 0;
-    if (!slot->fpl) {
-        struct sk_state *st = sk_states.lookup(&slot->sk);
-        if (!st || st->send_started != slot->ticket + 1)
-            return 0; /* another send started on the socket since: not alone */
-        u32 zero = 0;
-        struct xfer *x = wake_scratch.lookup(&zero);
-        if (!x)
-            return 0;
-        struct pending p = *slot;
-        claim_sent_list(&p, x);
-        if (!p.fpl || slot->tid != tid)
-            return 0;
-        slot->fpl = p.fpl;
-        slot->skb = p.skb;
-        slot->fcount = p.fcount;
-        slot->xid = p.xid;
-        slot->first = p.first;
-    }
-    if (!slot->first)
+    u32 zero = 0;
+    struct xfer *x = wake_scratch.lookup(&zero);
+    if (x)
+        claim_in_slot(slot, tid, x);
+    if (!slot->fpl || !slot->first)
         return 0;
     u32 wtid = KREAD(u32, ctx->args[0], OFF_TASK_PID);
     u32 widx = wtid & (PENDING_SLOTS - 1);
