@@ -110,29 +110,44 @@ struct pending {
     u32 before;  /* calls of the same side in progress on sk at entry */
     s32 sock_fd;
     u32 flags;   /* RECV: the call's flags (MSG_PEEK) */
+    u64 sk_ino;  /* the socket's inode number: with sk, its sk_states key */
     u8 syscall;
     u8 direction;
     u8 abi;
     u8 probe;
     u8 first;    /* SEND: the list found was at the head of the peer's queue */
+    u8 count_only; /* counted on its socket, nothing reported (see on_enter) */
 };
 
 #ifndef PENDING_SLOTS
 #define PENDING_SLOTS 65536 /* power of two */
 #endif
 
-/* Per unix socket: how many sends/receives with control data have started
- * and are in progress. A call that ran alone on its socket (nothing else of
- * its side started or was running during it) knows that the newest SCM_RIGHTS
- * skb its socket queued is its own (docs/kernel.md, "Verification"). */
-struct sk_state {
-    u64 send_started;
-    u64 send_active;
-    u64 recv_started;
-    u64 recv_active;
-    u64 send_tid;  /* the thread of the last send that started with none in progress */
-    u64 ino;       /* the socket's inode number: a new socket at a freed one's address starts afresh */
+/* Per unix socket: how many sends/receives have started and are in
+ * progress. A call that ran alone on its socket (nothing else of its side
+ * started or was running during it) knows that the newest SCM_RIGHTS skb its
+ * socket queued is its own (docs/kernel.md, "Verification"). Each side's two
+ * counts share one word, started in the high half and in progress in the
+ * low, so that one atomic add takes a call's ticket and its count of calls
+ * in progress together: with two adds, a call could take its ticket before
+ * another's and count itself in progress after it, and neither test would
+ * see it. Keyed by the socket's address and inode number: addresses are
+ * reused as soon as a socket is freed, and a new socket must not inherit
+ * (or race to reset) a dead one's counts. */
+struct sk_key {
+    u64 sk;
+    u64 ino;
 };
+
+struct sk_state {
+    u64 send;      /* started << 32 | in progress */
+    u64 recv;
+    u64 send_tid;  /* the thread of the last send that started with none in progress */
+};
+
+#define CNT_STARTED(w) ((u32)((w) >> 32))
+#define CNT_ACTIVE(w) ((u32)(w))
+#define CNT_START ((1ULL << 32) | 1) /* one more started, and in progress */
 
 /* One passed file as a RECV checks it: the same struct file, still on the
  * same inode, with the same open flags. */
@@ -207,7 +222,7 @@ BPF_ARRAY(spilled, u64, 1); /* entries in pending_spill: exit skips its lookup a
  * evict live entries, and their transfers would go unreported and uncounted;
  * a full plain map refuses the newcomer, which is counted (uring_full). */
 BPF_HASH(uring_pending, u64, struct pending, 16384);
-BPF_TABLE("lru_hash", u64, struct sk_state, sk_states, 65536);
+BPF_TABLE("lru_hash", struct sk_key, struct sk_state, sk_states, 65536);
 BPF_TABLE("lru_hash", struct xfer_key, struct xfer, xfers, 16384);
 BPF_PERCPU_ARRAY(work, struct work, 1);
 BPF_PROG_ARRAY(progs, 1);
@@ -236,54 +251,49 @@ static __always_inline u64 skb_fpl(u64 skb) {
     return KREAD(u64, skb, OFF_SK_BUFF_CB + OFF_UNIX_SKB_PARMS_FP);
 }
 
-/* Count this call in its socket's sk_state; returns the state (0: untracked). */
+static __always_inline u64 sk_ino_of(u64 sk) {
+    return KREAD(u64, KREAD(u64, sk, OFF_SOCK_SK_SOCKET), OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
+}
+
+static __always_inline struct sk_state *sk_state_of(u64 sk, u64 ino) {
+    struct sk_key key = {.sk = sk, .ino = ino};
+    return sk_states.lookup(&key);
+}
+
+/* Has the call with this ticket run alone so far on the side whose counts
+ * are w (it was alone at entry: before == 0)? */
+static __always_inline int none_started_since(u64 w, u64 ticket) {
+    return CNT_STARTED(w) == (u32)(ticket + 1);
+}
+
+/* Count this call in its socket's sk_state (before = ~0U: untracked). */
 static __always_inline void count_start(struct pending *p) {
+    p->sk_ino = sk_ino_of(p->sk);
+    struct sk_key key = {.sk = p->sk, .ino = p->sk_ino};
     struct sk_state zero = {};
-    struct sk_state *st = sk_states.lookup(&p->sk);
+    struct sk_state *st = sk_states.lookup(&key);
     if (!st) {
-        sk_states.insert(&p->sk, &zero);
-        st = sk_states.lookup(&p->sk);
+        sk_states.insert(&key, &zero);
+        st = sk_states.lookup(&key);
     }
     if (!st) {
         p->before = ~0U; /* cannot tell: never "alone" */
         return;
     }
-    /* Entries outlive their sockets (and a call that could not be tracked
-     * leaves its count open on purpose): a socket that now has the address
-     * of a freed one must not inherit its counts. */
-    u64 ino = KREAD(u64, KREAD(u64, p->sk, OFF_SOCK_SK_SOCKET), OFF_SOCKET_ALLOC_VFS_INODE + OFF_INODE_I_INO);
-    if (st->ino != ino) {
-        st->send_started = 0;
-        st->send_active = 0;
-        st->recv_started = 0;
-        st->recv_active = 0;
-        st->ino = ino;
-    }
-    if (p->direction == FDP_DIR_SEND) {
-        p->ticket = __sync_fetch_and_add(&st->send_started, 1);
-        p->before = (u32)__sync_fetch_and_add(&st->send_active, 1);
-        if (p->before == 0)
-            st->send_tid = p->tid;
-    } else {
-        p->ticket = __sync_fetch_and_add(&st->recv_started, 1);
-        p->before = (u32)__sync_fetch_and_add(&st->recv_active, 1);
-    }
+    u64 old = __sync_fetch_and_add(p->direction == FDP_DIR_SEND ? &st->send : &st->recv, CNT_START);
+    p->ticket = CNT_STARTED(old);
+    p->before = CNT_ACTIVE(old);
+    if (p->direction == FDP_DIR_SEND && p->before == 0)
+        st->send_tid = p->tid;
 }
 
 /* Close this call's count; 1 when no other call of its side overlapped it. */
 static __always_inline int count_end(struct pending *p) {
-    struct sk_state *st = sk_states.lookup(&p->sk);
+    struct sk_state *st = sk_state_of(p->sk, p->sk_ino);
     if (!st || p->before == ~0U)
         return 0;
-    u64 started;
-    if (p->direction == FDP_DIR_SEND) {
-        __sync_fetch_and_add(&st->send_active, -1);
-        started = st->send_started;
-    } else {
-        __sync_fetch_and_add(&st->recv_active, -1);
-        started = st->recv_started;
-    }
-    return p->before == 0 && started == p->ticket + 1;
+    u64 old = __sync_fetch_and_add(p->direction == FDP_DIR_SEND ? &st->send : &st->recv, -1ULL);
+    return p->before == 0 && none_started_since(old, p->ticket);
 }
 
 /* Copy the first SNAP_FDS files of an SCM_RIGHTS list into x. */
@@ -376,13 +386,15 @@ static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, 
  * queued since, the send just gets nothing. */
 static __always_inline void hand_to_sender(struct pending *r, u64 skb, u64 fpl, struct xfer *known) {
     u64 from = KREAD(u64, skb, OFF_SK_BUFF_SK);
-    struct sk_state *st = from ? sk_states.lookup(&from) : 0;
-    if (!st || st->send_active != 1)
+    u64 from_ino = from ? sk_ino_of(from) : 0;
+    struct sk_state *st = from ? sk_state_of(from, from_ino) : 0;
+    if (!st || CNT_ACTIVE(st->send) != 1)
         return;
     u32 tid = (u32)st->send_tid;
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *s = pending_slots.lookup(&idx);
-    if (!s || s->tid != tid || s->sk != from || s->direction != FDP_DIR_SEND || s->fpl || s->before != 0 ||
+    if (!s || s->tid != tid || s->sk != from || s->sk_ino != from_ino || s->direction != FDP_DIR_SEND ||
+        s->fpl || s->before != 0 ||
         s->syscall == FDP_SYS_SENDMMSG || s->peer != r->sk)
         return;
     u64 head = r->sk + OFF_SOCK_SK_RECEIVE_QUEUE, tail0 = s->tail0, n = skb;
@@ -398,7 +410,7 @@ static __always_inline void hand_to_sender(struct pending *r, u64 skb, u64 fpl, 
     if (n != head)
         return; /* more of the queue than walked: cannot tell */
     u64 ticket = s->ticket;
-    if (st->send_started != ticket + 1)
+    if (!none_started_since(st->send, ticket))
         return;
     /* The owner is the send with the ticket checked above: should the slot
      * have passed to the thread's next call meanwhile, that call's exit finds
@@ -492,8 +504,8 @@ static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
      * call did not run during it (it was alone at entry) and queued before
      * the tail the walk stops at; one that starts from here on queues after
      * what the walk saw. */
-    struct sk_state *st = sk_states.lookup(&p->sk);
-    if (skb_fpl(skb) != fpl || !st || st->send_started != p->ticket + 1) {
+    struct sk_state *st = sk_state_of(p->sk, p->sk_ino);
+    if (skb_fpl(skb) != fpl || !st || !none_started_since(st->send, p->ticket)) {
         x->nsnap = 0;
         return;
     }
@@ -526,6 +538,8 @@ static __always_inline void claim_sent_list(struct pending *p, struct xfer *x) {
 /* Everything an enter probe does once it has a unix socket with control data. */
 static __always_inline void begin_call(struct pending *p) {
     count_start(p);
+    if (p->count_only)
+        return;
     if (p->direction == FDP_DIR_RECV) {
         snapshot_head(p);
     } else {
@@ -536,16 +550,19 @@ static __always_inline void begin_call(struct pending *p) {
 }
 
 static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 direction, u8 abi, u8 probe,
-                                     u32 flags) {
-    if (filtered_out())
-        return;
+                                     u32 flags, u8 count_only) {
     u64 sk = unix_sk_of_fd(sock_fd);
     if (!sk)
         return; /* only unix sockets carry SCM_RIGHTS; other families ignore the cmsg */
+    /* A process outside the filter is counted all the same: its sends and
+     * receives on a socket it shares with one inside must keep those from
+     * looking alone. */
+    if (filtered_out())
+        count_only = 1;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending p = {.msgvec = msgvec, .sock_fd = sock_fd, .tid = tid, .sk = sk, .syscall = syscall,
                         .direction = direction, .abi = abi, .probe = probe, .flags = flags,
-                        .enter_ns = bpf_ktime_get_ns()};
+                        .enter_ns = bpf_ktime_get_ns(), .count_only = count_only};
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
     if (!slot)
@@ -561,10 +578,12 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
         slot->xid = p.xid; /* RECV: the id seen at entry; a SEND claims at its exit or wakeup */
         slot->fcount = p.fcount;
         slot->first = p.first;
+        slot->count_only = p.count_only;
         slot->enter_ns = p.enter_ns;
         slot->peer = p.peer;
         slot->tail0 = p.tail0;
         slot->ticket = p.ticket;
+        slot->sk_ino = p.sk_ino;
         slot->before = p.before;
         slot->flags = p.flags;
         slot->syscall = p.syscall;
@@ -598,8 +617,8 @@ static __always_inline void claim_in_slot(struct pending *slot, u32 tid, struct 
     if (slot->tid != tid || slot->direction != FDP_DIR_SEND || slot->fpl || !slot->peer || slot->before != 0 ||
         slot->syscall == FDP_SYS_SENDMMSG)
         return;
-    struct sk_state *st = sk_states.lookup(&slot->sk);
-    if (!st || st->send_started != slot->ticket + 1)
+    struct sk_state *st = sk_state_of(slot->sk, slot->sk_ino);
+    if (!st || !none_started_since(st->send, slot->ticket))
         return; /* another send started on the socket since: not alone */
     struct pending p = *slot;
     claim_sent_list(&p, x);
@@ -629,6 +648,10 @@ static __always_inline int take_pending(struct pending *out, u8 probe, long ret)
         }
         *out = *slot;
         slot->tid = 0;
+        if (out->count_only) {
+            count_end(out);
+            return 0;
+        }
         return 1;
     }
     u32 zero = 0;
@@ -641,6 +664,10 @@ static __always_inline int take_pending(struct pending *out, u8 probe, long ret)
     *out = *pp;
     pending_spill.delete(&tid);
     __sync_fetch_and_add(n, -1);
+    if (out->count_only) {
+        count_end(out);
+        return 0;
+    }
     return 1;
 }
 
@@ -670,13 +697,19 @@ static __always_inline int any_control(u64 vec, u32 vlen, u8 compat) {
     return 1; /* more than 64 messages: let the exit side look */
 }
 
-/* One entry point for every ABI and hook: msgvec is a msghdr (or mmsghdr array of vlen). */
+/* One entry point for every ABI and hook: msgvec is a msghdr (or mmsghdr
+ * array of vlen). A call on a unix socket without control data (as read
+ * here) is still counted on its socket: the length is user memory that
+ * another thread can change between this read and the kernel's copy, and
+ * a call passing fds unseen must not let another call on its socket look
+ * alone and take its list (tests/test_blindspots.py, the hidden control
+ * race; docs/kernel.md). */
 static __always_inline void on_enter(u64 msgvec, u32 vlen, s32 fd, u8 syscall, u8 direction, u8 abi, u8 probe,
                                      u32 flags) {
     u8 compat = abi != FDP_ABI_X86_64;
     int mmsg = syscall == FDP_SYS_SENDMMSG || syscall == FDP_SYS_RECVMMSG;
-    if (mmsg ? any_control(msgvec, vlen, compat) : has_control(msgvec, compat))
-        remember(msgvec, fd, syscall, direction, abi, probe, flags);
+    int control = mmsg ? any_control(msgvec, vlen, compat) : has_control(msgvec, compat);
+    remember(msgvec, fd, syscall, direction, abi, probe, flags, !control);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
@@ -1207,19 +1240,18 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
     } else {
         return 0;
     }
-    if (filtered_out())
-        return 0;
     u64 ctxp = KREAD(u64, req, OFF_IO_KIOCB_CTX);
     u8 abi = (KREAD(u8, ctxp, OFF_IO_RING_CTX_COMPAT_BYTE) >> OFF_IO_RING_CTX_COMPAT_BIT) & 1 ? FDP_ABI_IA32
                                                                                            : FDP_ABI_X86_64;
     u64 umsg = KREAD(u64, req, OFF_IO_KIOCB_CMD + OFF_IO_SR_MSG_UMSG);
-    if (!has_control(umsg, abi != FDP_ABI_X86_64))
-        return 0;
+    /* Without control data (as read now: user memory the kernel reads
+     * later), or outside the filter: counted all the same (see on_enter). */
+    u8 count_only = !has_control(umsg, abi != FDP_ABI_X86_64) || filtered_out();
     s32 fd = KREAD(s32, req, OFF_IO_KIOCB_CQE + OFF_IO_CQE_FD);
     u32 rflags = KREAD(u32, req, OFF_IO_KIOCB_CMD + OFF_IO_SR_MSG_MSG_FLAGS);
     struct pending p = {.msgvec = umsg, .sock_fd = fd, .tid = (u32)bpf_get_current_pid_tgid(), .syscall = syscall,
                         .direction = direction, .abi = abi, .probe = FDP_PROBE_TRACEPOINT, .flags = rflags,
-                        .enter_ns = bpf_ktime_get_ns()};
+                        .enter_ns = bpf_ktime_get_ns(), .count_only = count_only};
     u64 rqflags = KREAD(u64, req, OFF_IO_KIOCB_FLAGS);
     if (!(rqflags & 1 /* REQ_F_FIXED_FILE */)) {
         p.sk = unix_sk_of_fd(fd);
@@ -1237,6 +1269,8 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
         p.sk = unix_sk_of_file(uring_fixed_file(ctxp, (u32)fd));
         if (p.sk)
             begin_call(&p);
+        else if (count_only)
+            return 0; /* nothing to count on */
         else
             p.before = ~0U;
     }
@@ -1247,7 +1281,8 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
      * of its side stay "not alone" (unverified) rather than ever taking its
      * list for their own. docs/kernel.md, "What is not seen". */
     if (rqflags & REQ_F_CQE_SKIP_) {
-        stat_inc(FDP_STAT_URING_UNSEEN);
+        if (!count_only)
+            stat_inc(FDP_STAT_URING_UNSEEN);
         return 0;
     }
     if (uring_pending.update(&req, &p) != 0)
@@ -1275,19 +1310,21 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete) {
         count_end(&p);
         return 0;
     }
-    if (p.sk != sk) { /* not the socket counted at submit (its fd or slot was replaced meanwhile) */
+    u64 ino = sk_ino_of(sk);
+    if (p.sk != sk || p.sk_ino != ino) { /* not the socket counted at submit (its fd or slot was replaced meanwhile) */
         count_end(&p);
         p.sk = sk;
+        p.sk_ino = ino;
         p.before = ~0U;
         /* This call ran uncounted on sk: a call of its side still running
          * there must not look alone at its exit (docs/kernel.md). */
-        struct sk_state *st = sk_states.lookup(&sk);
-        if (st) {
-            if (p.direction == FDP_DIR_SEND)
-                __sync_fetch_and_add(&st->send_started, 1);
-            else
-                __sync_fetch_and_add(&st->recv_started, 1);
-        }
+        struct sk_state *st = sk_state_of(sk, p.sk_ino);
+        if (st)
+            __sync_fetch_and_add(p.direction == FDP_DIR_SEND ? &st->send : &st->recv, 1ULL << 32);
+    }
+    if (p.count_only) {
+        count_end(&p);
+        return 0;
     }
     return finish(args, &p, args->res, 0);
 }

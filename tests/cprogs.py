@@ -27,6 +27,7 @@ PROGRAMS = {
     "xfer64": ("xfer.c", [], [], None),
     "uring": ("uring.c", [], ["-luring"], "liburing-dev"),
     "race": ("race.c", ["-pthread"], [], None),
+    "hidectl": ("hidectl.c", ["-pthread"], [], None),
     "peek": ("peek.c", [], [], None),
     "mixrace": ("mixrace.c", ["-pthread"], ["-luring"], "liburing-dev"),
     "uringflood": ("uringflood.c", [], ["-luring"], "liburing-dev"),

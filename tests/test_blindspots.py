@@ -206,6 +206,56 @@ def test_raced_fd_numbers_are_never_verified_wrong(live, cprogs, mode):
                          f"(message, SEND's, RECV's, RECV file_verified): {crossed[:5]}")
 
 
+HIDECTL_COUNT = 2000
+
+
+@pytest.mark.parametrize("side", ["send", "recv"])
+def test_a_raced_control_length_never_makes_an_event_lie(live, cprogs, side):
+    """msg_controllen is user memory, read by the tracepoint probe at entry and
+    by the kernel just after; a thread flipping it between 0 and the real
+    length makes the probe see no control data while the kernel moves the fd.
+    send: such a hidden sendmsg of B runs beside plain sends of A on the same
+    socket; recv: the receiver's length flips. No verified event may name
+    another call's file, no RECV may carry another list's transfer_id; and
+    every fd moved has its event (the in-kernel backend reads the kernel's
+    own copy; the tracepoint backend cannot, and the test says how many it
+    missed: docs/kernel.md, "What is not seen")."""
+    truth = cprogs.run("hidectl", side, str(HIDECTL_COUNT))
+    s, r = truth["send_sock_ino"], truth["recv_sock_ino"]
+    moved = [m for m in truth["messages"] if m["received"]]
+    key = lambda f: (f["ino"], f["dev"])
+    a, b = key(truth["a"]), key(truth["b"])
+    plain_sends = HIDECTL_COUNT  # the main thread's sends of A are never raced
+    # The plain sends are always reported; once they are in, so is whatever
+    # else of the run will be (a backend that misses calls would make a wait
+    # for every moved fd run into its timeout).
+    live.wait(lambda e: e["sock_ino"] == s and e["tid"] == truth["tid_send"], plain_sends, timeout=30, settle=1.0)
+    send, recv = sides(live.matching(lambda e: e["sock_ino"] in (s, r)))
+    hidden = [e for e in send if e["tid"] == truth["tid_hider"]]
+    plain = [e for e in send if e["tid"] == truth["tid_send"]]
+    wrong = [("SEND", e["file_path"]) for e in plain if e["file_verified"] and (e["file_ino"], e["file_dev"]) != a]
+    wrong += [("SEND", e["file_path"]) for e in hidden if e["file_verified"] and (e["file_ino"], e["file_dev"]) != b]
+    got = {(m["sent"][0]["ino"], key(m["received"][0])) for m in moved}
+    assert got <= {(ord("a"), a), (ord("b"), b)}, got
+    assert not wrong, f"verified events naming another call's file: {wrong[:5]}"
+    by_id = {e["transfer_id"]: e for e in send if e["transfer_id"] is not None}
+    # (a RECV whose SEND went unreported may carry an id no SEND has)
+    crossed = [(e["transfer_id"], e["file_path"], by_id[e["transfer_id"]]["file_path"]) for e in recv
+               if e["transfer_id"] in by_id and
+               (by_id[e["transfer_id"]]["file_ino"], by_id[e["transfer_id"]]["file_dev"]) !=
+               (e["file_ino"], e["file_dev"])]
+    assert not crossed, f"RECVs paired with a SEND of another file: {crossed[:5]}"
+    assert len(plain) == plain_sends, f"plain sends reported: {len(plain)} of {plain_sends}"
+    sent_unseen = sum(1 for m in moved if m["sent"][0]["ino"] == ord("b")) - len(hidden)
+    received_unseen = len(moved) - len(recv)
+    said = (f"hidectl {side}: {len(moved)} fds moved; unreported: {sent_unseen} SENDs, {received_unseen} RECVs "
+            f"(backend {live.collector.probes.backend})")
+    print(said)
+    if live.collector.probes.backend == "tracepoint" and (sent_unseen or received_unseen):
+        pytest.xfail(said + ": the tracepoint backend sees only the control length the probe read")
+    assert (sent_unseen, received_unseen) == (0, 0), said
+
+
 def test_a_fixed_file_io_uring_send_never_passes_for_a_native_one(live, cprogs):
     """The attacker's mix: while sendmsg(2) passes A on a socket, another thread
     passes B on the same socket through io_uring, naming the socket as a

@@ -102,6 +102,32 @@ def test_mntns_filter_keeps_only_that_namespace():
         lc.close()
 
 
+def test_a_process_outside_the_filter_never_lends_a_filtered_one_its_list(cprogs):
+    """A child outside the mount-namespace filter sends B over the socket the
+    filtered parent sends A over. The filter decides what is reported, not
+    what is counted: uncounted, the child's sends let the parent's look alone
+    and take the child's lists for their own (tried: up to 58 verified SENDs
+    of 3000 named B). Every parent SEND is reported, a verified one names A,
+    and none of the child's is reported."""
+    require_bpf()
+    from fdpass.collector.probes import Filters
+
+    lc = LiveCollector(Filters(mntns=(os.stat("/proc/self/ns/mnt").st_ino,)))
+    try:
+        for _ in range(2):
+            truth = cprogs.run("hidectl", "ns", "3000")
+            s, a = truth["send_sock_ino"], (truth["a"]["ino"], truth["a"]["dev"])
+            lc.wait(lambda e: e["sock_ino"] == s and e["tid"] == truth["tid_send"], 3000, timeout=30, settle=1.0)
+            send = lc.matching(lambda e: e["sock_ino"] == s and e["direction"] == "SEND")
+            assert {e["tid"] for e in send} == {truth["tid_send"]}
+            assert len(send) == 3000
+            wrong = [(e["file_path"], e["transfer_id"]) for e in send
+                     if e["file_verified"] and (e["file_ino"], e["file_dev"]) != a]
+            assert not wrong, f"{len(wrong)} verified SENDs name the filtered-out child's file: {wrong[:5]}"
+    finally:
+        lc.close()
+
+
 def run_fdpass(*args, env=None, timeout=60):
     return subprocess.run(FDPASS + list(args), capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
