@@ -597,8 +597,10 @@ static __always_inline void remember(u64 msgvec, s32 sock_fd, u8 syscall, u8 dir
     u64 *n = spilled.lookup(&zero);
     begin_call(&p);
     if (pending_spill.update(&tid, &p) != 0) {
-        /* Not tracked: its count stays open (see on_uring_submit). */
-        stat_inc(FDP_STAT_PENDING_FULL);
+        /* Not tracked: its count stays open (see on_uring_submit); a loss
+         * only for a call that would have been reported. */
+        if (!p.count_only)
+            stat_inc(FDP_STAT_PENDING_FULL);
     } else {
         stat_inc(FDP_STAT_SPILLED);
         if (n)
@@ -1285,7 +1287,7 @@ static __always_inline int on_uring_submit(u64 req, u8 op) {
             stat_inc(FDP_STAT_URING_UNSEEN);
         return 0;
     }
-    if (uring_pending.update(&req, &p) != 0)
+    if (uring_pending.update(&req, &p) != 0 && !count_only)
         stat_inc(FDP_STAT_URING_FULL);
     return 0;
 }
