@@ -147,7 +147,8 @@ struct sk_state {
 
 #define CNT_STARTED(w) ((u32)((w) >> 32))
 #define CNT_ACTIVE(w) ((u32)(w))
-#define CNT_START ((1ULL << 32) | 1) /* one more started, and in progress */
+#define CNT_ONE_STARTED (1ULL << 32)
+#define CNT_START (CNT_ONE_STARTED | 1) /* one more started, and in progress */
 
 /* One passed file as a RECV checks it: the same struct file, still on the
  * same inode, with the same open flags. */
@@ -386,8 +387,10 @@ static __always_inline struct xfer *publish(struct xfer_key *k, struct xfer *x, 
  * queued since, the send just gets nothing. */
 static __always_inline void hand_to_sender(struct pending *r, u64 skb, u64 fpl, struct xfer *known) {
     u64 from = KREAD(u64, skb, OFF_SK_BUFF_SK);
-    u64 from_ino = from ? sk_ino_of(from) : 0;
-    struct sk_state *st = from ? sk_state_of(from, from_ino) : 0;
+    if (!from)
+        return;
+    u64 from_ino = sk_ino_of(from);
+    struct sk_state *st = sk_state_of(from, from_ino);
     if (!st || CNT_ACTIVE(st->send) != 1)
         return;
     u32 tid = (u32)st->send_tid;
@@ -639,34 +642,29 @@ static __always_inline int take_pending(struct pending *out, u8 probe, long ret)
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u32 idx = tid & (PENDING_SLOTS - 1);
     struct pending *slot = pending_slots.lookup(&idx);
+    u32 zero = 0;
     if (slot && slot->tid == tid) {
         if (slot->probe != probe)
             return 0;
-        if (ret > 0 && slot->direction == FDP_DIR_SEND) {
-            u32 zero = 0;
+        if (ret > 0 && slot->direction == FDP_DIR_SEND && !slot->count_only) {
             struct work *w = work.lookup(&zero);
             if (w)
                 claim_in_slot(slot, tid, &w->x);
         }
         *out = *slot;
         slot->tid = 0;
-        if (out->count_only) {
-            count_end(out);
+    } else {
+        u64 *n = spilled.lookup(&zero);
+        if (!n || *n == 0)
             return 0;
-        }
-        return 1;
+        struct pending *pp = pending_spill.lookup(&tid);
+        if (!pp || pp->probe != probe)
+            return 0;
+        *out = *pp;
+        pending_spill.delete(&tid);
+        __sync_fetch_and_add(n, -1);
     }
-    u32 zero = 0;
-    u64 *n = spilled.lookup(&zero);
-    if (!n || *n == 0)
-        return 0;
-    struct pending *pp = pending_spill.lookup(&tid);
-    if (!pp || pp->probe != probe)
-        return 0;
-    *out = *pp;
-    pending_spill.delete(&tid);
-    __sync_fetch_and_add(n, -1);
-    if (out->count_only) {
+    if (out->count_only) { /* counted, not reported */
         count_end(out);
         return 0;
     }
@@ -1322,7 +1320,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete) {
          * there must not look alone at its exit (docs/kernel.md). */
         struct sk_state *st = sk_state_of(sk, p.sk_ino);
         if (st)
-            __sync_fetch_and_add(p.direction == FDP_DIR_SEND ? &st->send : &st->recv, 1ULL << 32);
+            __sync_fetch_and_add(p.direction == FDP_DIR_SEND ? &st->send : &st->recv, CNT_ONE_STARTED);
     }
     if (p.count_only) {
         count_end(&p);
