@@ -116,6 +116,11 @@ def coverage_checks(kernel_reason: str | None) -> list[Check]:
     out.append(Check("not seen: io_uring", "WARN", "IORING_OP_MSG_RING with IORING_MSG_SEND_FD (moves a file "
                      "between rings, no SCM_RIGHTS) and multishot RECVMSG (fds land in provided buffers)",
                      "out of scope for now: docs/kernel.md, \"What is not seen\""))
+    out.append(Check("not seen: raced", "WARN", "a sendmsg/recvmsg whose msg_controllen another thread changes "
+                     "between this backend's entry probe and the kernel's copy is not reported (the other side "
+                     "of its transfer is; no event names a wrong file because of it)",
+                     "a kernel with fentry (the in-kernel backend reads the kernel's copy); docs/kernel.md, "
+                     "\"What is not seen\""))
     return out
 
 

@@ -214,6 +214,9 @@ def test_doctor_reports_every_check():
     # scripts/setup builds the C parts; the test environment must have them.
     assert "OK    C accelerators" in r.stdout, r.stdout
     assert "fdpass can run here." in r.stdout
+    # the known hole of the tracepoint backend is said where it is the one that runs, and only there
+    tracepoint = "capture backend     tracepoint" in r.stdout
+    assert ("WARN  not seen: raced" in r.stdout) == tracepoint, r.stdout
 
 
 def test_backend_option_says_what_runs_and_why():
