@@ -111,10 +111,10 @@ class BatchEncoder:
             if rec.kind == R.KIND_LOSS:
                 others.append(raw)
                 continue
-            e = event(rec, path)
             try:
+                e = event(rec, path)  # ValueError: a field the decoder cannot name (enrich.py)
                 value = encode(e)
-            except codec.EncodeError:
+            except (ValueError, codec.EncodeError):
                 others.append(raw)
                 continue
             values.append(value)

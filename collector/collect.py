@@ -141,7 +141,12 @@ class Collector:
                 f"{rec.fd_count} fds" if rec.fd_count else "whole messages",
             )
             return
-        event = self.enricher.event(rec, path)
+        try:
+            event = self.enricher.event(rec, path)
+        except ValueError as e:  # a field the decoder cannot name (enrich.py says which)
+            self.counters.bad_records += 1
+            log.error("%s", e)
+            return
         self.counters.events[event["direction"]] += 1
         try:
             if self.output is not None:

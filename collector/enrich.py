@@ -137,7 +137,10 @@ class Enricher:
 
     def _task_part(self, rec: R.Record) -> dict:
         """Every field that is the same for all fds of one syscall, in contract order."""
-        direction = R.DIRECTIONS.get(rec.direction, "SEND")
+        direction = R.DIRECTIONS.get(rec.direction)
+        if direction is None:  # never guessed: a record the decoder does not know is a bad record
+            raise ValueError(f"kernel record with an unknown direction {rec.direction} "
+                             f"(pid {rec.pid}, tid {rec.tid}); bpf/fdpass.h and collector/records.py disagree")
         comm = rec.comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
         return {
             "event_id": None,

@@ -104,3 +104,17 @@ def test_c_encoder_on_a_real_looking_batch_decodes_to_the_enriched_events():
     assert [codec.decode(v) for v in values] == [codec.decode(codec.encode(e)) for e in events]
     assert [codec.decode(v)["file_path"] for v in values] == [
         "/etc/shadow", "socket:[0]", "anon_inode:[eventfd]", "/memfd:x (deleted)", ".../d/f (deleted)"]
+
+
+def test_a_record_with_an_unknown_direction_is_never_guessed():
+    """Direction 3 is neither SEND nor RECV: both encoders leave it to the per-record path, where
+    the enricher refuses it with the reason (the collector counts it in bad_records), instead
+    of calling it a SEND."""
+    c, py = _encoders()
+    h = R.FdpHeader(ktime_ns=10**12, pid=os.getpid(), tid=os.getpid(), kind=R.KIND_FD, direction=3,
+                    syscall=1, sb_magic=0xEF53, i_mode=0o100600, path_len=7, comm=b"python3", fd=3, fd_count=1)
+    raw = bytes(h) + b"passwd\0"
+    for enc in (c, py):
+        assert enc.encode([raw]) == ([], 0, 0, [raw])
+    with pytest.raises(ValueError, match="unknown direction 3"):
+        py.enricher.event(*R.decode_bytes(raw))
