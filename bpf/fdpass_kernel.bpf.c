@@ -433,6 +433,10 @@ KFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm) {
     if (c) {
         c->scm = (u64)scm;
         c->nfds = 0;
+        /* Each message's list is new (scm_send starts it empty), even where
+         * the allocator hands it the address of the one a sendmmsg freed
+         * after its previous message: its first file takes a new id. */
+        c->fpl = 0;
     }
     return 0;
 }

@@ -90,8 +90,10 @@ class KernelCalls:
         files = self.sent.get(xid)
         if files is None:
             files = self.sent[xid] = {}
-        files[rec.fd_index] = (rec.file_ino, rec.file_dev, rec.i_mode, rec.sb_magic, rec.ncomp, rec.path_len,
-                               rec.flags & WALK_FLAGS, path)
+        # A second SEND record at one transfer's position (the kernel gives each list its own
+        # id, so never): which one a short RECV means is unknown, so neither is used.
+        files[rec.fd_index] = None if rec.fd_index in files else (
+            rec.file_ino, rec.file_dev, rec.i_mode, rec.sb_magic, rec.ncomp, rec.path_len, rec.flags & WALK_FLAGS, path)
         n = xid & R.XID_N_MASK
         if n > self.sent_top:
             self.sent_top = n

@@ -274,6 +274,10 @@ def test_sendmmsg_reports_only_messages_sent_and_recvmmsg(live):
         assert {e["syscall"] for e in recv} == {"RECVMMSG"}
         for e, fd in zip(recv, new):
             assert_matches(e, fd)
+        # each message's list is a transfer of its own, on both sides (where ids are given)
+        ids = [e["transfer_id"] for e in send + recv]
+        if None not in ids:
+            assert ids[0] != ids[1] == ids[2] and ids[3:] == ids[:3], ids
         for fd in new:
             os.close(fd)
     finally:

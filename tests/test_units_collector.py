@@ -299,6 +299,11 @@ def test_kernel_calls_complete_a_short_recv_from_its_send_record():
     assert calls.recv_unresolved == 1 and 4 not in calls.calls
     calls.add(short(4, R.SAME_SPAN, 1), b"")  # an fd position its SEND did not leave
     assert calls.recv_unresolved == 2
+    # two SEND records claiming one transfer's position: neither is trusted
+    calls.add(send(1, R.SAME_SPAN + 1, 0), b"d\0")
+    calls.add(send(5, R.SAME_SPAN + 1, 0), b"e\0")
+    calls.add(short(4, R.SAME_SPAN + 1, 0), b"")
+    assert calls.recv_unresolved == 3 and 4 not in calls.calls
 
 
 def test_bpf_program_map_picture_is_current():
