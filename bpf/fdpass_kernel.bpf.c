@@ -435,23 +435,24 @@ KFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm) {
         c->nfds = 0;
         /* Each message's list is new (scm_send starts it empty), even where
          * the allocator hands it the address of the one a sendmmsg freed
-         * after its previous message: its first file takes a new id. */
+         * after its previous message: its first file takes a new id, and
+         * its address is read once, at the exit. */
         c->fpl = 0;
     }
     return 0;
 }
 
 /* scm_fp_copy() (inlined into __scm_send) takes each fd's file with fget_raw. */
+#define LIST_PENDING 1 /* kcall.fpl of a send whose list has files, until __scm_send's exit */
 KRETFUNC_PROBE(fget_raw, unsigned int fd, void *file) {
     if (!file)
         return 0;
     struct kcall *c = kcall_of();
     if (!c || !c->scm || c->direction != FDP_DIR_SEND)
         return 0;
-    u64 fpl = KREAD(u64, c->scm, OFF_SCM_COOKIE_FP);
-    if (fpl != c->fpl) {
+    if (!c->fpl) {
         /* No xids entry for it: receivers install from its copies (scm_fp_dup). */
-        c->fpl = fpl;
+        c->fpl = LIST_PENDING;
         c->xid = next_id(1);
 #if SAME_FORM
         c->same_emitted = 0;
@@ -464,8 +465,11 @@ KRETFUNC_PROBE(fget_raw, unsigned int fd, void *file) {
 
 KRETFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm, int ret) {
     struct kcall *c = kcall_of();
-    if (c)
-        c->scm = 0;
+    if (!c)
+        return 0;
+    if (c->fpl == LIST_PENDING) /* its copy (scm_fp_dup, next) is known by this address */
+        c->fpl = KREAD(u64, scm, OFF_SCM_COOKIE_FP);
+    c->scm = 0;
     return 0;
 }
 
