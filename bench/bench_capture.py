@@ -6,13 +6,14 @@ transfer); the collector, a separate process filtered to the workload's pid
 (--pid, in the kernel), takes every event to one output:
 
   floor  probes attached, records released unread by the C reader (kernel-only floor)
-  jsonl  `fdpass collect --jsonl` to /dev/null
+  jsonl  `fdpass collect --jsonl` into a pipe the bench reads (lines counted)
   kafka  `fdpass collect --kafka` to a broker of scripts/kafka-local on this machine
   run    `fdpass run` into a chDB store in a temp dir
 
 For each output the rates are tried in increasing order until one loses an
 event; a rate passes when the output holds exactly 2 x transfers events
-(jsonl/floor: counted by the collector; kafka: the topic's offsets; run:
+(floor: counted by the collector; jsonl: complete lines read from its
+stdout; kafka: the topic's offsets; run:
 rows stored) with 0 kernel ring buffer drops, and the workload really ran
 at >= 95% of the rate ("slow": no event lost, but the machine could not
 run the workload that fast). Per row: the collector's CPU per event (CPU time
@@ -28,22 +29,18 @@ makes those events with the probes attached.
   sudo .venv/bin/python bench/bench_capture.py
   sudo .venv/bin/python bench/bench_capture.py --outputs run,kafka --rates 50000,75000 --seconds 10
 
-Recorded 2026-12-03 07:57 UTC on the project's 2-core VM (another session's
-qemu on the cores part of the time), --bootstrap to a scripts/kafka-local
-broker, 10 s per rate, default 16 MiB ring buffer; transfers/s (x2 events):
+Recorded 2026-12-03 19:10 UTC on the project's 2-core VM with nothing else
+running, --bootstrap to a scripts/kafka-local broker, 10 s per rate, default
+64 MiB ring buffer; transfers/s (x2 events):
   output  highest zero-loss rate   us/event  RSS/anon MB    p50/p99 at 2.5k/s
-  floor   100,000 (highest tried)      0.10   181/63
-  jsonl    50,000 (75k: workload       1.6    195/70
-                   reached 64k, 0 lost)
-  kafka   100,000 (highest tried)      2.0    205/76         45 ms / 65 ms
-  run     100,000 (highest tried)      4.1    648/326        573 ms / 1070 ms *
-  burst   1M events into run in 3.2 s, 0 lost (floor alone: 249k transfers/s)
-  * from `--outputs run,kafka --rates 75000 --burst 0` after the store writer's
-    batch-age fix (before it: 666 / 1825 ms).
-A rerun at 08:15 with another session's qemu and a 2 GB process busy lost
-nothing either, but the workload reached only 25-40k transfers/s ("slow").
-At 08:30, busier still: run at 75k (workload 75k) lost 30,697 of 1.5M with
-the 16 MiB ring, nothing with --ringbuf-pages 16384 (now the default).
+  floor   100,000 (highest tried)      0.08   267/53
+  jsonl   100,000 (highest tried)      1.6    303/83
+  kafka   100,000 (highest tried)      2.1    300/75         45 ms / 66 ms
+  run     100,000 (highest tried)      4.8    669/251        572 ms / 1067 ms
+  burst   1M events into run in 3.0 s, 0 lost, 262 MB anon (floor alone:
+          256k transfers/s)
+Earlier (07:57, 16 MiB ring, another session's qemu on the cores) jsonl held
+only 50k: the workload could not go faster on the busy machine.
 """
 
 from __future__ import annotations
@@ -195,6 +192,24 @@ def topic_messages(bootstrap: str, topic: str, want_latency: bool) -> tuple[int,
         c.close()
 
 
+class LineCounter(threading.Thread):
+    """Counts the complete lines `collect --jsonl` really wrote (what a consumer of the
+    pipe gets), not what the collector says it wrote."""
+
+    def __init__(self, pipe):
+        super().__init__(daemon=True)
+        self.pipe, self.lines = pipe, 0
+        self.start()
+
+    def run(self) -> None:
+        while chunk := self.pipe.read1(1 << 20):
+            self.lines += chunk.count(b"\n")
+
+    def total(self) -> int:
+        self.join()
+        return self.lines
+
+
 def trial(output: str, rate: int, transfers: int, workload: str, opts, latency: bool = False) -> dict:
     wl = subprocess.Popen([workload, str(rate), str(transfers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pid = int(wl.stdout.readline().split()[1])
@@ -216,7 +231,9 @@ def trial(output: str, rate: int, transfers: int, workload: str, opts, latency: 
     else:
         cmd = HERE + ["--run-child", "1" if latency else "0", "--store", f"{tmp}/store", "--pid", str(pid),
                       "--no-status"] + pages
-    col = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    col = subprocess.Popen(cmd, stdout=subprocess.PIPE if output == "jsonl" else subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    lines = LineCounter(col.stdout.buffer) if output == "jsonl" else None
     for line in col.stderr:
         if "probes attached" in line:
             break
@@ -250,6 +267,8 @@ def trial(output: str, rate: int, transfers: int, workload: str, opts, latency: 
         held = int(stats["stored"])
         lm = re.search(r"latency_ns (.*)", err)
         lat = json.loads(lm.group(1)) if lm else []
+    elif lines is not None:
+        held = lines.total()
     else:
         held = events
     subprocess.run(["rm", "-rf", tmp])

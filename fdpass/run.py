@@ -219,7 +219,7 @@ def run(args) -> int:
 
     check_ringbuf_pages(args.ringbuf_pages)
     filters = filters_from_args(args)
-    from fdpass.collector.collect import Collector
+    from fdpass.collector.collect import Collector, cpu_summary
     from fdpass.schemas.clickhouse import DATABASE, TABLE, ensure_schema
     from fdpass.sinks.exactly_once import InsertOnly
     from fdpass.sinks.store import allocator_options, lean_embedded_allocator, open_store
@@ -260,6 +260,7 @@ def run(args) -> int:
             status.clear()
             writer.close()
         stats.update(stored=writer.stored, rejected_by_store=writer.rejected)
+        stats.update(cpu_summary(collector.cpu_start, stats))  # again: the last inserts count too
         print("fdpass run: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
         print(f"fdpass run: query it with: fdpass query --clickhouse chdb://{store_dir} "
               f"\"SELECT count() FROM {DATABASE}.{TABLE}\"", file=sys.stderr)

@@ -157,6 +157,9 @@ def test_collect_jsonl_cli_end_to_end():
     if "(kernel backend" in err:  # scripts/vm-test: the C encoder takes the completed kernel records
         assert all(e["probe"] == "fentry" and e["file_verified"] for e in mine), mine
     assert "stopped;" in err and "events_send=" in err
+    # what capturing cost, per event: printed by every run (the capture benchmark's figure)
+    summary = dict(kv.split("=", 1) for kv in err.split("stopped; ", 1)[1].splitlines()[0].split(", "))
+    assert float(summary["cpu_us_per_event"]) >= 0 and float(summary["cpu_seconds"]) >= 0
 
 
 def test_collect_duration_stops_by_itself():

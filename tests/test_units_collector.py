@@ -383,3 +383,15 @@ def test_the_final_drain_takes_every_record_at_the_pace_the_output_makes_room():
     c.drain(0, final=True)
     assert c.probes.left == 0
     assert peak[0] == 2 * READ_BATCH
+
+
+def test_cpu_summary_is_the_process_cpu_since_the_start_per_event():
+    from fdpass.collector.collect import cpu_summary, process_cpu_seconds
+
+    start = process_cpu_seconds()
+    while process_cpu_seconds() - start < 0.05:  # burn at least 50 ms of CPU
+        pass
+    s = cpu_summary(start, {"events_send": 1000, "events_recv": 1000})
+    assert s["cpu_seconds"] >= 0.05
+    assert s["cpu_us_per_event"] == pytest.approx((process_cpu_seconds() - start) / 2000 * 1e6, rel=0.5)
+    assert cpu_summary(start, {"events_send": 0, "events_recv": 0})["cpu_us_per_event"] == 0
