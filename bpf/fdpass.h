@@ -29,6 +29,20 @@
                                fd_index 1 = its fds reached the peer (SEND) or were installed */
 #define FDP_KIND_CALL_END 4 /* the thread's call is done: syscall, abi, sock_fd, ret; with
                                fd_count > 0 also its last message's end (the MSG_END fields) */
+#define FDP_KIND_FD_SAME 5  /* a RECV FD record without the file's identity and path: its file is
+                               the one the SEND FD record of the same transfer_id and fd_index
+                               named (same struct file, same root, no rename or mount change
+                               since that SEND's walk: docs/kernel.md, "Receives reuse the
+                               send's walk"). It carries what only the receive knows (task, fd,
+                               file_flags, FDP_F_DELETED); user space (collector/kernel_calls.py)
+                               takes file_ino, file_dev, i_mode, sb_magic, ncomp, path and
+                               FDP_F_DNAME/FDP_F_PATH_TRUNC from that SEND record. */
+/* The kernel sends FDP_KIND_FD_SAME only when the SEND record is among those user space still
+ * keeps: user space keeps a transfer's SEND records until it has seen a SEND record whose
+ * transfer id (low 48 bits) is FDP_SAME_SPAN or more above it, and the kernel, after reserving
+ * the record, checks that fewer than FDP_SAME_SPAN ids were taken since this one. */
+#define FDP_SAME_SPAN 4096
+#define FDP_SAME_FDS 16     /* list indexes 0..FDP_SAME_FDS-1 can take the short form */
 
 /* direction */
 #define FDP_DIR_SEND 1

@@ -168,9 +168,15 @@ static __always_inline void task_root(u64 task, struct kpath *root) {
     bpf_probe_read_kernel(root, sizeof(*root), (void *)(KREAD(u64, task, OFF_TASK_FS) + OFF_FS_ROOT));
 }
 
+/* Wake the reader once every WAKE_EVERY records, not per record (a wakeup
+ * costs ~5 us); it also drains on a short timer, so nothing waits long. */
+static __always_inline u64 wake_flag(u64 seq) {
+    return (seq & (WAKE_EVERY - 1)) == 0 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 /* Send ev (header + ev->path_len bytes of path) to user space. ev is map
- * memory (a per-CPU work area). */
-static __always_inline void emit_event(void *ctx, struct fdp_event *ev) {
+ * memory (a per-CPU work area). 0: the record is in the ring buffer. */
+static __always_inline int emit_event(void *ctx, struct fdp_event *ev) {
     ev->seq = next_id(0);
     u64 size = offsetof(struct fdp_event, path) + ev->path_len;
     /* Keep the bound check and the use on one register, or clang may test a
@@ -179,13 +185,12 @@ static __always_inline void emit_event(void *ctx, struct fdp_event *ev) {
     if (size > sizeof(struct fdp_event))
         size = sizeof(struct fdp_event);
     asm volatile("" : "+r"(size));
-    /* Wake the reader once every WAKE_EVERY records, not per record (a wakeup
-     * costs ~5 us); it also drains on a short timer, so nothing waits long. */
-    u64 wake = (ev->seq & (WAKE_EVERY - 1)) == 0 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-    if (events.ringbuf_output(ev, size, wake) != 0)
+    if (events.ringbuf_output(ev, size, wake_flag(ev->seq)) != 0) {
         stat_inc(FDP_STAT_RB_DROPS);
-    else
-        stat_inc(FDP_STAT_EVENTS);
+        return -1;
+    }
+    stat_inc(FDP_STAT_EVENTS);
+    return 0;
 }
 
 /* The windows (see WIN_AT) the path walk and fill_file read. */

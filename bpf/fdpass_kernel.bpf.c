@@ -35,6 +35,10 @@
 #ifndef URING_SENDMSG_ZC
 #define URING_SENDMSG_ZC 1 /* probes.py sets 0 where io_sendmsg_zc is missing */
 #endif
+#ifndef SAME_FORM
+#define SAME_FORM 0        /* probes.py sets 1, with RENAME_LOCK and MOUNT_LOCK (kernel addresses
+                              from /proc/kallsyms), where the kernel names those two seqlocks */
+#endif
 
 #define MSG_CTRUNC_ 0x8
 #define MSG_CMSG_COMPAT_ 0x80000000U
@@ -63,6 +67,15 @@ struct kcall {
     u8 held_flags;
     u8 direction;
     u8 spilled;     /* the entry is in kcall_spill, not in a slot */
+#if SAME_FORM
+    /* What a receive of the list needs to reuse this send's walks (same_*(),
+     * docs/kernel.md "Receives reuse the send's walk"). */
+    u32 same_emitted;  /* SEND: bit i = list index i's FD record is in the ring buffer */
+    u32 same_slot;     /* RECV: 1 + the xid_slots index holding the list's send, 0: none usable */
+    u64 same_seqs;     /* SEND: vfs_seqs() before the list's first walk */
+    struct kpath same_root;             /* SEND: the sender's root */
+    u64 same_files[FDP_SAME_FDS];       /* SEND: the struct file * of each such record */
+#endif
 };
 
 #ifndef KCALL_SLOTS
@@ -86,6 +99,15 @@ BPF_ARRAY(kcall_spilled, u64, 1); /* entries put in kcall_spill and not yet take
 struct xid_slot {
     u64 fpl;        /* 0 = free */
     u64 xid;
+#if SAME_FORM
+    /* The send's facts (struct kcall's same_*), for a copy made by the
+     * sender's call; same_emitted 0 for any other copy (MSG_PEEK's). */
+    u32 same_emitted;
+    u32 _pad;
+    u64 same_seqs;
+    struct kpath same_root;
+    u64 same_files[FDP_SAME_FDS];
+#endif
 };
 #ifndef XID_SLOTS
 #define XID_SLOTS 16384 /* power of two */
@@ -94,8 +116,12 @@ BPF_ARRAY(xid_slots, struct xid_slot, XID_SLOTS);
 BPF_TABLE("lru_hash", u64, u64, xids, 16384);
 BPF_ARRAY(xids_spilled, u64, 1);
 
+static __always_inline u32 xid_slot_index(u64 fpl) {
+    return (u32)((fpl * 0x9E3779B97F4A7C15ULL) >> 40) & (XID_SLOTS - 1);
+}
+
 static __always_inline struct xid_slot *xid_slot_of(u64 fpl) {
-    u32 idx = (u32)((fpl * 0x9E3779B97F4A7C15ULL) >> 40) & (XID_SLOTS - 1);
+    u32 idx = xid_slot_index(fpl);
     return xid_slots.lookup(&idx);
 }
 
@@ -122,10 +148,24 @@ static __always_inline u64 xid_of(u64 fpl, int take) {
     return id;
 }
 
+#if SAME_FORM
+/* A copy's slot takes the send's facts from the call that made it (0: none). */
+static __always_inline void same_keep(struct xid_slot *s, struct kcall *sender) {
+    u32 emitted = sender ? sender->same_emitted : 0;
+    s->same_emitted = emitted;
+    if (!emitted)
+        return;
+    s->same_seqs = sender->same_seqs;
+    s->same_root = sender->same_root;
+    __builtin_memcpy(s->same_files, sender->same_files, sizeof(s->same_files));
+}
+#endif
+
 /* List fpl (a copy just made, not yet queued or installed) belongs to
  * transfer v (0: not known; then an entry a freed list at that address left
- * must not name it). */
-static __always_inline void xid_set(u64 fpl, u64 v) {
+ * must not name it). sender: the sending call's state when it made the copy
+ * (its send's facts go with the slot), else 0. */
+static __always_inline void xid_set(u64 fpl, u64 v, struct kcall *sender) {
     struct xid_slot *s = xid_slot_of(fpl);
     if (!s)
         return;
@@ -140,6 +180,9 @@ static __always_inline void xid_set(u64 fpl, u64 v) {
     /* Its own address (a list freed unseen, now reused) or a free slot. */
     if (s->fpl == fpl || __sync_val_compare_and_swap(&s->fpl, 0, fpl) == 0) {
         s->xid = v;
+#if SAME_FORM
+        same_keep(s, sender);
+#endif
         return;
     }
     u32 zero = 0;
@@ -243,6 +286,80 @@ static __always_inline struct kwork_owner *task_fields(struct fdp_event *ev, str
     return o;
 }
 
+#if SAME_FORM
+/* Receives reuse the send's walk (docs/kernel.md, "Receives reuse the send's
+ * walk"). A path can change only by a rename (every d_move runs under
+ * rename_lock's write side), a mount change (mount_lock's) or the file's own
+ * dentry being dropped (unlink: FDP_F_DELETED, read again at the receive); a
+ * receive whose sequences are the send's saw none since the send's walk. */
+static __always_inline u64 vfs_seqs(void) {
+    return ((u64)KREAD(u32, RENAME_LOCK, 0) << 32) | KREAD(u32, MOUNT_LOCK, 0);
+}
+#define SEQS_ODD 0x100000001ULL /* a writer in its section: no reuse */
+#define XID_N(x) ((x) & 0xFFFFFFFFFFFFULL)
+
+/* What the receive itself reads of its file for an FDP_KIND_FD_SAME record:
+ * the open flags (fcntl F_SETFL changes them on the shared file) and whether
+ * its dentry is dropped now (walk_path's d_unlinked() test). */
+static __always_inline void same_file_now(struct fdp_event *ev, u64 file) {
+    struct kpath fp = {};
+#if WINDOWS
+    u64 w[(FILE_HI - FILE_LO + 7) / 8];
+    WIN_READ(w, file, FILE_LO, FILE_HI);
+    ev->file_flags = WIN_AT(u32, w, FILE_LO, OFF_FILE_F_FLAGS);
+    fp.dentry = WIN_AT(u64, w, FILE_LO, OFF_FILE_F_PATH + 8);
+#else
+    ev->file_flags = KREAD(u32, file, OFF_FILE_F_FLAGS);
+    fp.dentry = KREAD(u64, file, OFF_FILE_F_PATH + 8);
+#endif
+    struct dent d = {};
+    read_dent(fp.dentry, &d, 1);
+    if (!d.pprev && d.parent != fp.dentry)
+        ev->flags |= FDP_F_DELETED;
+}
+
+/* Receive of list index i of file into ev (header filled): the short
+ * record when the list's send left an FD record for this very file, from the
+ * same root, with no rename or mount change since; 0 when it left, else the
+ * caller walks. The ring buffer place is taken BEFORE the id counter is read:
+ * every record ahead of this one then carries an id below the value read, so
+ * user space, which forgets a transfer only after a SEND record FDP_SAME_SPAN
+ * ids later (bpf/fdpass.h), still has this one's SEND record. */
+static __always_inline int emit_same(struct kcall *c, struct fdp_event *ev, const struct kpath *root, u32 i,
+                                     u64 file) {
+    if (!c->same_slot || i >= FDP_SAME_FDS)
+        return -1;
+    u32 idx = c->same_slot - 1;
+    struct xid_slot *s = xid_slots.lookup(&idx);
+    if (!s || s->fpl != c->fpl || !((s->same_emitted >> i) & 1) ||
+        s->same_files[i & (FDP_SAME_FDS - 1)] != file || s->same_root.mnt != root->mnt ||
+        s->same_root.dentry != root->dentry)
+        return -1;
+    struct fdp_event *r = events.ringbuf_reserve(offsetof(struct fdp_event, path));
+    if (!r)
+        return -1;
+    u32 one = 1;
+    u64 *n = seqno.lookup(&one);
+    if (!n || *n - XID_N(c->xid) >= FDP_SAME_SPAN) {
+        events.ringbuf_discard(r, BPF_RB_NO_WAKEUP);
+        return -1;
+    }
+    ev->kind = FDP_KIND_FD_SAME;
+    ev->path_len = 0;
+    ev->ncomp = 0;
+    ev->file_ino = 0;
+    ev->file_dev = 0;
+    ev->i_mode = 0;
+    ev->sb_magic = 0;
+    same_file_now(ev, file);
+    ev->seq = next_id(0);
+    __builtin_memcpy(r, ev, offsetof(struct fdp_event, path));
+    events.ringbuf_submit(r, wake_flag(ev->seq));
+    stat_inc(FDP_STAT_EVENTS);
+    return 0;
+}
+#endif
+
 /* One passed fd, while the kernel holds a reference to its file. */
 static __always_inline void emit_fd(void *ctx, struct kcall *c, s32 fd, u64 file) {
     struct fdp_event *ev = scratch();
@@ -267,10 +384,22 @@ static __always_inline void emit_fd(void *ctx, struct kcall *c, s32 fd, u64 file
     ev->syscall = 0;
     ev->abi = 0;
     ev->ret = 0;
-    fill_file(ev, file, &o->root);
+    u32 i = c->nfds;
     c->nfds += 1;
     c->records += 1;
-    emit_event(ctx, ev);
+#if SAME_FORM
+    if (c->direction == FDP_DIR_RECV && emit_same(c, ev, &o->root, i, file) == 0)
+        return;
+#endif
+    fill_file(ev, file, &o->root);
+    int sent = emit_event(ctx, ev);
+#if SAME_FORM
+    if (c->direction == FDP_DIR_SEND && sent == 0 && i < FDP_SAME_FDS) {
+        c->same_files[i & (FDP_SAME_FDS - 1)] = file;
+        c->same_emitted |= 1U << i;
+        c->same_root = o->root;
+    }
+#endif
 }
 
 /* A header-only record (MSG_END, CALL_END) of the current thread. */
@@ -304,22 +433,31 @@ KFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm) {
     if (c) {
         c->scm = (u64)scm;
         c->nfds = 0;
+        /* Each message's list is new (scm_send starts it empty), even where
+         * the allocator hands it the address of the one a sendmmsg freed
+         * after its previous message: its first file takes a new id, and
+         * its address is read once, at the exit. */
+        c->fpl = 0;
     }
     return 0;
 }
 
 /* scm_fp_copy() (inlined into __scm_send) takes each fd's file with fget_raw. */
+#define LIST_PENDING 1 /* kcall.fpl of a send whose list has files, until __scm_send's exit */
 KRETFUNC_PROBE(fget_raw, unsigned int fd, void *file) {
     if (!file)
         return 0;
     struct kcall *c = kcall_of();
     if (!c || !c->scm || c->direction != FDP_DIR_SEND)
         return 0;
-    u64 fpl = KREAD(u64, c->scm, OFF_SCM_COOKIE_FP);
-    if (fpl != c->fpl) {
+    if (!c->fpl) {
         /* No xids entry for it: receivers install from its copies (scm_fp_dup). */
-        c->fpl = fpl;
+        c->fpl = LIST_PENDING;
         c->xid = next_id(1);
+#if SAME_FORM
+        c->same_emitted = 0;
+        c->same_seqs = vfs_seqs(); /* before the list's first walk */
+#endif
     }
     emit_fd(ctx, c, (s32)fd, (u64)file);
     return 0;
@@ -327,8 +465,11 @@ KRETFUNC_PROBE(fget_raw, unsigned int fd, void *file) {
 
 KRETFUNC_PROBE(__scm_send, void *sock, void *msg, void *scm, int ret) {
     struct kcall *c = kcall_of();
-    if (c)
-        c->scm = 0;
+    if (!c)
+        return 0;
+    if (c->fpl == LIST_PENDING) /* its copy (scm_fp_dup, next) is known by this address */
+        c->fpl = KREAD(u64, scm, OFF_SCM_COOKIE_FP);
+    c->scm = 0;
     return 0;
 }
 
@@ -348,11 +489,13 @@ KRETFUNC_PROBE(scm_fp_dup, void *fpl, void *dup) {
         return 0;
     u64 from = addr_of(fpl), v;
     struct kcall *c = kcall_of();
-    if (c && c->direction == FDP_DIR_SEND && c->fpl == from)
+    if (c && c->direction == FDP_DIR_SEND && c->fpl == from) {
         v = c->xid;
-    else
+    } else {
         v = xid_of(from, 0);
-    xid_set(addr_of(dup), v);
+        c = 0; /* a MSG_PEEK copy: its receive walks */
+    }
+    xid_set(addr_of(dup), v, c);
     return 0;
 }
 
@@ -367,15 +510,38 @@ KFUNC_PROBE(scm_detach_fds, void *msg, void *scm) {
     u64 fpl = KREAD(u64, scm, OFF_SCM_COOKIE_FP);
     c->scm = (u64)scm;
     c->fpl = fpl;
-    c->xid = xid_of(fpl, 1);
     c->nfds = 0;
+#if SAME_FORM
+    /* The list's slot is freed at the exit, not here: the installs read the
+     * send's facts in it (the list, alive until after the exit, keeps any
+     * other list from its address). */
+    c->same_slot = 0;
+    u32 idx = xid_slot_index(fpl);
+    struct xid_slot *s = xid_slots.lookup(&idx);
+    if (s && s->fpl == fpl) {
+        c->xid = s->xid;
+        if (s->same_emitted && !(s->same_seqs & SEQS_ODD) && s->same_seqs == vfs_seqs())
+            c->same_slot = idx + 1;
+        return 0;
+    }
+#endif
+    c->xid = xid_of(fpl, 1);
     return 0;
 }
 
 KRETFUNC_PROBE(scm_detach_fds, void *msg, void *scm) {
     struct kcall *c = kcall_of();
-    if (c)
-        c->scm = 0;
+    if (!c)
+        return 0;
+    c->scm = 0;
+#if SAME_FORM
+    if (c->direction == FDP_DIR_RECV) {
+        struct xid_slot *s = xid_slot_of(c->fpl);
+        if (s)
+            __sync_val_compare_and_swap(&s->fpl, c->fpl, 0);
+        c->same_slot = 0;
+    }
+#endif
     return 0;
 }
 

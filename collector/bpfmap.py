@@ -42,10 +42,10 @@ _PROGRAMS = (
     (re.compile(r"^int (\w+)\(\s*(?:void|struct \w+) \*ctx[^)]*\)\s*\{", re.M), lambda m: f"tail-called {m[1]}"),
 )
 _FUNC = re.compile(r"^static __always_inline [\w\s\*]+?\b(\w+)\(([^;{]*?)\)\s*\{", re.M)
-_METHOD = re.compile(r"\b(\w+)\.(lookup|update|insert|delete|call|ringbuf_output|lookup_or_try_init)\(")
+_METHOD = re.compile(r"\b(\w+)\.(lookup|update|insert|delete|call|ringbuf_output|ringbuf_reserve|lookup_or_try_init)\(")
 _CALL = re.compile(r"\b(\w+)\(")
 _OP_VERB = {"lookup": "look up", "lookup_or_try_init": "look up", "update": "update", "insert": "update",
-            "delete": "delete", "ringbuf_output": "emit", "call": "tail call"}
+            "delete": "delete", "ringbuf_output": "emit", "ringbuf_reserve": "emit", "call": "tail call"}
 
 
 @dataclass

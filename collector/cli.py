@@ -231,7 +231,8 @@ def run_collect(args) -> int:
         stats["handover_left_to_the_other"] = handover.dropped
     handovers.handed_over(args, handover, collector._stop.wait)  # after the spool is closed: a successor may take it
     print("fdpass collect: stopped; " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
-    if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or stats["output_errors"]:
+    if stats["kernel_ringbuf_drops"] or stats["loss_records"] or stats["kernel_pending_full"] or \
+            stats["output_errors"] or stats["kernel_recv_unresolved"]:
         print("fdpass collect: WARNING: some transfers were not reported (see counts above); "
               "raise --ringbuf-pages if ringbuf drops are non-zero", file=sys.stderr)
     if stats["kernel_uring_unseen"]:

@@ -241,6 +241,10 @@ class Collector:
             "kernel_pending_spilled": k["pending_spilled"],
             "loss_records": self.counters.loss_records,
             "kernel_calls_unfinished": self.kernel_calls.unfinished_dropped if self.kernel_calls else 0,
+            # receives that reused their send's walk (the short form), and those whose send was not
+            # kept (should stay 0: docs/kernel.md, "Receives reuse the send's walk")
+            "kernel_recv_reused": self.kernel_calls.recv_reused if self.kernel_calls else 0,
+            "kernel_recv_unresolved": self.kernel_calls.recv_unresolved if self.kernel_calls else 0,
             "bad_records": self.counters.bad_records,
             "output_errors": self.counters.output_errors,
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -147,6 +148,12 @@ RECEIVE_FD = (("__receive_fd", 1), ("receive_fd", 0))
 RECEIVE_FD_PARAMS = ["file", "ufd", "o_flags"]
 KERNEL_URING_FUNCS = {"io_sendmsg": ["req", "issue_flags"], "io_recvmsg": ["req", "issue_flags"]}
 KERNEL_URING_ZC = "io_sendmsg_zc"
+# The seqlocks every path change takes (d_move: rename_lock; mount tree: mount_lock), read by
+# the kernel backend so a receive may reuse its send's path walk (docs/kernel.md, "Receives
+# reuse the send's walk"). Not in BTF (only per-CPU variables are): /proc/kallsyms has them
+# where the kernel lists data symbols (CONFIG_KALLSYMS_ALL, as Debian's does).
+VFS_LOCKS = {"RENAME_LOCK": "rename_lock", "MOUNT_LOCK": "mount_lock"}
+KALLSYMS = "/proc/kallsyms"
 BACKENDS = ("auto", "kernel", "tracepoint")
 
 TRACEPOINTS = tuple(
@@ -286,6 +293,24 @@ def kernel_plan(btf: BTF) -> tuple[dict[str, int], list[str]]:
     return out, hooks
 
 
+def vfs_lock_defines(kallsyms: str = KALLSYMS) -> dict:
+    """SAME_FORM=1 with the seqlocks' addresses (hex C literals) where /proc/kallsyms
+    names both (as root, with real addresses); else SAME_FORM=0: every receive walks."""
+    try:
+        with open(kallsyms, "rb") as f:
+            text = f.read()
+    except OSError:
+        return {"SAME_FORM": 0}
+    out: dict = {"SAME_FORM": 1}
+    for define, sym in VFS_LOCKS.items():
+        m = re.search(rb"^([0-9a-f]+) [bBdD] " + sym.encode() + rb"$", text, re.M)
+        addr = int(m[1], 16) if m else 0
+        if not addr:
+            return {"SAME_FORM": 0}
+        out[define] = f"{addr:#x}ULL"
+    return out
+
+
 @dataclass
 class Filters:
     pid: int | None = None
@@ -386,6 +411,7 @@ class Probes:
         btf = BTF.load()
         if backend == "kernel":
             defines, self.hooks = kernel_plan(btf)
+            defines.update(vfs_lock_defines())
             self.coverage = Coverage()
             source = "fdpass_kernel.bpf.c"
         else:
@@ -400,6 +426,7 @@ class Probes:
             defines["FILTER_PID"] = self.filters.pid
         if self.filters.mntns:
             defines["FILTER_MNTNS"] = 1
+        self.defines = defines
         src_dir = bpf_source_dir()
         cflags = [f"-I{src_dir}", "-Wno-macro-redefined"] + [f"-D{k}={v}" for k, v in defines.items()]
         started = time.monotonic()

@@ -20,7 +20,14 @@ FDP_PATH_BUF = FDP_PATH_MAX + FDP_NAME_MAX
 KIND_FD, KIND_LOSS = 1, 2
 # The in-kernel backend's FD records wait for these (collector/kernel_calls.py).
 KIND_MSG_END, KIND_CALL_END = 3, 4
+# A RECV that names its SEND record (same transfer_id and fd_index) for the file's
+# identity and path, and the bound that makes that record still known (bpf/fdpass.h).
+KIND_FD_SAME = 5
+SAME_SPAN = 4096
+SAME_FDS = 16
+XID_N_MASK = (1 << 48) - 1  # a transfer id's count, below the run id
 DIRECTIONS = {1: "SEND", 2: "RECV"}
+DIR_SEND, DIR_RECV = 1, 2
 SYSCALLS = {1: "SENDMSG", 2: "SENDMMSG", 3: "RECVMSG", 4: "RECVMMSG",
             5: "IO_URING_SENDMSG", 6: "IO_URING_SENDMSG_ZC", 7: "IO_URING_RECVMSG"}
 ABIS = {1: "X86_64", 2: "IA32", 3: "X32"}

@@ -293,7 +293,8 @@ class StatusLine:
         if now >= self._size_next:  # walking the store costs: every 5 s
             self._size = _dir_size(self.store_dir)
             self._size_next = now + 5.0
-        lost = s["kernel_ringbuf_drops"] + s["loss_records"] + s["kernel_pending_full"] + s["kernel_uring_unseen"]
+        lost = (s["kernel_ringbuf_drops"] + s["loss_records"] + s["kernel_pending_full"] + s["kernel_uring_unseen"]
+                + s["kernel_recv_unresolved"])
         line = (f"{rate:8.0f} ev/s | send {s['events_send']} recv {s['events_recv']} | stored {self.writer.stored}"
                 f" | kernel losses {lost} | store {_human(self._size)}")
         if self.writer.error:

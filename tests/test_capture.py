@@ -274,6 +274,10 @@ def test_sendmmsg_reports_only_messages_sent_and_recvmmsg(live):
         assert {e["syscall"] for e in recv} == {"RECVMMSG"}
         for e, fd in zip(recv, new):
             assert_matches(e, fd)
+        # each message's list is a transfer of its own, on both sides (where ids are given)
+        ids = [e["transfer_id"] for e in send + recv]
+        if None not in ids:
+            assert ids[0] != ids[1] == ids[2] and ids[3:] == ids[:3], ids
         for fd in new:
             os.close(fd)
     finally:
@@ -471,3 +475,169 @@ print(os.fstat(a.fileno()).st_ino, before, after)
     assert before != after
     events = live.wait(lambda e: e["sock_ino"] == sock, 2)
     assert [e["mntns_id"] for e in events] == [before, after]
+
+
+# The in-kernel backend's receives may reuse the send's path walk (a short record
+# completed in user space: docs/kernel.md, "Receives reuse the send's walk"). The
+# events must still be what the kernel says at the receive, whatever happened to
+# the file, its path or the receiver's root since the send; both backends.
+
+def reuse_stats(live) -> tuple[int, int]:
+    s = live.collector.stats()
+    return s["kernel_recv_reused"], s["kernel_recv_unresolved"]
+
+
+def test_recv_reusing_the_send_walk_is_exact(live, tmp_path):
+    (tmp_path / "d").mkdir()
+    fds = [os.open(tmp_path / "d" / f"f{i}", os.O_CREAT | os.O_RDWR, 0o600) for i in range(3)] + [os.open("/", os.O_RDONLY)]
+    r, w = os.pipe()
+    fds += [r, w]
+    reused, _ = reuse_stats(live)
+    try:
+        send, recv = check_both_sides(live, fds)
+        for s, v in zip(send, recv):
+            assert (s["file_path"], s["file_ino"], s["file_dev"], s["file_type"], s["file_flags"]) == \
+                (v["file_path"], v["file_ino"], v["file_dev"], v["file_type"], v["file_flags"])
+        assert [v["file_path"] for v in recv[:4]] == [str(tmp_path / "d" / f"f{i}") for i in range(3)] + ["/"]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if live.collector.probes.backend == "kernel" and live.collector.probes.defines.get("SAME_FORM"):
+        # every receive above reused its send's walk, and none was left unresolved
+        assert reuse_stats(live)[0] >= reused + len(fds)
+    assert reuse_stats(live)[1] == 0
+
+
+def change_file(kind: str, tmp_path, fd: int) -> None:
+    if kind == "rename":
+        os.rename(tmp_path / "d" / "f", tmp_path / "d" / "g")
+    elif kind == "rename_parent":  # the file's own dentry is untouched
+        os.rename(tmp_path / "d", tmp_path / "e")
+    elif kind == "unlink":
+        os.unlink(tmp_path / "d" / "f")
+    elif kind == "setfl":
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_APPEND | os.O_NONBLOCK)
+    elif kind == "umount_lazy":  # a mount change: the file's mount is detached, its path now starts there
+        subprocess.run(["umount", "-l", str(tmp_path / "m")], check=True)
+
+
+@pytest.mark.parametrize("kind", ["rename", "rename_parent", "unlink", "setfl", "umount_lazy"])
+def test_recv_after_the_file_changed_since_the_send(live, tmp_path, kind):
+    """Each side reports the file as it is at its own moment: a rename (of the
+    file or a directory above it), an unlink, new open flags or a detached mount
+    between the send and the receive show in the RECV and not in the SEND."""
+    (tmp_path / "d").mkdir()
+    mounted = kind == "umount_lazy"
+    if mounted:
+        (tmp_path / "m").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "fdpass-test", str(tmp_path / "m")], check=True)
+        (tmp_path / "m" / "d").mkdir()
+        fd = os.open(tmp_path / "m" / "d" / "f", os.O_CREAT | os.O_RDWR, 0o600)
+    else:
+        fd = os.open(tmp_path / "d" / "f", os.O_CREAT | os.O_RDWR, 0o600)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got = []
+    try:
+        before = truth(fd)
+        flags_before = fcntl.fcntl(fd, fcntl.F_GETFL)
+        socket.send_fds(a, [b"x"], [fd])
+        change_file(kind, tmp_path, fd)
+        _msg, got, _flags, _ = socket.recv_fds(b, 16, 4)
+        send, recv = by_direction(live.for_socks(a, b, count=2))
+        assert len(send) == len(recv) == 1, (send, recv)
+        assert send[0]["file_path"] == before["file_path"]
+        assert_matches(recv[0], got[0])
+        after = truth(got[0])
+        assert recv[0]["file_path"] == after["file_path"] != before["file_path"] or kind == "setfl"
+        if kind == "unlink":
+            assert recv[0]["file_path"] == before["file_path"] + " (deleted)"
+        if kind == "setfl":
+            # the receive reads the shared file's flags again
+            assert recv[0]["file_flags"] & (os.O_APPEND | os.O_NONBLOCK) == os.O_APPEND | os.O_NONBLOCK
+            assert not send[0]["file_flags"] & (os.O_APPEND | os.O_NONBLOCK)
+            assert flags_before & os.O_APPEND == 0
+    finally:
+        for x in got:
+            os.close(x)
+        os.close(fd)
+        a.close()
+        b.close()
+        if mounted:
+            subprocess.run(["umount", "-l", str(tmp_path / "m")], capture_output=True)
+    assert reuse_stats(live)[1] == 0
+
+
+# A receiver in a chroot: its paths start at its own root, not the sender's.
+CHROOTED = r"""
+import os, socket, sys
+b = socket.socket(fileno=int(sys.argv[2]))
+os.chroot(sys.argv[1])
+os.chdir("/")
+print(os.getpid(), flush=True)
+_msg, got, _flags, _ = socket.recv_fds(b, 16, 4)
+print(got[0], os.fstat(got[0]).st_ino, flush=True)
+"""
+
+
+def test_recv_in_a_chroot_names_the_path_from_its_own_root(live, tmp_path):
+    (tmp_path / "sub").mkdir()
+    fd = os.open(tmp_path / "sub" / "file.txt", os.O_CREAT | os.O_RDWR, 0o600)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child = subprocess.Popen([sys.executable, "-c", CHROOTED, str(tmp_path), str(b.fileno())],
+                             pass_fds=[b.fileno()], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(child.stdout.readline())
+        socket.send_fds(a, [b"x"], [fd])
+        new_fd, new_ino = (int(x) for x in child.stdout.readline().split())
+        send, recv = by_direction(live.for_socks(a, b, count=2))
+        assert len(send) == len(recv) == 1, (send, recv)
+        assert send[0]["file_path"] == str(tmp_path / "sub" / "file.txt")
+        assert (recv[0]["pid"], recv[0]["fd"], recv[0]["file_ino"]) == (pid, new_fd, new_ino)
+        assert recv[0]["file_path"] == "/sub/file.txt"
+    finally:
+        child.wait(10)
+        os.close(fd)
+        a.close()
+        b.close()
+    assert reuse_stats(live)[1] == 0
+
+
+# The receiver alone is traced (--pid): no SEND record, so the RECV walks in full.
+RECEIVER = r"""
+import os, socket, sys
+b = socket.socket(fileno=int(sys.argv[1]))
+print(os.getpid(), flush=True)
+sys.stdin.readline()  # the collector is attached (a receive already waiting is not seen by tracepoints)
+_msg, got, _flags, _ = socket.recv_fds(b, 16, 4)
+st = os.fstat(got[0])
+print(got[0], st.st_ino, st.st_dev, os.readlink(f"/proc/self/fd/{got[0]}"), flush=True)
+"""
+
+
+def test_recv_whose_sender_is_filtered_out_is_complete(tmp_path):
+    from fdpass.collector.probes import Filters
+    from tests.fixtures_bpf import LiveCollector, require_bpf
+
+    require_bpf()
+    fd = os.open(tmp_path / "only-the-receiver-sees-me", os.O_CREAT | os.O_RDWR, 0o600)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child = subprocess.Popen([sys.executable, "-c", RECEIVER, str(b.fileno())], pass_fds=[b.fileno()],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(child.stdout.readline())
+    lc = LiveCollector(Filters(pid=pid))
+    try:
+        socket.send_fds(a, [b"x"], [fd])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        new_fd, new_ino, new_dev, path = child.stdout.readline().split()
+        events = lc.for_socks(a, b, count=1)
+        assert [(e["direction"], e["pid"], e["fd"], e["file_ino"], e["file_dev"], e["file_path"]) for e in events] \
+            == [("RECV", pid, int(new_fd), int(new_ino), int(new_dev), path)]
+        assert path == str(tmp_path / "only-the-receiver-sees-me")
+    finally:
+        child.wait(10)
+        stats = lc.close()
+        os.close(fd)
+        a.close()
+        b.close()
+    assert stats["kernel_recv_reused"] == 0 and stats["kernel_recv_unresolved"] == 0

@@ -259,6 +259,53 @@ def test_kernel_calls_hold_fd_records_until_the_call_ends():
     assert small.unfinished_dropped == 1 and list(small.calls) == [2, 3]
 
 
+def test_kernel_calls_complete_a_short_recv_from_its_send_record():
+    """A RECV in the short form (KIND_FD_SAME) comes out with its SEND record's
+    file fields and path, its own fd, task and open flags, and the receive's
+    FDP_F_DELETED (not for pseudo files); a SEND SAME_SPAN transfer ids later
+    forgets the older ones, and a short RECV whose SEND is not kept is counted, not guessed."""
+    from fdpass.collector.kernel_calls import KernelCalls
+
+    calls = KernelCalls()
+    run = 3 << 48
+    send = lambda tid, xid, i, **kw: _krec(kind=R.KIND_FD, direction=R.DIR_SEND, tid=tid, transfer_id=run | xid,
+                                           fd_index=i, fd=10 + i, file_ino=100 + i, file_dev=7, i_mode=0o100644,
+                                           sb_magic=0xEF53, ncomp=2, path_len=8, file_flags=2,
+                                           flags=R.F_VERIFIED | kw.pop("flags", 0), **kw)
+    short = lambda tid, xid, i, flags=0: _krec(kind=R.KIND_FD_SAME, direction=R.DIR_RECV, tid=tid,
+                                               transfer_id=run | xid, fd_index=i, fd=20 + i, file_flags=0o4002,
+                                               pid=tid, flags=R.F_VERIFIED | flags)
+    ok = lambda tid, sys: _krec(kind=R.KIND_CALL_END, tid=tid, syscall=sys, ret=1, msg_index=0, fd_count=2,
+                                fd_index=1, sock_ino=5)
+    calls.add(send(1, 0, 0), b"a\0tmp\0")
+    calls.add(send(1, 0, 1, flags=R.F_DNAME | R.F_PATH_TRUNC), b"pipe:\0")
+    calls.add(short(2, 0, 0, flags=R.F_DELETED), b"")
+    calls.add(short(2, 0, 1, flags=R.F_DELETED), b"")
+    out = calls.add(ok(2, 3), b"")
+    assert [(r.kind, r.direction, r.fd, r.fd_index, r.file_ino, r.file_dev, r.i_mode, r.sb_magic, r.ncomp,
+             r.path_len, r.file_flags, r.pid, r.flags, p) for r, p in out] == [
+        (R.KIND_FD, R.DIR_RECV, 20, 0, 100, 7, 0o100644, 0xEF53, 2, 8, 0o4002, 2, R.F_VERIFIED | R.F_DELETED,
+         b"a\0tmp\0"),
+        (R.KIND_FD, R.DIR_RECV, 21, 1, 101, 7, 0o100644, 0xEF53, 2, 8, 0o4002, 2,
+         R.F_VERIFIED | R.F_DNAME | R.F_PATH_TRUNC, b"pipe:\0")]
+    assert calls.recv_reused == 2 and calls.recv_unresolved == 0
+    # kept until a SEND record SAME_SPAN ids later: one id below that, still there
+    calls.add(send(1, R.SAME_SPAN - 1, 0), b"b\0")
+    calls.add(short(3, 0, 0), b"")
+    assert calls.recv_reused == 3 and len(calls.calls[3].fds) == 1
+    calls.add(send(1, R.SAME_SPAN, 0), b"c\0")
+    assert run | 0 not in calls.sent and run | R.SAME_SPAN in calls.sent
+    calls.add(short(4, 0, 0), b"")  # cannot happen by the kernel's rule; never completed from a guess
+    assert calls.recv_unresolved == 1 and 4 not in calls.calls
+    calls.add(short(4, R.SAME_SPAN, 1), b"")  # an fd position its SEND did not leave
+    assert calls.recv_unresolved == 2
+    # two SEND records claiming one transfer's position: neither is trusted
+    calls.add(send(1, R.SAME_SPAN + 1, 0), b"d\0")
+    calls.add(send(5, R.SAME_SPAN + 1, 0), b"e\0")
+    calls.add(short(4, R.SAME_SPAN + 1, 0), b"")
+    assert calls.recv_unresolved == 3 and 4 not in calls.calls
+
+
 def test_bpf_program_map_picture_is_current():
     """docs/bpf-programs.md is generated from the BPF source: regenerate it
     (python -m fdpass.collector.bpfmap) when the probes change."""
