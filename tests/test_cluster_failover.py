@@ -47,6 +47,7 @@ def event(i: int) -> dict:
 
 def broker_settings(bootstrap: str, node: int) -> dict[str, int]:
     """The failover timings the live broker runs with (Kafka's defaults unless kafka-local set them)."""
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -130,12 +131,15 @@ class Progress:
         return max((length for start, length in self.gaps() if start - 1.0 <= t <= start + length), default=0.0)
 
 
-def test_leader_killed_mid_stream_every_event_stored_once(kafka_cluster, open_store, tmp_path):
+def test_leader_killed_mid_stream_every_event_stored_once(kafka_cluster, open_store, tmp_path, request):
     bootstrap = kafka_cluster.bootstrap
     topic, group = unique("t-failover"), unique("g-failover")
     n = RATE * SECONDS
     publisher = KafkaPublisher(bootstrap, topic, spool_dir=str(tmp_path / "spool"), partitions=PARTITIONS,
                                replication=3, connect_timeout=30)
+    # Also when an assertion fails: a producer left running would keep logging its retries to this
+    # cluster's ports into the tests after it (close() is idempotent).
+    request.addfinalizer(lambda: publisher.close(timeout=1))
 
     from confluent_kafka.admin import AdminClient, ConfigResource
 
@@ -145,11 +149,21 @@ def test_leader_killed_mid_stream_every_event_stored_once(kafka_cluster, open_st
                        "the topic in every broker's metadata")
     assert len(parts) == PARTITIONS and all(len(p.replicas) == 3 for p in parts.values())
     res = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    assert admin.describe_configs([res])[res].result(30)["min.insync.replicas"].value == "2"
+
+    def topic_config():  # the broker asked may not have the topic yet: UNKNOWN_TOPIC_OR_PART until it has
+        try:
+            return admin.describe_configs([res])[res].result(30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+            return None
+
+    assert wait_until(topic_config, 30, "the topic's config")["min.insync.replicas"].value == "2"
 
     store = open_store()
     sink = ThreadSink(store, SinkConfig(bootstrap=bootstrap, topic=topic, group=group, batch_rows=5000,
                                         batch_age=BATCH_AGE)).start()
+    request.addfinalizer(sink.stop)
     wait_until(lambda: len(sink.sink.buffers) == PARTITIONS, 60, "the sink's assignment")
 
     delivered = Progress(lambda: publisher.stats()["delivered"])
