@@ -26,8 +26,8 @@ KIND_FD_SAME = 5
 SAME_SPAN = 4096
 SAME_FDS = 16
 XID_N_MASK = (1 << 48) - 1  # a transfer id's count, below the run id
-DIRECTIONS = {1: "SEND", 2: "RECV"}
 DIR_SEND, DIR_RECV = 1, 2
+DIRECTIONS = {DIR_SEND: "SEND", DIR_RECV: "RECV"}
 SYSCALLS = {1: "SENDMSG", 2: "SENDMMSG", 3: "RECVMSG", 4: "RECVMMSG",
             5: "IO_URING_SENDMSG", 6: "IO_URING_SENDMSG_ZC", 7: "IO_URING_RECVMSG"}
 ABIS = {1: "X86_64", 2: "IA32", 3: "X32"}

@@ -192,6 +192,8 @@ def test_record_constants_match_the_c_header():
         assert R.SYSCALLS[value].replace("IO_URING_", "URING_") == const[len("FDP_SYS_"):], const
     assert (d["FDP_KIND_FD"], d["FDP_KIND_LOSS"]) == (R.KIND_FD, R.KIND_LOSS)
     assert (d["FDP_KIND_MSG_END"], d["FDP_KIND_CALL_END"]) == (R.KIND_MSG_END, R.KIND_CALL_END)
+    # the short RECV and the bounds both sides of "receives reuse the send's walk" rely on
+    assert (d["FDP_KIND_FD_SAME"], d["FDP_SAME_SPAN"], d["FDP_SAME_FDS"]) == (R.KIND_FD_SAME, R.SAME_SPAN, R.SAME_FDS)
     assert d["FDP_PROBE_FENTRY"] == R.PROBE_FENTRY
     flags = {k[len("FDP_F_"):]: v for k, v in d.items() if k.startswith("FDP_F_")}
     assert flags == {n[len("F_"):]: getattr(R, n) for n in dir(R) if n.startswith("F_") and n[2:] in flags} and \
