@@ -47,7 +47,6 @@ def event(i: int) -> dict:
 
 def broker_settings(bootstrap: str, node: int) -> dict[str, int]:
     """The failover timings the live broker runs with (Kafka's defaults unless kafka-local set them)."""
-    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -141,6 +140,7 @@ def test_leader_killed_mid_stream_every_event_stored_once(kafka_cluster, open_st
     # cluster's ports into the tests after it (close() is idempotent).
     request.addfinalizer(lambda: publisher.close(timeout=1))
 
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
